@@ -1,0 +1,1 @@
+"""mpsearch: mixed-precision bit-allocation search for PyTorch."""
