@@ -1,1 +1,43 @@
-"""mpsearch: mixed-precision bit-allocation search for PyTorch."""
+"""mpsearch: mixed-precision bit-allocation search for PyTorch.
+
+The verbs: :func:`search` finds a bit map within a budget, :func:`quantize` applies it,
+:func:`validate` measures it; :class:`BitMap` is the artefact users keep and share.
+"""
+
+from mpsearch._version import __version__
+from mpsearch.bitmap import BitMap, LayerEntry
+from mpsearch.budget import Budget
+from mpsearch.errors import BitMapError, InfeasibleBudget
+from mpsearch.layers import LayerInfo, discover
+from mpsearch.problem import AllocationProblem, Front, Solution
+from mpsearch.quant import QuantConfig
+from mpsearch.quant.apply import quantize, quantize_
+from mpsearch.search import SearchResult, search
+from mpsearch.sensitivity import Hutchinson, SensitivityTable
+from mpsearch.solvers import ILPSolver, solve
+from mpsearch.validate import ValidationReport, validate
+
+__all__ = [
+    "AllocationProblem",
+    "BitMap",
+    "BitMapError",
+    "Budget",
+    "Front",
+    "Hutchinson",
+    "ILPSolver",
+    "InfeasibleBudget",
+    "LayerEntry",
+    "LayerInfo",
+    "QuantConfig",
+    "SearchResult",
+    "SensitivityTable",
+    "Solution",
+    "ValidationReport",
+    "__version__",
+    "discover",
+    "quantize",
+    "quantize_",
+    "search",
+    "solve",
+    "validate",
+]

@@ -1,0 +1,25 @@
+"""Small helpers for the tables the CLI, demo and benchmarks write."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+
+def _fmt(value: object, floatfmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4g", index: bool = False) -> str:
+    """A GitHub-flavoured Markdown table of a DataFrame (no extra dependency)."""
+    df = frame.reset_index() if index else frame
+    header = [str(c) for c in df.columns]
+    rows = [[_fmt(v, floatfmt) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

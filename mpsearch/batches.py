@@ -1,0 +1,176 @@
+"""What a batch is, and how a model is called on one.
+
+A batch is one of:
+
+- a tensor: the model's single positional input;
+- a tuple or list ``(inputs, targets)``: ``inputs`` a tensor (or a tuple/list of positional
+  tensors, or a dict of keyword tensors), ``targets`` a tensor or ``None``; a 1-tuple is
+  ``(inputs,)`` without targets;
+- a dict: keyword arguments (a Hugging Face tokenizer's output). A ``labels`` entry is the
+  target; it is passed to the model too, so Hugging Face models compute their own ``.loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = Any
+
+
+@dataclass(frozen=True)
+class SplitBatch:
+    """A batch taken apart into what the model is called with and the targets."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    targets: Tensor | None
+    attention_mask: Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        """Leading dimension of the first tensor input (1 if there is none)."""
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        return 1
+
+
+def split_batch(batch: Batch) -> SplitBatch:
+    """Take one batch apart.
+
+    Raises:
+        TypeError: the batch is not a tensor, tuple/list or dict.
+    """
+    if isinstance(batch, Tensor):
+        return SplitBatch((batch,), {}, None, None)
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        targets = kwargs.get("labels")
+        mask = kwargs.get("attention_mask")
+        return SplitBatch((), kwargs, targets if isinstance(targets, Tensor) else None,
+                          mask if isinstance(mask, Tensor) else None)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) not in (1, 2):
+            raise TypeError(
+                f"a tuple/list batch must be (inputs,) or (inputs, targets), got length {len(batch)}"
+            )
+        inputs = batch[0]
+        targets = batch[1] if len(batch) == 2 else None
+        if targets is not None and not isinstance(targets, Tensor):
+            raise TypeError(f"batch targets must be a tensor or None, got {type(targets).__name__}")
+        if isinstance(inputs, Tensor):
+            return SplitBatch((inputs,), {}, targets, None)
+        if isinstance(inputs, Mapping):
+            kwargs = dict(inputs)
+            mask = kwargs.get("attention_mask")
+            return SplitBatch((), kwargs, targets, mask if isinstance(mask, Tensor) else None)
+        if isinstance(inputs, (tuple, list)):
+            return SplitBatch(tuple(inputs), {}, targets, None)
+        raise TypeError(f"batch inputs must be a tensor, tuple or dict, got {type(inputs).__name__}")
+    raise TypeError(
+        f"a batch must be a tensor, a tuple/list (inputs, targets) or a dict of keyword "
+        f"tensors, got {type(batch).__name__}"
+    )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def to_device(split: SplitBatch, device: torch.device) -> SplitBatch:
+    """Move every tensor of a split batch to ``device``."""
+    return SplitBatch(
+        _to(split.args, device), _to(split.kwargs, device),
+        _to(split.targets, device), _to(split.attention_mask, device),
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def call(model: nn.Module, split: SplitBatch) -> Any:
+    """Call the model on a split batch (already on the right device)."""
+    return model(*split.args, **split.kwargs)
+
+
+def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]:
+    """Check ``data`` is a non-empty re-iterable of batches and return it as a list.
+
+    Raises:
+        ValueError: ``data`` is None, empty, or a one-shot iterator.
+    """
+    if data is None:
+        raise ValueError(f"{what} is required: pass a list (or DataLoader) of batches")
+    if isinstance(data, (Tensor, Mapping)):
+        raise ValueError(
+            f"{what} must be a re-iterable of batches (e.g. [batch] or a DataLoader), "
+            f"got a single {type(data).__name__}; wrap it in a list"
+        )
+    if iter(data) is data:
+        raise ValueError(
+            f"{what} must be re-iterable (a list or DataLoader), got a one-shot "
+            f"{type(data).__name__}; pass list(...) of it"
+        )
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"{what} is empty: give at least one batch")
+    for i, b in enumerate(batches):
+        try:
+            split_batch(b)
+        except TypeError as exc:
+            raise TypeError(f"{what}[{i}]: {exc}") from None
+    return batches
+
+
+def first_output(output: Any) -> Any:
+    """The tensor a loss or a divergence is computed on.
+
+    Logits where the output has them, else ``last_hidden_state``, else the first tensor of
+    a tuple; a plain tensor is itself.
+    """
+    if isinstance(output, Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(output, key, None)
+        if value is None and isinstance(output, Mapping):
+            value = output.get(key)
+        if isinstance(value, Tensor):
+            return value
+    if isinstance(output, Sequence) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, Mapping):
+        for value in output.values():
+            if isinstance(value, Tensor):
+                return value
+    raise TypeError(
+        f"cannot find a tensor in the model's output of type {type(output).__name__}; "
+        "pass loss_fn=... to say how to score it"
+    )
+
+
+def output_kind(output: Any) -> str:
+    """``"logits"`` (KL divergence applies) or ``"hidden"`` (mean squared error applies)."""
+    if isinstance(output, Tensor):
+        return "logits"
+    has = (lambda k: isinstance(getattr(output, k, None), Tensor)
+           or (isinstance(output, Mapping) and isinstance(output.get(k), Tensor)))
+    if has("logits"):
+        return "logits"
+    if has("last_hidden_state"):
+        return "hidden"
+    return "logits"

@@ -1,0 +1,39 @@
+"""Per-layer cost of each bit-width: the C_k[layer, bits] tables of the design."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mpsearch.layers import LayerInfo, weight_matrix_shape
+from mpsearch.quant import QuantConfig, n_scale_groups
+
+#: bytes stored per quantization group: an fp16 scale, and a zero point where asymmetric
+SCALE_BYTES = 2
+ZERO_POINT_BYTES = 1
+
+
+def weight_bytes(info: LayerInfo, bits: int, cfg: QuantConfig) -> float:
+    """Bytes of one layer's weight at ``bits``, scales and zero points included."""
+    if bits >= 16:
+        return info.params * bits / 8
+    out_ch, red = weight_matrix_shape(info.kind, info.weight_shape)
+    groups = n_scale_groups((out_ch, red), cfg)
+    per_group = SCALE_BYTES + (0 if cfg.symmetric else ZERO_POINT_BYTES)
+    return info.params * bits / 8 + groups * per_group
+
+
+def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConfig,
+                a_bits: int | None = None) -> dict[str, np.ndarray]:
+    """``avg_bits``, ``size_bytes`` and ``bops`` tables, each L×B.
+
+    ``avg_bits`` is each layer's share of the parameter-weighted average, so the sum over
+    layers is the model's average weight bits.
+    """
+    total = sum(info.params for info in layers)
+    act = 32 if a_bits is None else a_bits
+    avg = np.array([[info.params * b / total for b in bits] for info in layers], dtype=float)
+    size = np.array([[weight_bytes(info, b, cfg) for b in bits] for info in layers], dtype=float)
+    bops = np.array([[float(info.macs) * b * act for b in bits] for info in layers], dtype=float)
+    return {"avg_bits": avg, "size_bytes": size, "bops": bops}

@@ -1,0 +1,278 @@
+"""Discover the quantizable layers of a model.
+
+Quantizable: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped and depthwise too) and
+Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``). Layers are keyed by
+fully-qualified name (FQN) everywhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mpsearch._state import preserved
+from mpsearch.batches import Batch, call, model_device, split_batch, to_device
+
+log = logging.getLogger(__name__)
+
+Patterns = str | Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer.
+
+    Attributes:
+        name: fully-qualified module name.
+        kind: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"`` or ``"Conv1D"`` (Hugging Face).
+        weight_shape: shape of the weight tensor as stored.
+        params: number of weight elements (what gets quantized).
+        bias_params: number of bias elements (kept in float).
+        groups: convolution groups (1 for linear layers).
+        macs: multiply-accumulates per sample, summed over every call in one forward pass
+            (0 when the layer was not called, or no sample batch was given).
+        calls: how many times the layer ran in the sample forward pass.
+        input_shape: shape of the layer's input on the first call (with the batch dim).
+        output_shape: shape of the layer's output on the first call.
+        fused_group: name of the group of layers that read the same input tensor, or None.
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    params: int
+    bias_params: int = 0
+    groups: int = 1
+    macs: int = 0
+    calls: int = 0
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    fused_group: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def transposed(self) -> bool:
+        """True for Hugging Face ``Conv1D``, whose weight is stored ``(in, out)``."""
+        return self.kind == "Conv1D"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a quantizable module, or None if mpsearch does not quantize it."""
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "Conv1d"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor):
+        if module.weight.dim() == 2:
+            return "Conv1D"
+    return None
+
+
+def _as_patterns(p: Patterns) -> list[str] | None:
+    if p is None:
+        return None
+    return [p] if isinstance(p, str) else list(p)
+
+
+def quantizable_modules(model: nn.Module, include: Patterns = None,
+                        exclude: Patterns = None) -> dict[str, nn.Module]:
+    """Quantizable submodules by FQN, filtered by glob patterns on the FQN.
+
+    Args:
+        model: the model.
+        include: keep only layers matching one of these patterns (``fnmatch`` globs such as
+            ``"encoder.*"``); None keeps all.
+        exclude: then drop layers matching one of these patterns.
+
+    Raises:
+        ValueError: no quantizable layer is left, saying what was found and filtered.
+    """
+    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    found: dict[str, nn.Module] = {}
+    seen_params: dict[int, str] = {}
+    n_all = 0
+    for name, module in model.named_modules():
+        if layer_kind(module) is None:
+            continue
+        n_all += 1
+        if inc is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in inc):
+            continue
+        if exc is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exc):
+            continue
+        wid = id(module.weight)
+        if wid in seen_params:
+            log.warning("%s shares its weight with %s; it is quantized once, as %s",
+                        name, seen_params[wid], seen_params[wid])
+            continue
+        seen_params[wid] = name
+        found[name] = module
+    if not found:
+        if n_all == 0:
+            raise ValueError(
+                f"{type(model).__name__} has no quantizable layer: mpsearch quantizes "
+                "nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face Conv1D modules"
+            )
+        raise ValueError(
+            f"include={include!r} / exclude={exclude!r} left none of the {n_all} quantizable "
+            f"layers of {type(model).__name__}"
+        )
+    return found
+
+
+def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(output channels, reduction length) of a weight, whatever its storage layout."""
+    if kind == "Conv1D":
+        return int(shape[1]), int(shape[0])
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def check_finite(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Raise ValueError naming every layer whose weight holds NaN or inf."""
+    bad = [name for name, m in modules.items() if not bool(torch.isfinite(m.weight).all())]
+    if bad:
+        raise ValueError(
+            f"non-finite (NaN/inf) weights in {len(bad)} layer(s): {', '.join(bad[:10])}"
+            + (" …" if len(bad) > 10 else "") + "; fix or exclude them before searching"
+        )
+
+
+def _macs(kind: str, module: nn.Module, out: Tensor) -> int:
+    if kind in ("Linear", "Conv1D"):
+        w = module.weight
+        fan_in = w.shape[1] if kind == "Linear" else w.shape[0]
+        return int(out.numel()) * int(fan_in)
+    w = module.weight  # conv: (out, in/groups, *kernel)
+    return int(out.numel()) * int(math.prod(w.shape[1:]))
+
+
+def _tensor_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+
+def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns = None,
+             exclude: Patterns = None) -> list[LayerInfo]:
+    """List the quantizable layers, with shapes, MACs and fusion groups.
+
+    With a sample ``batch``, one forward pass (eval mode, no grad) records each layer's
+    input/output shapes, MACs per sample and the groups of layers that read the same input
+    tensor (q/k/v, gate/up): connected components of a networkx graph. The model is left
+    as it was found.
+
+    Raises:
+        ValueError: no quantizable layer, or non-finite weights (naming the layers).
+    """
+    modules = quantizable_modules(model, include, exclude)
+    check_finite(model, modules)
+    stats: dict[str, dict[str, Any]] = {n: {"macs": 0, "calls": 0} for n in modules}
+    edges: dict[tuple[int, tuple[int, ...], tuple[int, ...], int], list[str]] = {}
+    batch_size = 1
+    if batch is not None:
+        keep_alive: list[Tensor] = []  # holding inputs stops storage reuse faking a shared input
+        device = model_device(model)
+        split = to_device(split_batch(batch), device)
+        batch_size = max(split.batch_size, 1)
+
+        def make_hooks(name: str, kind: str, module: nn.Module) -> None:
+            def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                if args and isinstance(args[0], Tensor):
+                    keep_alive.append(args[0])
+                    edges.setdefault(_tensor_key(args[0]), []).append(name)
+                    stats[name].setdefault("input_shape", tuple(args[0].shape))
+
+            def post(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+                if isinstance(out, Tensor):
+                    s = stats[name]
+                    s["macs"] += _macs(kind, module, out)
+                    s["calls"] += 1
+                    s.setdefault("output_shape", tuple(out.shape))
+
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
+
+        with preserved(model), torch.no_grad():
+            model.eval()
+            for name, module in modules.items():
+                kind = layer_kind(module)
+                assert kind is not None
+                make_hooks(name, kind, module)
+            call(model, split)
+        keep_alive.clear()
+        never = [n for n, s in stats.items() if s["calls"] == 0]
+        if never:
+            log.warning("%d layer(s) did not run in the sample forward pass (MACs unknown): %s",
+                        len(never), ", ".join(never[:5]))
+    groups = _fusion_groups(list(modules), list(edges.values()))
+    infos = []
+    for name, module in modules.items():
+        kind = layer_kind(module)
+        assert kind is not None
+        s = stats[name]
+        bias = getattr(module, "bias", None)
+        infos.append(LayerInfo(
+            name=name, kind=kind, weight_shape=tuple(module.weight.shape),
+            params=int(module.weight.numel()),
+            bias_params=int(bias.numel()) if isinstance(bias, Tensor) else 0,
+            groups=int(getattr(module, "groups", 1)),
+            macs=int(round(s["macs"] / batch_size)), calls=int(s["calls"]),
+            input_shape=s.get("input_shape"), output_shape=s.get("output_shape"),
+            fused_group=groups.get(name),
+        ))
+    return infos
+
+
+def _fusion_groups(names: list[str], readers: list[list[str]]) -> dict[str, str]:
+    """Connected components of "reads the same tensor", named by their common FQN prefix."""
+    import networkx as nx
+
+    graph = nx.Graph()
+    graph.add_nodes_from(names)
+    for group in readers:
+        for a, b in zip(group, group[1:]):
+            if a != b:
+                graph.add_edge(a, b)
+    order = {n: i for i, n in enumerate(names)}
+    result: dict[str, str] = {}
+    used: set[str] = set()
+    for comp in sorted(nx.connected_components(graph), key=lambda c: min(order[n] for n in c)):
+        if len(comp) < 2:
+            continue
+        members = sorted(comp, key=order.__getitem__)
+        prefix = members[0].rsplit(".", 1)[0] if "." in members[0] else ""
+        for m in members[1:]:
+            while prefix and not m.startswith(prefix + "."):
+                prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+        label = f"{prefix}.*" if prefix else "*"
+        base, k = label, 1
+        while label in used:
+            k += 1
+            label = f"{base}#{k}"
+        used.add(label)
+        for m in members:
+            result[m] = label
+    return result
+
+
+def fingerprint(layers: Sequence[LayerInfo] | dict[str, tuple[int, ...]]) -> str:
+    """sha256 of the sorted (FQN, weight shape) pairs: which model a bit map fits."""
+    if isinstance(layers, dict):
+        pairs = sorted((n, tuple(s)) for n, s in layers.items())
+    else:
+        pairs = sorted((layer.name, tuple(layer.weight_shape)) for layer in layers)
+    text = "\n".join(f"{n}:{'x'.join(map(str, s))}" for n, s in pairs)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_shapes(model: nn.Module, include: Patterns = None,
+                 exclude: Patterns = None) -> dict[str, tuple[int, ...]]:
+    """Weight shape of every quantizable layer, by FQN (no forward pass)."""
+    return {n: tuple(m.weight.shape) for n, m in quantizable_modules(model, include, exclude).items()}

@@ -1,0 +1,127 @@
+"""The calibration objective: what "the loss" means for a model and its data.
+
+Resolution order, decided once from the first batch and the model's first output:
+
+1. the user's ``loss_fn(output, batch) -> scalar tensor``;
+2. the batch carries targets: the output's own ``.loss`` (Hugging Face models given
+   ``labels``), else cross-entropy of the logits over the last dimension;
+3. no targets: the divergence of the model's output from the *float* model's output on
+   the same batch (KL over the last dimension for logits, mean squared error for hidden
+   states such as ``last_hidden_state``), masked by ``attention_mask`` where there is one.
+
+Case 3 is zero with a zero gradient at the float weights, and its Hessian there is the
+Gauss-Newton matrix: positive semi-definite, which suits the Hutchinson estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpsearch.batches import Batch, call, first_output, output_kind, split_batch, to_device
+
+LossFn = Callable[[Any, Batch], Tensor]
+
+
+def _masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over positions; ``mask`` (same leading shape, 1 = real token) weights them."""
+    if mask is not None and tuple(mask.shape) == tuple(per_position.shape):
+        m = mask.to(per_position.dtype)
+        return (per_position * m).sum() / m.sum().clamp_min(1.0)
+    return per_position.mean()
+
+
+def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(softmax(ref) ‖ softmax(logits)) over the last dimension, averaged over positions."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(ref_logits.float(), dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return _masked_mean(per_position, mask)
+
+
+def mse_divergence(hidden: Tensor, ref_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over the last dimension, averaged over positions."""
+    per_position = (hidden.float() - ref_hidden.float()).pow(2).mean(-1)
+    return _masked_mean(per_position, mask)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy over the last dimension of ``logits``; ``-100`` targets are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+class Objective:
+    """The loss of a model on calibration batch ``i``.
+
+    Call :meth:`prepare` once on the float model before any weight changes; it records the
+    float reference outputs needed by divergence losses.
+
+    Attributes:
+        kind: ``"custom"``, ``"hf_loss"``, ``"cross_entropy"``, ``"kl"`` or ``"mse"``.
+        batches: the calibration batches.
+    """
+
+    def __init__(self, batches: Sequence[Batch], loss_fn: LossFn | None = None) -> None:
+        self.batches = list(batches)
+        self.loss_fn = loss_fn
+        self.kind = "custom" if loss_fn is not None else ""
+        self._refs: list[Tensor] = []
+
+    @property
+    def is_divergence(self) -> bool:
+        """True where the loss compares with the float model's own output."""
+        return self.kind in ("kl", "mse")
+
+    @torch.no_grad()
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """Decide the loss kind and record float reference outputs where needed."""
+        if self.loss_fn is None:
+            split = to_device(split_batch(self.batches[0]), device)
+            out = call(model, split)
+            if split.targets is not None:
+                loss = getattr(out, "loss", None)
+                self.kind = "hf_loss" if isinstance(loss, Tensor) else "cross_entropy"
+            else:
+                self.kind = "kl" if output_kind(out) == "logits" else "mse"
+        self._refs = []
+        if self.is_divergence:
+            for batch in self.batches:
+                out = call(model, to_device(split_batch(batch), device))
+                self._refs.append(first_output(out).detach())
+
+    def loss(self, model: nn.Module, i: int, device: torch.device) -> Tensor:
+        """Loss of ``model`` on batch ``i`` (a scalar tensor, differentiable)."""
+        batch = self.batches[i]
+        split = to_device(split_batch(batch), device)
+        out = call(model, split)
+        return self.loss_of_output(out, i, batch, split.targets, split.attention_mask)
+
+    def loss_of_output(self, out: Any, i: int, batch: Batch, targets: Tensor | None,
+                       mask: Tensor | None) -> Tensor:
+        """Loss of an already computed output of batch ``i``."""
+        if self.kind == "custom":
+            assert self.loss_fn is not None
+            value = self.loss_fn(out, batch)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise TypeError(
+                    f"loss_fn must return a scalar tensor, got {type(value).__name__}"
+                    + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "")
+                )
+            return value.reshape(())
+        if self.kind == "hf_loss":
+            return out.loss
+        if self.kind == "cross_entropy":
+            if targets is None:
+                raise ValueError(f"batch {i} has no targets but batch 0 had some")
+            return cross_entropy(first_output(out), targets)
+        if not self._refs:
+            raise RuntimeError("Objective.prepare() must run before a divergence loss")
+        ref = self._refs[i]
+        if self.kind == "kl":
+            return kl_divergence(first_output(out), ref, mask)
+        return mse_divergence(first_output(out), ref, mask)

@@ -1,0 +1,224 @@
+"""``search``: discover → sensitivity → cost → problem → solver → bit map."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from mpsearch._state import preserved
+from mpsearch.batches import Batch, materialize, model_device
+from mpsearch.bitmap import BitMap, LayerEntry, _provenance
+from mpsearch.budget import Budget
+from mpsearch.costs import cost_tables
+from mpsearch.layers import (LayerInfo, Patterns, discover, fingerprint, layer_kind,
+                             quantizable_modules)
+from mpsearch.losses import LossFn, Objective
+from mpsearch.problem import AllocationProblem, Front, Solution
+from mpsearch.quant import SUPPORTED_BITS, QuantConfig
+from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
+from mpsearch.solvers import Solver, solve
+
+log = logging.getLogger(__name__)
+
+Ties = Sequence[Sequence[str]] | Literal["fused"] | None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What :func:`search` found.
+
+    Attributes:
+        bitmap: the chosen bit map.
+        table: one row per layer (kind, params, macs, chosen ``w_bits``, ``omega_<b>`` for
+            each candidate, and the estimator's own columns such as ``trace``).
+        front: the solver's front (one solution for a single exact solve).
+        sensitivity: the sensitivity table; pass it back as ``sensitivity=`` to search again
+            at another budget for the cost of the solve only.
+        problem: the allocation problem that was solved.
+        layers: the discovered layers.
+        timings_s: seconds per stage.
+    """
+
+    bitmap: BitMap
+    table: pd.DataFrame
+    front: Front
+    sensitivity: SensitivityTable
+    problem: AllocationProblem
+    layers: tuple[LayerInfo, ...]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"SearchResult({self.bitmap!r}, predicted={self.bitmap.predicted}, "
+                f"status={self.front.status!r})")
+
+
+def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
+    out = tuple(sorted(set(int(b) for b in bits)))
+    bad = [b for b in out if b not in SUPPORTED_BITS]
+    if bad or not out:
+        raise ValueError(f"bits must be a non-empty set of {SUPPORTED_BITS}, got {tuple(bits)}")
+    return out
+
+
+def _resolve_estimator(sensitivity: str | Estimator) -> Estimator:
+    if isinstance(sensitivity, str):
+        try:
+            return ESTIMATORS[sensitivity]()
+        except KeyError:
+            raise ValueError(f"unknown sensitivity {sensitivity!r}; known: "
+                             f"{sorted(ESTIMATORS)}, a SensitivityTable, or an estimator "
+                             "object with .estimate(...)") from None
+    if isinstance(sensitivity, Estimator):
+        return sensitivity
+    raise TypeError(f"sensitivity must be a name, an estimator or a SensitivityTable, got "
+                    f"{type(sensitivity).__name__}")
+
+
+def _resolve_pins(pin: Mapping[str, int] | None, names: Sequence[str],
+                  bits: Sequence[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pattern, b in (pin or {}).items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"pin {pattern!r} matches no quantizable layer")
+        if b not in bits:
+            raise ValueError(f"pin {pattern!r}={b} is not a candidate; bits={tuple(bits)}")
+        out.update({n: int(b) for n in hits})
+    return out
+
+
+def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
+    if tie is None:
+        return []
+    if tie == "fused":
+        groups: dict[str, list[str]] = {}
+        for info in layers:
+            if info.fused_group is not None:
+                groups.setdefault(info.fused_group, []).append(info.name)
+        return list(groups.values())
+    if isinstance(tie, str):
+        raise ValueError(f"tie must be 'fused', None or a list of lists of layer names, "
+                         f"got {tie!r}")
+    return [list(g) for g in tie]
+
+
+def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
+           loss_fn: LossFn | None = None, bits: Sequence[int] = (2, 3, 4, 8),
+           sensitivity: str | Estimator | SensitivityTable = "hutchinson",
+           solver: str | Solver = "ilp", seed: int = 0, include: Patterns = None,
+           exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
+           a_bits: int | None = None, qconfig: QuantConfig | None = None,
+           progress: bool = True) -> SearchResult:
+    """Find the bit-width of every layer that loses the least within a budget.
+
+    Args:
+        model: any PyTorch model; left exactly as it was found.
+        budget: average weight bits (a number), or a :class:`Budget` of one or more limits.
+        data: re-iterable calibration batches (tensors, ``(inputs, targets)`` pairs, or
+            dicts of keyword tensors such as a tokenizer's output).
+        loss_fn: ``loss_fn(output, batch) -> scalar``; default: cross-entropy (or the
+            output's ``.loss``) with targets, else divergence from the float model's output.
+        bits: candidate weight bit-widths (2–8, 16 half precision, 32 float).
+        sensitivity: ``"hutchinson"``, an estimator object, or a table from an earlier
+            search (then only the solve runs).
+        solver: ``"ilp"`` or a solver object.
+        seed: seeds every random choice.
+        include: glob patterns of layer FQNs to consider (default all quantizable layers).
+        exclude: glob patterns of layer FQNs to leave in float.
+        pin: FQN (or glob) → bits a layer must take, e.g. ``{"features.0": 8}``.
+        tie: groups of FQNs that must share bits, or ``"fused"`` for layers reading the
+            same input (q/k/v, gate/up).
+        a_bits: quantize every layer's input activations to this many bits (None: float).
+        qconfig: weight quantizer scheme (default :class:`QuantConfig()`).
+        progress: show progress bars.
+
+    Raises:
+        InfeasibleBudget: no allocation meets the budget (the message says the smallest
+            achievable value).
+        ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
+    """
+    timings: dict[str, float] = {}
+    budget = Budget.coerce(budget)
+    bits = _check_bits(bits)
+    qconfig = qconfig or QuantConfig()
+    batches = materialize(data, "data")
+    device = model_device(model)
+    with preserved(model):
+        model.eval()
+        t = time.perf_counter()
+        layers = discover(model, batches[0], include=include, exclude=exclude)
+        modules = quantizable_modules(model, include, exclude)
+        timings["discover"] = time.perf_counter() - t
+        names = [info.name for info in layers]
+        t = time.perf_counter()
+        if isinstance(sensitivity, SensitivityTable):
+            table = sensitivity.select(names, bits)
+        else:
+            estimator = _resolve_estimator(sensitivity)
+            objective = Objective(batches, loss_fn)
+            objective.prepare(model, device)
+            table = estimator.estimate(model, modules, layers, objective, bits, qconfig,
+                                       device=device, seed=seed, progress=progress)
+        timings["sensitivity"] = time.perf_counter() - t
+    t = time.perf_counter()
+    costs = cost_tables(layers, bits, qconfig, a_bits)
+    problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(),
+                                ties=_resolve_ties(tie, layers),
+                                pinned=_resolve_pins(pin, names, bits))
+    front = solve(problem, solver, seed=seed)
+    timings["solve"] = time.perf_counter() - t
+    best = front.best
+    bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig)
+    frame = _frame(layers, table, best)
+    log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
+    return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings)
+
+
+def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationProblem,
+            best: Solution, budget: Budget, table: SensitivityTable, front: Front,
+            a_bits: int | None, qconfig: QuantConfig) -> BitMap:
+    tie_of: dict[str, str] = {}
+    for k, group in enumerate(problem.ties):
+        label = next((i.fused_group for i in layers if i.name == group[0] and i.fused_group),
+                     None) or f"tie.{k}"
+        tie_of.update({n: label for n in group})
+    entries = {
+        info.name: LayerEntry(w_bits=best.bits[info.name], a_bits=a_bits, qconfig=qconfig,
+                              tie=tie_of.get(info.name), kind=info.kind,
+                              shape=info.weight_shape)
+        for info in layers
+    }
+    # Layers outside include/exclude stay float, so the bit map covers the whole model.
+    for name, module in quantizable_modules(model).items():
+        if name not in entries:
+            entries[name] = LayerEntry(w_bits=32, qconfig=qconfig, kind=layer_kind(module),
+                                       shape=tuple(module.weight.shape))
+    stderr = float(np.sqrt(sum(
+        table.omega_stderr[i, problem.bits.index(best.bits[n])] ** 2
+        for i, n in enumerate(problem.layers))))
+    predicted = {"loss_increase": best.loss, "loss_increase_stderr": stderr, **best.costs}
+    return BitMap(entries, model_class=type(model).__name__,
+                  fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),
+                  budget=budget.limits(), predicted=predicted,
+                  provenance=_provenance(sensitivity=table.estimator, solver=front.solver,
+                                         status=front.status, solve_time_s=front.time_s,
+                                         profile=None, loss=table.diagnostics.get("loss")))
+
+
+def _frame(layers: Sequence[LayerInfo], table: SensitivityTable, best: Solution) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "kind": [i.kind for i in layers],
+        "params": [i.params for i in layers],
+        "macs": [i.macs for i in layers],
+        "w_bits": [best.bits[i.name] for i in layers],
+    }, index=pd.Index([i.name for i in layers], name="layer"))
+    return frame.join(table.to_frame())
+

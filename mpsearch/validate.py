@@ -1,0 +1,153 @@
+"""``validate``: the float model against its quantized copy, predicted against measured."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpsearch._state import preserved
+from mpsearch.batches import Batch, call, first_output, materialize, model_device, output_kind
+from mpsearch.batches import split_batch, to_device
+from mpsearch.bitmap import BitMap
+from mpsearch.costs import weight_bytes
+from mpsearch.layers import discover
+from mpsearch.losses import LossFn, Objective, kl_divergence, mse_divergence
+from mpsearch.quant.apply import quantize
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Float against quantized on evaluation data.
+
+    Attributes:
+        loss_kind: what the loss is (``cross_entropy``, ``hf_loss``, ``kl``, ``mse``, ``custom``).
+        loss_float: mean loss of the float model (0 for divergence losses).
+        loss_quantized: mean loss of the quantized model.
+        loss_increase: measured ``loss_quantized − loss_float``.
+        loss_increase_predicted: the bit map's predicted increase (Σ Ω), where it has one.
+        divergence_kind: ``kl`` (logits) or ``mse`` (hidden states).
+        output_divergence: mean divergence of the quantized output from the float output.
+        accuracy_float: top-1 accuracy of the float model, where targets are class labels.
+        accuracy_quantized: the same for the quantized model.
+        agreement: fraction of positions where both models predict the same class (logits).
+        avg_bits: average weight bits of the bit map.
+        size_bytes_float: bytes of the quantizable layers' weights in fp32.
+        size_bytes_quantized: the same quantized, scales included.
+        n_batches: evaluation batches.
+        n_samples: evaluation samples.
+        predicted: every figure the bit map predicted (costs included).
+    """
+
+    loss_kind: str
+    loss_float: float
+    loss_quantized: float
+    loss_increase: float
+    loss_increase_predicted: float | None
+    divergence_kind: str
+    output_divergence: float
+    accuracy_float: float | None
+    accuracy_quantized: float | None
+    agreement: float | None
+    avg_bits: float
+    size_bytes_float: float
+    size_bytes_quantized: float
+    n_batches: int
+    n_samples: int
+    predicted: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rows = [
+            ("loss", f"{self.loss_float:.6g} → {self.loss_quantized:.6g} ({self.loss_kind})"),
+            ("loss increase", f"{self.loss_increase:.6g} measured"
+             + (f", {self.loss_increase_predicted:.6g} predicted"
+                if self.loss_increase_predicted is not None else "")),
+            (f"output {self.divergence_kind}", f"{self.output_divergence:.6g}"),
+        ]
+        if self.accuracy_float is not None and self.accuracy_quantized is not None:
+            rows.append(("accuracy", f"{self.accuracy_float:.4f} → {self.accuracy_quantized:.4f}"))
+        if self.agreement is not None:
+            rows.append(("top-1 agreement", f"{self.agreement:.4f}"))
+        rows.append(("avg bits", f"{self.avg_bits:.3f}"))
+        rows.append(("weights", f"{self.size_bytes_float / 1e6:.3f} MB → "
+                     f"{self.size_bytes_quantized / 1e6:.3f} MB "
+                     f"({self.size_bytes_float / max(self.size_bytes_quantized, 1):.2f}×)"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
+             loss_fn: LossFn | None = None, progress: bool = True) -> ValidationReport:
+    """Quantize a copy of ``model`` as ``bitmap`` says and compare it with the float model.
+
+    Args:
+        model: the float model (left untouched).
+        bitmap: the bit map to apply.
+        data: re-iterable evaluation batches (same forms as for :func:`search`).
+        loss_fn: as for :func:`search`.
+        progress: show a progress bar.
+
+    Raises:
+        BitMapError: the bit map does not fit the model.
+        ValueError: empty data.
+    """
+    batches = materialize(data, "data")
+    qmodel = quantize(model, bitmap)
+    device = model_device(model)
+    objective = Objective(batches, loss_fn)
+    sums = {"lf": 0.0, "lq": 0.0, "div": 0.0, "acc_f": 0.0, "acc_q": 0.0, "agree": 0.0}
+    n_acc = n_agree = n_samples = 0
+    div_kind = "kl"
+    with preserved(model), torch.no_grad():
+        model.eval()
+        qmodel.eval()
+        objective.prepare(model, device)
+        for i, batch in enumerate(tqdm(batches, desc="validate", unit="batch",
+                                       disable=not progress, leave=False)):
+            split = to_device(split_batch(batch), device)
+            out_f, out_q = call(model, split), call(qmodel, split)
+            n_samples += split.batch_size
+            sums["lf"] += float(objective.loss_of_output(out_f, i, batch, split.targets,
+                                                         split.attention_mask))
+            sums["lq"] += float(objective.loss_of_output(out_q, i, batch, split.targets,
+                                                         split.attention_mask))
+            yf, yq = first_output(out_f), first_output(out_q)
+            div_kind = "kl" if output_kind(out_f) == "logits" else "mse"
+            div = kl_divergence if div_kind == "kl" else mse_divergence
+            sums["div"] += float(div(yq, yf, split.attention_mask))
+            if div_kind == "kl" and yf.dim() >= 1:
+                pf, pq = yf.argmax(-1), yq.argmax(-1)
+                sums["agree"] += float((pf == pq).float().mean())
+                n_agree += 1
+                t = split.targets
+                if t is not None and t.shape == pf.shape and not t.is_floating_point():
+                    valid = t != -100
+                    denom = max(int(valid.sum()), 1)
+                    sums["acc_f"] += float(((pf == t) & valid).sum()) / denom
+                    sums["acc_q"] += float(((pq == t) & valid).sum()) / denom
+                    n_acc += 1
+    n = len(batches)
+    infos = discover(model)
+    size_f = sum(info.params * 4.0 for info in infos)
+    size_q = sum(weight_bytes(info, bitmap[info.name].w_bits, bitmap[info.name].qconfig)
+                 for info in infos)
+    predicted = bitmap.predicted.get("loss_increase")
+    return ValidationReport(
+        loss_kind=objective.kind, loss_float=sums["lf"] / n, loss_quantized=sums["lq"] / n,
+        loss_increase=(sums["lq"] - sums["lf"]) / n,
+        loss_increase_predicted=float(predicted) if predicted is not None else None,
+        divergence_kind=div_kind, output_divergence=sums["div"] / n,
+        accuracy_float=sums["acc_f"] / n_acc if n_acc else None,
+        accuracy_quantized=sums["acc_q"] / n_acc if n_acc else None,
+        agreement=sums["agree"] / n_agree if n_agree else None,
+        avg_bits=bitmap.avg_bits(), size_bytes_float=size_f, size_bytes_quantized=size_q,
+        n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted),
+    )

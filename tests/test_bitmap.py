@@ -1,0 +1,92 @@
+"""Bit map: construction, JSON round-trip, rejection of bad files, fitting a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch
+from mpsearch import BitMap, BitMapError, LayerEntry, QuantConfig
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def test_uniform_and_from_bits() -> None:
+    model = _model()
+    bm = BitMap.uniform(model, 4)
+    assert set(bm) == {"0", "3"} and bm["0"].w_bits == 4 and bm["3"].a_bits is None
+    assert bm.avg_bits() == pytest.approx(4.0)
+    bm2 = BitMap.from_bits(model, {"0": 8}, default=2)
+    assert bm2.bits() == {"0": 8, "3": 2}
+    assert bm2.avg_bits() == pytest.approx((36 * 8 + 1440 * 2) / 1476)
+    with pytest.raises(ValueError, match="not quantizable"):
+        BitMap.from_bits(model, {"1": 8}, default=4)
+    with pytest.raises(ValueError, match="default"):
+        BitMap.from_bits(model, {"0": 8})
+    excluded = BitMap.uniform(model, 4, exclude="0")
+    assert excluded.bits() == {"0": 32, "3": 4}  # excluded layers stay float
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    model = _model()
+    qc = QuantConfig(granularity="group", group_size=16, symmetric=True, range_method="minmax")
+    bm = BitMap.from_bits(model, {"0": 8, "3": 3}, a_bits=8, qconfig=qc)
+    path = bm.save(tmp_path / "sub" / "bm.json")
+    text = path.read_text()
+    assert json.loads(text)["format_version"] == 1
+    back = BitMap.load(path)
+    assert back.to_dict() == bm.to_dict()
+    assert back["3"].qconfig == qc and back["3"].a_bits == 8 and back["3"].shape == (10, 144)
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temp file left
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.update(format="other"), "not an mpsearch bit map"),
+    (lambda d: d.update(format_version=2), "unknown format_version 2"),
+    (lambda d: d.update(layers={}), "non-empty"),
+    (lambda d: d["layers"]["0"].update(w_bits=1), "w_bits"),
+    (lambda d: d["layers"]["0"].update(w_bits="4"), "w_bits"),
+    (lambda d: d["layers"]["0"].update(a_bits=9), "a_bits"),
+    (lambda d: d["layers"]["0"].update(granularity="row"), "granularity"),
+    (lambda d: d["layers"]["0"].update(bogus=1), "unknown key"),
+    (lambda d: d["layers"]["0"].pop("w_bits"), "missing 'w_bits'"),
+    (lambda d: d["layers"]["0"].update(shape="3x3"), "shape"),
+    (lambda d: d.update(extra=1), "unknown top-level"),
+    (lambda d: d.update(budget=[1]), "'budget'"),
+])
+def test_bad_documents_rejected(mutate, match) -> None:  # type: ignore[no-untyped-def]
+    doc = BitMap.uniform(_model(), 4).to_dict()
+    mutate(doc)
+    with pytest.raises(BitMapError, match=match):
+        BitMap.from_dict(doc)
+
+
+def test_malformed_json_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "mpsearch.bitmap", ')
+    with pytest.raises(BitMapError, match=r"bad.json: malformed JSON at line 1"):
+        BitMap.load(bad)
+    assert isinstance(BitMapError("x"), ValueError)
+
+
+def test_bitmap_that_does_not_fit_names_layers() -> None:
+    bm = BitMap.uniform(_model(), 4)
+    other = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10),
+                          nn.Linear(10, 2))
+    with pytest.raises(BitMapError, match=r"not in the bit map: \['4'\].*shape changed: \['0 "):
+        mpsearch.quantize(other, bm)
+
+
+def test_entry_validation() -> None:
+    with pytest.raises(ValueError):
+        LayerEntry(w_bits=9)
+    with pytest.raises(ValueError):
+        LayerEntry(w_bits=True)  # type: ignore[arg-type]
+    assert LayerEntry(w_bits=16).w_bits == 16
