@@ -1,0 +1,180 @@
+"""search() end to end on real models and real data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mpsearch
+from mpsearch import BitMap, Budget, Hutchinson, InfeasibleBudget
+
+
+def _state(model: nn.Module) -> dict[str, object]:
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                     + len(m._backward_hooks) for m in model.modules()),
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_same(before: dict[str, object], model: nn.Module) -> None:
+    after = _state(model)
+    wb, wa = before["weights"], after["weights"]
+    assert isinstance(wb, dict) and isinstance(wa, dict)
+    assert all(torch.equal(wb[k], wa[k]) for k in wb)
+    for key in ("modes", "flags", "hooks", "grads"):
+        assert before[key] == after[key], key
+
+
+FAST = Hutchinson(tol=0.2, min_probes=5, max_probes=20)
+
+
+def test_search_cnn_end_to_end(mnist_cnn, mnist_calib, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(mnist_cnn).train()  # train mode must survive too
+    model.features[0].weight.requires_grad_(False)  # and a frozen weight stays frozen
+    before = _state(model)
+    res = mpsearch.search(model, 4.0, data=mnist_calib, sensitivity=FAST, seed=0,
+                          progress=False)
+    _assert_same(before, model)
+    bm = res.bitmap
+    assert set(bm) == {"features.0", "features.3", "classifier.0", "classifier.2"}
+    assert bm.avg_bits() <= 4.0 + 1e-9
+    assert bm.predicted["avg_bits"] == pytest.approx(bm.avg_bits())
+    assert res.front.status == "optimal"
+    t = res.table
+    for col in ("kind", "params", "macs", "w_bits", "omega_2", "omega_3", "omega_4", "omega_8",
+                "trace", "trace_stderr"):
+        assert col in t.columns, col
+    assert (t["trace"] > 0).all() and (t["trace_stderr"] > 0).all()
+    # Ω falls with more bits, and the chosen bits minimise ΣΩ: spot-check the classifier
+    assert (t["omega_2"] > t["omega_8"]).all()
+    assert t.loc["classifier.0", "macs"] == 32 * 7 * 7 * 128
+    assert res.bitmap.provenance["sensitivity"] == "hutchinson"
+    # small layers are cheap to keep at 8 bits; the 200k-parameter FC layer pays the budget
+    assert bm["classifier.0"].w_bits <= 4 and bm["features.0"].w_bits == 8
+
+
+def test_reproducible_and_table_reuse(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    a = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, seed=3,
+                        progress=False)
+    b = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, seed=3,
+                        progress=False)
+    np.testing.assert_array_equal(a.sensitivity.omega, b.sensitivity.omega)
+    c = mpsearch.search(mnist_cnn, 5.0, data=mnist_calib, sensitivity=a.sensitivity,
+                        progress=False)
+    assert c.timings_s["sensitivity"] < 0.5 * a.timings_s["sensitivity"]
+    np.testing.assert_array_equal(c.sensitivity.omega, a.sensitivity.omega)
+    assert c.bitmap.predicted["loss_increase"] <= a.bitmap.predicted["loss_increase"]
+
+
+def test_budgets_pins_and_ties(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    first = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, progress=False)
+    table = first.sensitivity
+    res = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=table,
+                          pin={"classifier.*": 8}, tie=[["features.0", "features.3"]],
+                          progress=False)
+    bm = res.bitmap
+    assert bm["classifier.0"].w_bits == 8 and bm["classifier.2"].w_bits == 8
+    assert bm["features.0"].w_bits == bm["features.3"].w_bits
+    assert bm["features.0"].tie == bm["features.3"].tie is not None
+    size_limit = 60_000.0
+    res = mpsearch.search(mnist_cnn, Budget(size_bytes=size_limit, bops=3e8), data=mnist_calib,
+                          sensitivity=table, progress=False)
+    assert res.bitmap.predicted["size_bytes"] <= size_limit
+    assert res.bitmap.predicted["bops"] <= 3e8
+    report = mpsearch.validate(mnist_cnn, res.bitmap, data=mnist_calib[:1], progress=False)
+    assert report.size_bytes_quantized == pytest.approx(res.bitmap.predicted["size_bytes"])
+
+
+def test_infeasible_budget_states_smallest(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    table = mpsearch.search(mnist_cnn, 8.0, data=mnist_calib, sensitivity=FAST,
+                            progress=False).sensitivity
+    with pytest.raises(InfeasibleBudget, match=r"avg_bits=1.5 is below the smallest achievable 2"):
+        mpsearch.search(mnist_cnn, 1.5, data=mnist_calib, sensitivity=table, progress=False)
+    with pytest.raises(InfeasibleBudget, match=r"smallest achievable 7\.82"):
+        mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
+                        pin={"classifier.0": 8}, progress=False)
+    assert issubclass(InfeasibleBudget, ValueError)
+
+
+def test_bad_input_errors(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="empty"):
+        mpsearch.search(mnist_cnn, 4.0, data=[], progress=False)
+    with pytest.raises(ValueError, match="re-iterable"):
+        mpsearch.search(mnist_cnn, 4.0, data=iter(mnist_calib), progress=False)
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        mpsearch.search(nn.Sequential(nn.ReLU()), 4.0, data=[torch.randn(2, 3)], progress=False)
+    with pytest.raises(ValueError, match="bits must be"):
+        mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, bits=(1, 4), progress=False)
+    with pytest.raises(ValueError, match="unknown sensitivity"):
+        mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity="magic", progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        Budget(avg_bits=-1)
+    with pytest.raises(ValueError, match="at least one"):
+        Budget()
+
+
+def test_nan_gradient_names_layer(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    class Sqrt(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(x - x.detach())  # value 0, gradient inf → NaN downstream
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), Sqrt(), nn.Linear(16, 10))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"NaN/inf gradient .*'1'"):
+        mpsearch.search(model, 4.0, data=mnist_calib[:1], progress=False)
+    _assert_same(before, model)
+
+
+def test_custom_loss_and_divergence_default(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    images = [x for x, _ in mnist_calib[:2]]  # no targets: KL to the float output
+    res = mpsearch.search(mnist_cnn, 4.0, data=images, sensitivity=FAST, progress=False)
+    assert res.sensitivity.diagnostics["loss"] == "kl"
+    assert (res.table["trace"] > 0).all()  # Gauss-Newton: positive semi-definite
+
+    def loss_fn(out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, batch[1], label_smoothing=0.1)
+
+    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], loss_fn=loss_fn,
+                          sensitivity=FAST, progress=False)
+    assert res.sensitivity.diagnostics["loss"] == "custom"
+
+
+def test_dwsep_searched_beats_uniform_by_an_order_of_magnitude(
+        mnist_dwsep, mnist_calib, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    res = mpsearch.search(mnist_dwsep, 4.0, data=mnist_calib, seed=0, progress=False)
+    searched = mpsearch.validate(mnist_dwsep, res.bitmap, data=mnist_eval, progress=False)
+    uniform = mpsearch.validate(mnist_dwsep, BitMap.uniform(mnist_dwsep, 4), data=mnist_eval,
+                                progress=False)
+    assert searched.avg_bits <= 4.0 + 1e-9
+    assert searched.output_divergence * 10 < uniform.output_divergence
+    assert searched.accuracy_quantized is not None and uniform.accuracy_quantized is not None
+    assert searched.accuracy_quantized >= uniform.accuracy_quantized
+
+
+@pytest.mark.slow
+def test_minilm_tokenizer_batches(minilm) -> None:  # type: ignore[no-untyped-def]
+    from mpsearch.zoo.minilm import text_batches
+
+    model, tok = minilm
+    calib = text_batches(tok, "calib", n_batches=2, batch_size=4, max_length=32)
+    before = _state(model)
+    res = mpsearch.search(model, 4.0, data=calib, tie="fused",
+                          sensitivity=Hutchinson(tol=0.3, min_probes=4, max_probes=8),
+                          progress=False)
+    _assert_same(before, model)
+    bm = res.bitmap
+    assert len(bm) == 37 and bm.avg_bits() <= 4.0 + 1e-9
+    assert res.sensitivity.diagnostics["loss"] == "mse"
+    q = "encoder.layer.0.attention.self."
+    assert bm[q + "query"].w_bits == bm[q + "key"].w_bits == bm[q + "value"].w_bits
+    assert bm[q + "query"].tie is not None
+    report = mpsearch.validate(model, bm, data=calib, progress=False)
+    assert report.divergence_kind == "mse" and report.output_divergence > 0
