@@ -77,7 +77,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     model = _load_object(args.model, "--model")
     data = _load_object(args.data, "--data")
+    estimator = mpsearch.Hutchinson(tol=args.tol, max_probes=args.max_probes,
+                                     min_probes=min(8, args.max_probes))
     res = mpsearch.search(model, _budget(args), data=data, bits=args.bits, seed=args.seed,
+                          sensitivity=estimator,
                           include=args.include, exclude=args.exclude, pin=_pins(args.pin),
                           tie="fused" if args.tie_fused else None, a_bits=args.a_bits,
                           progress=not args.quiet)
@@ -133,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pin", nargs="*", help="NAME=BITS (NAME may be a glob)")
     s.add_argument("--tie-fused", action="store_true",
                    help="layers reading the same input (q/k/v, gate/up) share bits")
+    s.add_argument("--tol", type=float, default=0.1,
+                   help="Hutchinson: relative standard error every layer must reach (0.1)")
+    s.add_argument("--max-probes", type=int, default=200,
+                   help="Hutchinson: most Hessian-vector products (200)")
     s.add_argument("--out", default="bitmap.json", help="bit map JSON to write")
 
     v = sub.add_parser("validate", help="float vs quantized metrics of a bit map")

@@ -158,6 +158,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         modules = quantizable_modules(model, include, exclude)
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
+        costs = cost_tables(layers, bits, qconfig, a_bits)
+        ties, pinned = _resolve_ties(tie, layers), _resolve_pins(pin, names, bits)
+        # Fail on an impossible budget before the (costly) sensitivity stage.
+        AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
+                          budget.limits(), ties=ties, pinned=pinned).check_budgets()
         t = time.perf_counter()
         if isinstance(sensitivity, SensitivityTable):
             table = sensitivity.select(names, bits)
@@ -169,10 +174,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                                        device=device, seed=seed, progress=progress)
         timings["sensitivity"] = time.perf_counter() - t
     t = time.perf_counter()
-    costs = cost_tables(layers, bits, qconfig, a_bits)
-    problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(),
-                                ties=_resolve_ties(tie, layers),
-                                pinned=_resolve_pins(pin, names, bits))
+    problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(), ties=ties,
+                                pinned=pinned)
     front = solve(problem, solver, seed=seed)
     timings["solve"] = time.perf_counter() - t
     best = front.best

@@ -1,0 +1,117 @@
+"""quantize / quantize_ / validate on real models, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch
+from mpsearch import BitMap, QuantConfig
+from mpsearch.cli import main
+from mpsearch.quant import fake_quantize
+from mpsearch.quant.apply import quantize_weight
+
+
+def test_quantize_copies_and_matches_quantizer(mnist_cnn) -> None:  # type: ignore[no-untyped-def]
+    before = {k: v.clone() for k, v in mnist_cnn.state_dict().items()}
+    bm = BitMap.from_bits(mnist_cnn, {"classifier.0": 3, "features.0": 32}, default=4)
+    q = mpsearch.quantize(mnist_cnn, bm)
+    assert q is not mnist_cnn
+    assert all(torch.equal(before[k], v) for k, v in mnist_cnn.state_dict().items())
+    cfg = bm["classifier.0"].qconfig
+    w = mnist_cnn.classifier[0].weight
+    assert torch.equal(q.classifier[0].weight, fake_quantize(w, 3, cfg))
+    assert torch.equal(q.features[0].weight, mnist_cnn.features[0].weight)  # 32 = float
+    # a 3-bit per-channel grid has at most 8 distinct values per output row
+    assert max(len(torch.unique(row)) for row in q.classifier[0].weight) <= 8
+    assert torch.equal(q.classifier[0].bias, mnist_cnn.classifier[0].bias)
+
+
+def test_hf_conv1d_quantized_per_output_channel() -> None:
+    w = torch.randn(16, 8)  # Conv1D stores (in, out)
+    cfg = QuantConfig(granularity="channel")
+    q = quantize_weight(w, "Conv1D", 2, cfg)
+    assert q.shape == w.shape
+    assert all(len(torch.unique(q[:, j])) <= 4 for j in range(8))  # a column = one output
+
+
+def test_activation_bits_add_hooks_on_copy_only(mnist_cnn, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    bm = BitMap.uniform(mnist_cnn, 8, a_bits=4)
+    q = mpsearch.quantize(mnist_cnn, bm)
+    assert len(q.classifier[0]._forward_pre_hooks) == 1
+    assert not mnist_cnn.classifier[0]._forward_pre_hooks
+    r8 = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 8), data=mnist_eval[:1],
+                           progress=False)
+    r84 = mpsearch.validate(mnist_cnn, bm, data=mnist_eval[:1], progress=False)
+    assert r84.output_divergence > r8.output_divergence  # 4-bit activations cost something
+
+
+def test_quantize_in_place(mnist_cnn) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    model = copy.deepcopy(mnist_cnn)
+    out = mpsearch.quantize_(model, BitMap.uniform(model, 2))
+    assert out is model
+    assert not torch.equal(model.classifier[0].weight, mnist_cnn.classifier[0].weight)
+
+
+def test_validate_known_figures(mnist_cnn, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    from mpsearch.zoo.mnist import accuracy
+
+    r32 = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 32), data=mnist_eval,
+                            progress=False)
+    assert r32.accuracy_float == pytest.approx(accuracy(mnist_cnn, mnist_eval), abs=1e-6)
+    assert r32.accuracy_quantized == r32.accuracy_float and r32.output_divergence == 0.0
+    assert r32.agreement == 1.0 and r32.loss_kind == "cross_entropy"
+    assert r32.size_bytes_quantized == r32.size_bytes_float
+    r8 = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 8), data=mnist_eval,
+                           progress=False)
+    r2 = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 2), data=mnist_eval,
+                           progress=False)
+    assert 0 < r8.output_divergence < r2.output_divergence
+    assert r8.accuracy_quantized is not None and r8.accuracy_quantized > 0.94
+    assert r8.size_bytes_float / r8.size_bytes_quantized > 3.5  # int8 + per-channel scales
+    assert r2.avg_bits == 2.0 and r2.n_samples == 1000
+    assert "accuracy" in str(r8) and json.dumps(r8.to_dict())
+
+
+def test_validate_rejects_foreign_bitmap(mnist_cnn, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    other = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(mpsearch.BitMapError, match="does not fit"):
+        mpsearch.validate(mnist_cnn, BitMap.uniform(other, 4), data=mnist_eval, progress=False)
+
+
+def cli_model() -> nn.Module:
+    from mpsearch.zoo.mnist import pretrained_mnist
+
+    return pretrained_mnist("cnn")
+
+
+def cli_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from mpsearch.zoo.mnist import mnist_batches
+
+    return mnist_batches("calib", batch_size=50, n_batches=2)
+
+
+def test_cli_search_and_validate(tmp_path: Path, capsys, monkeypatch, model_cache) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MPSEARCH_CACHE", str(model_cache))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "bm.json"
+    spec = "test_apply_validate:cli_model"
+    data = "test_apply_validate:cli_data"
+    assert main(["search", "--model", spec, "--data", data, "--avg-bits", "4", "--out",
+                 str(out), "--json", "-q", "--max-probes", "6"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["predicted"]["avg_bits"] <= 4.0 + 1e-9 and out.exists()
+    assert main(["validate", "--model", spec, "--data", data, "--bitmap", str(out),
+                 "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["avg_bits"] <= 4.0 + 1e-9
+    assert main(["search", "--model", spec, "--data", data, "--avg-bits", "1", "-q",
+                 "--max-probes", "4", "--out", str(out)]) == 1
+    assert "smallest achievable 2" in capsys.readouterr().err
+    assert main(["search", "--model", "nope", "--data", data, "--avg-bits", "4"]) == 1
+    assert "package.module:function" in capsys.readouterr().err
