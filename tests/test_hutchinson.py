@@ -15,10 +15,8 @@ from mpsearch.sensitivity import Hutchinson, hutchinson_traces
 def test_diagonal_quadratic_is_exact() -> None:
     # L = Σ c_i w_i²: H = diag(2c), and v·Hv = Σ 2 c_i v_i² = Tr(H) for every Rademacher v.
     c1, c2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[0.5, 4.0], [1.5, 0.25]])
-    w1 = torch.randn(3, requires_grad=True)
-    w2 = torch.randn(2, 2, requires_grad=True)
-    est = hutchinson_traces({"a": w1, "b": w2},
-                            lambda i: (c1 * w1**2).sum() + (c2 * w2**2).sum(), 1,
+    w = {"a": torch.randn(3), "b": torch.randn(2, 2)}
+    est = hutchinson_traces(lambda i, p: (c1 * p["a"]**2).sum() + (c2 * p["b"]**2).sum(), w, 1,
                             tol=0.01, min_probes=4, max_probes=50)
     assert est.mean["a"] == pytest.approx(12.0)
     assert est.mean["b"] == pytest.approx(12.5)
@@ -30,12 +28,12 @@ def test_dense_quadratic_converges_to_block_traces() -> None:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(5, 5, generator=gen)
     hess = a @ a.T + torch.eye(5)  # cross terms couple the two blocks
-    w = torch.randn(5, generator=gen, requires_grad=True)
+    w = torch.randn(5, generator=gen)
 
-    def loss(_i: int) -> torch.Tensor:
-        return 0.5 * w @ hess @ w
+    def loss(_i: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * p["w"] @ hess @ p["w"]
 
-    est = hutchinson_traces({"w": w}, loss, 1, tol=0.05, min_probes=10, max_probes=2000, seed=1)
+    est = hutchinson_traces(loss, {"w": w}, 1, tol=0.05, min_probes=10, max_probes=2000, seed=1)
     exact = float(torch.trace(hess))
     assert est.converged
     assert abs(est.mean["w"] - exact) < 4 * est.stderr["w"] + 1e-6
@@ -76,6 +74,14 @@ def _joint_hessian(model: _TwoLayer, batch: tuple[torch.Tensor, torch.Tensor]) -
     return torch.func.hessian(loss_of)(flat)
 
 
+def _model_loss(model: _TwoLayer, batches: list[tuple[torch.Tensor, torch.Tensor]]):  # type: ignore[no-untyped-def]
+    def loss(i: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        x, y = batches[i]
+        return F.cross_entropy(torch.func.functional_call(model, dict(p), (x,)), y)
+
+    return loss
+
+
 def test_network_samples_are_exact_quadratic_forms() -> None:
     """Sample l of a probe v is v_l · (H v)_l, H the exact Hessian of that probe's batch.
 
@@ -84,12 +90,11 @@ def test_network_samples_are_exact_quadratic_forms() -> None:
     """
     model, batches = _setup()
     hess = [_joint_hessian(model, b) for b in batches]
-    weights = {"fc1.weight": model.fc1.weight, "fc2.weight": model.fc2.weight}
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
     n1 = model.fc1.weight.numel()
     n_probes = 12
-    est = hutchinson_traces(
-        weights, lambda i: F.cross_entropy(model(batches[i][0]), batches[i][1]), len(batches),
-        tol=1e-6, min_probes=n_probes, max_probes=n_probes, seed=5)
+    est = hutchinson_traces(_model_loss(model, batches), weights, len(batches),
+                            tol=1e-6, min_probes=n_probes, max_probes=n_probes, seed=5)
     gen = torch.Generator().manual_seed(5)  # the probes, drawn in the estimator's order
     sums = {"fc1.weight": 0.0, "fc2.weight": 0.0}
     for k in range(n_probes):
@@ -109,10 +114,9 @@ def test_network_traces_unbiased_over_batches() -> None:
     n1 = model.fc1.weight.numel()
     exact = {"fc1.weight": sum(float(h[:n1, :n1].trace()) for h in hess) / 3,
              "fc2.weight": sum(float(h[n1:, n1:].trace()) for h in hess) / 3}
-    weights = {"fc1.weight": model.fc1.weight, "fc2.weight": model.fc2.weight}
-    est = hutchinson_traces(
-        weights, lambda i: F.cross_entropy(model(batches[i][0]), batches[i][1]), len(batches),
-        tol=1e-6, min_probes=240, max_probes=240, seed=0)
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
+    est = hutchinson_traces(_model_loss(model, batches), weights, len(batches),
+                            tol=1e-6, min_probes=240, max_probes=240, seed=0)
     for name, tr in exact.items():
         assert tr > 0
         assert abs(est.mean[name] - tr) < 4 * est.stderr[name], (name, est.mean[name], tr)
@@ -120,14 +124,27 @@ def test_network_traces_unbiased_over_batches() -> None:
     assert not est.converged and est.n_probes % 3 == 0  # whole rounds keep batches balanced
 
 
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_hvp_methods_agree(method: str) -> None:
+    model, batches = _setup()
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
+    ref = hutchinson_traces(_model_loss(model, batches), weights, 3, tol=1e-6, min_probes=6,
+                            max_probes=6, seed=2, method="forward_over_reverse")
+    est = hutchinson_traces(_model_loss(model, batches), weights, 3, tol=1e-6, min_probes=6,
+                            max_probes=6, seed=2, method=method)
+    assert est.method == method
+    for name in weights:
+        assert est.mean[name] == pytest.approx(ref.mean[name], rel=1e-4)
+
+
 def test_seeded_and_reproducible() -> None:
     torch.manual_seed(0)
     model = _TwoLayer()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    weights = {"fc1.weight": model.fc1.weight, "fc2.weight": model.fc2.weight}
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
 
     def run(seed: int) -> dict[str, float]:
-        return hutchinson_traces(weights, lambda i: F.cross_entropy(model(x), y), 1,
+        return hutchinson_traces(_model_loss(model, [(x, y)]), weights, 1,
                                  tol=0.5, min_probes=5, max_probes=5, seed=seed).mean
 
     assert run(7) == run(7)
@@ -135,22 +152,23 @@ def test_seeded_and_reproducible() -> None:
 
 
 def test_nan_gradient_names_the_layer() -> None:
-    w = torch.ones(3, requires_grad=True)
-    v = torch.ones(2, requires_grad=True)
-    with pytest.raises(ValueError, match="loss is nan"):
-        hutchinson_traces({"w": w}, lambda i: (w * math.nan).sum(), 1, max_probes=3)
-    with pytest.raises(ValueError, match="'v'"):
-        hutchinson_traces({"w": w, "v": v},
-                          lambda i: (w**2).sum() + (torch.sqrt(v - 1.0)).sum() * 0.0, 1,
-                          max_probes=3)
+    w = {"w": torch.ones(3), "v": torch.ones(2)}
+    for method in ("forward_over_reverse", "double_backward"):
+        with pytest.raises(ValueError, match="loss is nan"):
+            hutchinson_traces(lambda i, p: (p["w"] * math.nan).sum(), w, 1, max_probes=3,
+                              method=method)
+        with pytest.raises(ValueError, match="gradient .*'v'"):
+            hutchinson_traces(
+                lambda i, p: (p["w"]**2).sum() + (torch.sqrt(p["v"] - 1.0)).sum() * 0.0, w, 1,
+                max_probes=3, method=method)
 
 
 def test_probe_cap_reports_not_converged() -> None:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(30, 30, generator=gen)
     hess = a + a.T  # indefinite, large off-diagonal: noisy estimates
-    w = torch.randn(30, generator=gen, requires_grad=True)
-    est = hutchinson_traces({"w": w}, lambda i: 0.5 * w @ hess @ w, 1, tol=1e-4,
+    w = {"w": torch.randn(30, generator=gen)}
+    est = hutchinson_traces(lambda i, p: 0.5 * p["w"] @ hess @ p["w"], w, 1, tol=1e-4,
                             min_probes=2, max_probes=6)
     assert not est.converged and est.n_probes == 6
     assert len(est.history) == 5
@@ -161,3 +179,5 @@ def test_estimator_config_validation() -> None:
         Hutchinson(tol=0)
     with pytest.raises(ValueError, match="max_probes"):
         Hutchinson(min_probes=10, max_probes=5)
+    with pytest.raises(ValueError, match="method"):
+        Hutchinson(method="magic")
