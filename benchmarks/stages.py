@@ -17,11 +17,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import pandas as pd
+import torch
 
-import mpsearch  # noqa: E402
-from mpsearch._report import markdown_table  # noqa: E402
+import mpsearch
+from mpsearch._report import markdown_table
 
 
 def _models(which: list[str]) -> dict[str, tuple[torch.nn.Module, list, list]]:
@@ -64,7 +64,7 @@ def run(which: list[str], budget: float, out_dir: Path) -> pd.DataFrame:
             "probes": diag["probes"], "converged": diag["converged"],
             "solve_s": res.timings_s["solve"], "quantize_s": t_quant, "validate_s": t_val,
             "search_total_s": t_search, "avg_bits": res.bitmap.avg_bits(),
-            f"divergence_searched": searched.output_divergence,
+            "divergence_searched": searched.output_divergence,
             f"divergence_uniform{int(budget)}": uniform.output_divergence,
             "divergence_ratio": uniform.output_divergence / max(searched.output_divergence, 1e-30),
             "accuracy_searched": searched.accuracy_quantized,

@@ -19,7 +19,14 @@ from torch import nn
 
 from mpsearch._version import __version__
 from mpsearch.errors import BitMapError
-from mpsearch.layers import Patterns, fingerprint, layer_kind, model_shapes, quantizable_modules
+from mpsearch.layers import (
+    Patterns,
+    fingerprint,
+    layer_kind,
+    layer_weight,
+    model_shapes,
+    quantizable_modules,
+)
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
 
 FORMAT = "mpsearch.bitmap"
@@ -167,8 +174,8 @@ class BitMap(Mapping[str, LayerEntry]):
         for n, m in modules.items():
             w_bits = int(bits.get(n, default)) if n in selected else 32  # type: ignore[arg-type]
             entries[n] = LayerEntry(w_bits=w_bits, a_bits=a_bits if w_bits < 32 else None,
-                                    qconfig=qc, kind=layer_kind(m), shape=tuple(m.weight.shape))
-        shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
+                                    qconfig=qc, kind=layer_kind(m), shape=tuple(layer_weight(m).shape))
+        shapes = {n: tuple(layer_weight(m).shape) for n, m in modules.items()}
         return cls(entries, model_class=type(model).__name__, fingerprint=fingerprint(shapes),
                    provenance=_provenance(solver="manual"))
 

@@ -40,7 +40,7 @@ class Budget:
         return ", ".join(f"{k}={v:.6g}" for k, v in self.limits().items())
 
     @classmethod
-    def coerce(cls, budget: Budget | float | int) -> Budget:
+    def coerce(cls, budget: Budget | float) -> Budget:
         """A Budget from a Budget, or from a number meaning average weight bits."""
         if isinstance(budget, Budget):
             return budget

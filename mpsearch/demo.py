@@ -46,6 +46,8 @@ class DemoResult:
 
 
 def _load(model_name: str, seed: int) -> tuple[nn.Module, list[Any], list[Any], str]:
+    calib: list[Any]
+    evals: list[Any]
     if model_name in ("cnn", "dwsep"):
         from mpsearch.zoo.mnist import mnist_batches, pretrained_mnist
 

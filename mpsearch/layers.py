@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -64,6 +65,14 @@ class LayerInfo:
         return self.kind == "Conv1D"
 
 
+def layer_weight(module: nn.Module) -> Tensor:
+    """The weight tensor of a quantizable module."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """The kind of a quantizable module, or None if mpsearch does not quantize it."""
     if isinstance(module, nn.Conv2d):
@@ -72,9 +81,9 @@ def layer_kind(module: nn.Module) -> str | None:
         return "Conv1d"
     if isinstance(module, nn.Linear):
         return "Linear"
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor):
-        if module.weight.dim() == 2:
-            return "Conv1D"
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
+        return "Conv1D"
     return None
 
 
@@ -109,7 +118,7 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
             continue
         if exc is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exc):
             continue
-        wid = id(module.weight)
+        wid = id(layer_weight(module))
         if wid in seen_params:
             log.warning("%s shares its weight with %s; it is quantized once, as %s",
                         name, seen_params[wid], seen_params[wid])
@@ -138,7 +147,8 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
 
 def check_finite(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Raise ValueError naming every layer whose weight holds NaN or inf."""
-    bad = [name for name, m in modules.items() if not bool(torch.isfinite(m.weight).all())]
+    bad = [name for name, m in modules.items()
+           if not bool(torch.isfinite(layer_weight(m)).all())]
     if bad:
         raise ValueError(
             f"non-finite (NaN/inf) weights in {len(bad)} layer(s): {', '.join(bad[:10])}"
@@ -147,16 +157,16 @@ def check_finite(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 
 def _macs(kind: str, module: nn.Module, out: Tensor) -> int:
+    w = layer_weight(module)
     if kind in ("Linear", "Conv1D"):
-        w = module.weight
         fan_in = w.shape[1] if kind == "Linear" else w.shape[0]
         return int(out.numel()) * int(fan_in)
-    w = module.weight  # conv: (out, in/groups, *kernel)
+    # conv: (out, in/groups, *kernel)
     return int(out.numel()) * int(math.prod(w.shape[1:]))
 
 
 def _tensor_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset())
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
 
 
 def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns = None,
@@ -219,11 +229,11 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         s = stats[name]
         bias = getattr(module, "bias", None)
         infos.append(LayerInfo(
-            name=name, kind=kind, weight_shape=tuple(module.weight.shape),
-            params=int(module.weight.numel()),
-            bias_params=int(bias.numel()) if isinstance(bias, Tensor) else 0,
+            name=name, kind=kind, weight_shape=tuple(layer_weight(module).shape),
+            params=int(layer_weight(module).numel()),
+            bias_params=bias.numel() if isinstance(bias, Tensor) else 0,
             groups=int(getattr(module, "groups", 1)),
-            macs=int(round(s["macs"] / batch_size)), calls=int(s["calls"]),
+            macs=round(s["macs"] / batch_size), calls=int(s["calls"]),
             input_shape=s.get("input_shape"), output_shape=s.get("output_shape"),
             fused_group=groups.get(name),
         ))
@@ -237,7 +247,7 @@ def _fusion_groups(names: list[str], readers: list[list[str]]) -> dict[str, str]
     graph = nx.Graph()
     graph.add_nodes_from(names)
     for group in readers:
-        for a, b in zip(group, group[1:]):
+        for a, b in itertools.pairwise(group):
             if a != b:
                 graph.add_edge(a, b)
     order = {n: i for i, n in enumerate(names)}
@@ -275,4 +285,5 @@ def fingerprint(layers: Sequence[LayerInfo] | dict[str, tuple[int, ...]]) -> str
 def model_shapes(model: nn.Module, include: Patterns = None,
                  exclude: Patterns = None) -> dict[str, tuple[int, ...]]:
     """Weight shape of every quantizable layer, by FQN (no forward pass)."""
-    return {n: tuple(m.weight.shape) for n, m in quantizable_modules(model, include, exclude).items()}
+    return {n: tuple(layer_weight(m).shape)
+            for n, m in quantizable_modules(model, include, exclude).items()}

@@ -18,8 +18,15 @@ from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
 from mpsearch.costs import cost_tables
-from mpsearch.layers import (LayerInfo, Patterns, discover, fingerprint, layer_kind,
-                             quantizable_modules)
+from mpsearch.layers import (
+    LayerInfo,
+    Patterns,
+    discover,
+    fingerprint,
+    layer_kind,
+    layer_weight,
+    quantizable_modules,
+)
 from mpsearch.losses import LossFn, Objective
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
@@ -61,7 +68,7 @@ class SearchResult:
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
-    out = tuple(sorted(set(int(b) for b in bits)))
+    out = tuple(sorted({int(b) for b in bits}))
     bad = [b for b in out if b not in SUPPORTED_BITS]
     if bad or not out:
         raise ValueError(f"bits must be a non-empty set of {SUPPORTED_BITS}, got {tuple(bits)}")
@@ -203,7 +210,7 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
     for name, module in quantizable_modules(model).items():
         if name not in entries:
             entries[name] = LayerEntry(w_bits=32, qconfig=qconfig, kind=layer_kind(module),
-                                       shape=tuple(module.weight.shape))
+                                       shape=tuple(layer_weight(module).shape))
     stderr = float(np.sqrt(sum(
         table.omega_stderr[i, problem.bits.index(best.bits[n])] ** 2
         for i, n in enumerate(problem.layers))))

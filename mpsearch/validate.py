@@ -11,8 +11,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpsearch._state import preserved
-from mpsearch.batches import Batch, call, first_output, materialize, model_device, output_kind
-from mpsearch.batches import split_batch, to_device
+from mpsearch.batches import (
+    Batch,
+    call,
+    first_output,
+    materialize,
+    model_device,
+    output_kind,
+    split_batch,
+    to_device,
+)
 from mpsearch.bitmap import BitMap
 from mpsearch.costs import weight_bytes
 from mpsearch.layers import discover
@@ -77,9 +85,10 @@ class ValidationReport:
         if self.agreement is not None:
             rows.append(("top-1 agreement", f"{self.agreement:.4f}"))
         rows.append(("avg bits", f"{self.avg_bits:.3f}"))
-        rows.append(("weights", f"{self.size_bytes_float / 1e6:.3f} MB → "
-                     f"{self.size_bytes_quantized / 1e6:.3f} MB "
-                     f"({self.size_bytes_float / max(self.size_bytes_quantized, 1):.2f}×)"))
+        ratio = self.size_bytes_float / max(self.size_bytes_quantized, 1)
+        sizes = (f"{self.size_bytes_float / 1e6:.3f} MB → "
+                 f"{self.size_bytes_quantized / 1e6:.3f} MB ({ratio:.2f}×)")
+        rows.append(("weights", sizes))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mpsearch.layers import layer_kind, quantizable_modules
+from mpsearch.layers import layer_kind, layer_weight, quantizable_modules
 from mpsearch.quant.quantizer import QuantConfig, fake_quantize, fake_quantize_activation
 
 if TYPE_CHECKING:
@@ -68,8 +68,9 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
         for name, entry in bitmap.items():
             module = modules[name]
             if entry.w_bits < 32:
-                module.weight.copy_(quantize_weight(module.weight, entry.kind or layer_kind(module),
-                                                    entry.w_bits, entry.qconfig))
+                weight = layer_weight(module)
+                weight.copy_(quantize_weight(weight, entry.kind or layer_kind(module),
+                                             entry.w_bits, entry.qconfig))
             if entry.a_bits is not None and entry.a_bits < 32:
                 module.register_forward_pre_hook(ActivationQuantizer(entry.a_bits))
     return model

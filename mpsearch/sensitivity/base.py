@@ -99,7 +99,10 @@ class Estimator(Protocol):
     modes, ``requires_grad`` and hooks.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The estimator's name (recorded in tables and bit maps)."""
+        ...
 
     def estimate(self, model: nn.Module, modules: Mapping[str, nn.Module],
                  layers: Sequence[LayerInfo], objective: Objective, bits: Sequence[int],

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mpsearch.layers import layer_weight
 from mpsearch.sensitivity.base import SensitivityTable
 
 if TYPE_CHECKING:
@@ -91,7 +92,11 @@ def _hvp_forward_over_reverse(loss: LossOfParams, i: int, params: dict[str, Tens
     """(loss, gradient, Hv) by forward-mode differentiation of the gradient."""
     from torch.func import grad_and_value, jvp
 
-    (g, value), (hv, _) = jvp(grad_and_value(lambda p: loss(i, p)), (params,), (v,))
+    def grad_value(p: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        return grad_and_value(lambda q: loss(i, q))(p)
+
+    out = jvp(grad_value, (params,), (v,))
+    (g, value), (hv, _) = out[0], out[1]
     # other parameters that still require grad would leave an autograd graph behind
     return (value.detach(), {n: t.detach() for n, t in g.items()},
             {n: t.detach() for n, t in hv.items()})
@@ -110,7 +115,7 @@ def _hvp_double_backward(loss: LossOfParams, i: int, params: dict[str, Tensor],
     used = [n for n, gr in zip(names, grads) if gr is not None and gr.requires_grad]
     hv = {n: torch.zeros_like(params[n]) for n in names}
     if used:
-        gv = sum((g[n] * v[n]).sum() for n in used)
+        gv = torch.stack([(g[n] * v[n]).sum() for n in used]).sum()
         for n, h in zip(used, torch.autograd.grad(gv, [leaves[n] for n in used],
                                                   allow_unused=True)):
             if h is not None:
@@ -258,7 +263,7 @@ class Hutchinson:
         model.eval()
         for p in model.parameters():  # only the swapped-in weights are differentiated
             p.requires_grad_(False)
-        weights = {info.name: modules[info.name].weight for info in layers}
+        weights = {info.name: layer_weight(modules[info.name]) for info in layers}
         bound = _BoundLoss(model, objective, device)
 
         def loss(i: int, p: Mapping[str, Tensor]) -> Tensor:
