@@ -1,0 +1,67 @@
+"""Solvers: turn an :class:`~mpsearch.problem.AllocationProblem` into a :class:`Front`.
+
+Python callers pass solver objects (``solve(problem, ILPSolver(time_limit_s=5))``);
+names in :data:`SOLVERS` are for the CLI and JSON configs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from mpsearch.problem import AllocationProblem, Front
+from mpsearch.solvers.ilp import ILPSolver
+
+__all__ = ["SOLVERS", "ILPSolver", "Solver", "solve"]
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """What every solver provides. Constructors only store parameters."""
+
+    name: ClassVar[str]
+
+    def solve(self, problem: AllocationProblem, *, seed: int = 0) -> Front:
+        """Search ``problem``; ``seed`` drives any randomness."""
+        ...
+
+
+SOLVERS: dict[str, type[Any]] = {
+    ILPSolver.name: ILPSolver,
+}
+"""Registered solver classes by name; each is built as ``SOLVERS[name](**options)``."""
+
+
+def solve(
+    problem: AllocationProblem, solver: str | Solver = "ilp", *, seed: int = 0, **options: Any
+) -> Front:
+    """Solve an allocation problem.
+
+    Args:
+        problem: the allocation problem.
+        solver: a solver object, or the name of a registered one (see :data:`SOLVERS`).
+        seed: seed for the solver's randomness.
+        **options: constructor parameters, only with a solver name, e.g.
+            ``solve(problem, "ilp", time_limit_s=10)``.
+
+    Returns:
+        The solver's :class:`~mpsearch.problem.Front`.
+
+    Raises:
+        ValueError: unknown solver name, bad options, or options given with an object.
+        InfeasibleBudget: the budgets cannot be met.
+    """
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
+        try:
+            instance: Solver = SOLVERS[solver](**options)
+        except TypeError as error:
+            raise ValueError(f"bad options {options} for solver {solver!r}: {error}") from error
+    else:
+        if options:
+            raise ValueError(
+                f"options {sorted(options)} only go with a solver name; set them on the "
+                f"solver object instead, e.g. {type(solver).__name__}(...)"
+            )
+        instance = solver
+    return instance.solve(problem, seed=seed)

@@ -1,0 +1,547 @@
+"""The bit-allocation problem every solver sees, and what solvers hand back.
+
+An :class:`AllocationProblem` is plain numpy: one row per layer, one column per bits
+option. A solver picks one column per layer so that the summed sensitivity (predicted
+loss increase) is smallest while every budgeted cost sum stays within its limit.
+Solvers return a :class:`Front` of :class:`Solution` objects. No torch in here.
+
+Tied layers (fusion groups such as q/k/v) must take the same option; solvers treat each
+tie group, and each untied layer, as one *unit* whose table row is the sum of its
+members' rows (:meth:`AllocationProblem.unit_table`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+
+from mpsearch.errors import InfeasibleBudget
+
+__all__ = ["AllocationProblem", "Front", "Solution"]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+
+def _frozen(array: NDArray[Any]) -> NDArray[Any]:
+    array.flags.writeable = False
+    return array
+
+
+def _table(name: str, values: ArrayLike, shape: tuple[int, int]) -> FloatArray:
+    try:
+        table = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a numeric {shape[0]}x{shape[1]} array: {error}")
+    if table.shape != shape:
+        raise ValueError(
+            f"{name} has shape {table.shape}; expected (n_layers, n_options) = {shape}"
+        )
+    return table
+
+
+def _merge_ties(groups: Sequence[Sequence[str]], index: Mapping[str, int]) -> list[list[int]]:
+    """Union overlapping tie groups; returns groups of >= 2 layer indices, in layer order."""
+    parent = list(range(len(index)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for number, group in enumerate(groups):
+        if isinstance(group, str) or len(group) == 0:
+            raise ValueError(
+                f"ties[{number}] is {group!r}; each tie group must be a non-empty "
+                "sequence of layer names, e.g. ('q', 'k', 'v')"
+            )
+        unknown = [name for name in group if name not in index]
+        if unknown:
+            raise ValueError(f"ties[{number}] names unknown layers {unknown}")
+        first = root(index[group[0]])
+        for name in group[1:]:
+            parent[root(index[name])] = first
+    members: dict[int, list[int]] = {}
+    for i in range(len(index)):
+        members.setdefault(root(i), []).append(i)
+    return [group for group in members.values() if len(group) > 1]
+
+
+@dataclass(frozen=True, init=False, eq=False, repr=False)
+class AllocationProblem:
+    """Choose one bits option per layer: least summed sensitivity within every budget.
+
+    Args:
+        layers: layer names (FQNs), unique.
+        bits: the bits options (columns), unique ints, e.g. ``(2, 4, 8)``.
+        sensitivity: ``L x B`` predicted loss increase of each layer at each option.
+            Must be finite everywhere; mark unavailable options with ``allowed``.
+        costs: cost name -> ``L x B`` table, e.g. ``"avg_bits"``, ``"size_bytes"``,
+            ``"bops"``, ``"latency_us"``; a choice's cost is the sum over layers.
+        budgets: cost name -> upper limit on that sum; keys must be cost names.
+        ties: groups of layer names that must take the same option. Overlapping groups
+            are merged into one (fusion groups found separately may share a layer).
+        pinned: layer -> the bits value it must take.
+        allowed: ``L x B`` bool; ``False`` means the option is not offered for that
+            layer (e.g. no kernel). Default: everything allowed.
+
+    Raises:
+        ValueError: an input is malformed or contradictory (the message names the value
+            and what would work).
+
+    Tables are stored as read-only float64 copies (``allowed`` as bool); ``ties`` is
+    stored merged, as groups of at least two layers in layer order. Sums over layers are
+    correctly rounded (``math.fsum``), so a budget set to :meth:`min_cost` is met exactly.
+
+    Solvers work on *units* (a tie group or a lone layer): see :attr:`units`,
+    :attr:`unit_of`, :attr:`unit_allowed` (which folds in ties, pins and ``allowed``),
+    :meth:`unit_table` and :meth:`expand`.
+    """
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    sensitivity: FloatArray
+    costs: Mapping[str, FloatArray]
+    budgets: Mapping[str, float]
+    ties: tuple[tuple[str, ...], ...]
+    pinned: Mapping[str, int]
+    allowed: BoolArray
+    _units: tuple[tuple[str, ...], ...] = field(init=False, repr=False)
+    _unit_of: IntArray = field(init=False, repr=False)
+    _first_layer: IntArray = field(init=False, repr=False)
+    _unit_allowed: BoolArray = field(init=False, repr=False)
+
+    # A hand-written __init__ because fields accept ArrayLike but hold read-only numpy
+    # arrays; dataclasses.replace() still works (it calls __init__ by field name).
+    def __init__(
+        self,
+        layers: Sequence[str],
+        bits: Sequence[int],
+        sensitivity: ArrayLike,
+        costs: Mapping[str, ArrayLike],
+        budgets: Mapping[str, float],
+        *,
+        ties: Sequence[Sequence[str]] = (),
+        pinned: Mapping[str, int] | None = None,
+        allowed: ArrayLike | None = None,
+    ) -> None:
+        put = object.__setattr__
+        names = tuple(layers)
+        if not names or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"layers must be a non-empty sequence of names, got {layers!r}")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"layer names must be unique; repeated: {duplicates}")
+        options = tuple(bits)
+        if not options or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in options
+        ):
+            raise ValueError(f"bits must be a non-empty sequence of ints, got {bits!r}")
+        options = tuple(int(b) for b in options)
+        if len(set(options)) != len(options):
+            raise ValueError(f"bits options must be unique, got {options}")
+        shape = (len(names), len(options))
+        put(self, "layers", names)
+        put(self, "bits", options)
+
+        table = _table("sensitivity", sensitivity, shape)
+        self._require_finite("sensitivity", table)
+        put(self, "sensitivity", _frozen(table))
+
+        cost_tables: dict[str, FloatArray] = {}
+        for name, values in costs.items():
+            if not isinstance(name, str) or name == "loss":
+                raise ValueError(f"cost names must be strings other than 'loss', got {name!r}")
+            cost_tables[name] = _frozen(_table(f"costs[{name!r}]", values, shape))
+            self._require_finite(f"costs[{name!r}]", cost_tables[name])
+        put(self, "costs", cost_tables)
+
+        limits: dict[str, float] = {}
+        for name, limit in budgets.items():
+            if name not in cost_tables:
+                raise ValueError(
+                    f"budget {name!r} has no cost table; budgets must name one of "
+                    f"{sorted(cost_tables)}"
+                )
+            if not math.isfinite(float(limit)):
+                raise ValueError(
+                    f"budget {name}={limit} must be finite; leave {name!r} out of budgets "
+                    "for no limit"
+                )
+            limits[name] = float(limit)
+        put(self, "budgets", limits)
+
+        if allowed is None:
+            mask = np.ones(shape, dtype=bool)
+        else:
+            raw = np.array(allowed)
+            if raw.shape != shape or not (raw.dtype == bool or np.isin(raw, (0, 1)).all()):
+                raise ValueError(
+                    f"allowed must be a {shape[0]}x{shape[1]} bool array, got shape "
+                    f"{raw.shape} and dtype {raw.dtype}"
+                )
+            mask = raw.astype(bool)
+        empty = [names[i] for i in np.flatnonzero(~mask.any(axis=1))]
+        if empty:
+            raise ValueError(f"layers {empty[:5]} have no allowed bits option; allow at least one")
+        put(self, "allowed", _frozen(mask))
+
+        index = {name: i for i, name in enumerate(names)}
+        groups = _merge_ties(ties, index)
+        put(self, "ties", tuple(tuple(names[i] for i in group) for group in groups))
+
+        pins: dict[str, int] = {}
+        for name, value in (pinned or {}).items():
+            if name not in index:
+                raise ValueError(f"pinned layer {name!r} is not one of the layers")
+            if value not in options:
+                raise ValueError(f"pinned {name!r} to {value} bits; bits options are {options}")
+            if not mask[index[name], options.index(value)]:
+                raise ValueError(
+                    f"pinned {name!r} to {value} bits, which allowed marks unavailable for it; "
+                    f"it allows {self._allowed_bits(index[name])}"
+                )
+            pins[name] = int(value)
+        put(self, "pinned", pins)
+        self._build_units(groups)
+
+    def _require_finite(self, name: str, table: FloatArray) -> None:
+        bad = np.argwhere(~np.isfinite(table))
+        if len(bad):
+            row, col = bad[0]
+            raise ValueError(
+                f"{name}[{self.layers[row]!r}, {self.bits[col]} bits] is {table[row, col]}; "
+                f"{name} must be finite everywhere ({len(bad)} entries are not); mark "
+                "unavailable options with allowed=False instead"
+            )
+
+    def _allowed_bits(self, layer: int) -> list[int]:
+        return [b for b, ok in zip(self.bits, self.allowed[layer]) if ok]
+
+    def _build_units(self, groups: list[list[int]]) -> None:
+        unit_of = np.full(self.n_layers, -1, dtype=np.int64)
+        for number, group in enumerate(groups):
+            unit_of[group] = number
+        members: list[list[int]] = [list(group) for group in groups]
+        for i in np.flatnonzero(unit_of < 0):
+            unit_of[i] = len(members)
+            members.append([int(i)])
+        # Number units by their first layer so unit order follows layer order.
+        order = sorted(range(len(members)), key=lambda u: members[u][0])
+        members = [members[u] for u in order]
+        unit_of = np.empty(self.n_layers, dtype=np.int64)
+        for unit, group in enumerate(members):
+            unit_of[group] = unit
+        unit_allowed = np.ones((len(members), self.n_options), dtype=bool)
+        np.logical_and.at(unit_allowed, unit_of, self.allowed)
+        for unit, group in enumerate(members):
+            names = [self.layers[i] for i in group]
+            if not unit_allowed[unit].any():
+                offered = {name: self._allowed_bits(i) for name, i in zip(names, group)}
+                raise ValueError(
+                    f"tie group {names} has no bits option allowed for all its layers: "
+                    f"{offered}; allow a common option or untie them"
+                )
+            pins = {name: self.pinned[name] for name in names if name in self.pinned}
+            if len(set(pins.values())) > 1:
+                raise ValueError(f"pins inside tie group {names} disagree: {pins}; pin one value")
+            if pins:
+                value = next(iter(pins.values()))
+                column = self.bits.index(value)
+                if not unit_allowed[unit, column]:
+                    raise ValueError(
+                        f"{pins} pins tie group {names} to {value} bits, which is not allowed "
+                        f"for all of them; common options: "
+                        f"{[b for b, ok in zip(self.bits, unit_allowed[unit]) if ok]}"
+                    )
+                unit_allowed[unit] = False
+                unit_allowed[unit, column] = True
+        put = object.__setattr__
+        put(self, "_unit_of", _frozen(unit_of))
+        put(self, "_first_layer", _frozen(np.array([g[0] for g in members], dtype=np.int64)))
+        put(self, "_units", tuple(tuple(self.layers[i] for i in g) for g in members))
+        put(self, "_unit_allowed", _frozen(unit_allowed))
+
+    def __repr__(self) -> str:
+        return (
+            f"AllocationProblem(n_layers={self.n_layers}, bits={self.bits}, "
+            f"costs={list(self.costs)}, budgets={self.budgets}, n_units={self.n_units}, "
+            f"pinned={len(self.pinned)})"
+        )
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers (rows)."""
+        return len(self.layers)
+
+    @property
+    def n_options(self) -> int:
+        """Number of bits options (columns)."""
+        return len(self.bits)
+
+    @property
+    def n_units(self) -> int:
+        """Number of decision units: tie groups plus untied layers."""
+        return len(self._units)
+
+    @property
+    def units(self) -> tuple[tuple[str, ...], ...]:
+        """Layer names of each unit, units ordered by their first layer."""
+        return self._units
+
+    @property
+    def unit_of(self) -> IntArray:
+        """Length-``L`` read-only array: the unit index of each layer."""
+        return self._unit_of
+
+    @property
+    def unit_allowed(self) -> BoolArray:
+        """``U x B`` read-only bool: options open to each unit (common allowed, pins)."""
+        return self._unit_allowed
+
+    def unit_table(self, values: ArrayLike) -> FloatArray:
+        """Sum an ``L x B`` table over each unit's layers, giving ``U x B``.
+
+        Args:
+            values: per-layer table, e.g. ``problem.sensitivity`` or ``problem.costs[k]``.
+
+        Returns:
+            A new ``U x B`` float64 array.
+        """
+        table = _table("values", values, (self.n_layers, self.n_options))
+        out = np.zeros((self.n_units, self.n_options))
+        np.add.at(out, self._unit_of, table)
+        return out
+
+    def expand(self, unit_choice: ArrayLike) -> IntArray:
+        """Turn one option index per unit into one option index per layer.
+
+        Args:
+            unit_choice: length-``U`` option indices (into ``bits``).
+
+        Returns:
+            Length-``L`` int64 array.
+        """
+        choice = np.asarray(unit_choice, dtype=np.int64)
+        if choice.shape != (self.n_units,):
+            raise ValueError(f"unit_choice has shape {choice.shape}; expected ({self.n_units},)")
+        result: IntArray = choice[self._unit_of]
+        return result
+
+    def _choice(self, choice: ArrayLike) -> IntArray:
+        raw = np.asarray(choice)
+        if raw.shape != (self.n_layers,) or not np.issubdtype(raw.dtype, np.integer):
+            raise ValueError(
+                f"choice must be {self.n_layers} integer option indices, got shape "
+                f"{raw.shape} and dtype {raw.dtype}"
+            )
+        if raw.size and (raw.min() < 0 or raw.max() >= self.n_options):
+            raise ValueError(f"choice indices must lie in [0, {self.n_options}), got {raw}")
+        return raw.astype(np.int64)
+
+    def _sum(self, table: FloatArray, choice: IntArray) -> float:
+        # fsum is correctly rounded, so a total never depends on summation order: a budget
+        # set to min_cost() is met exactly by the choice that achieves it.
+        return math.fsum(table[np.arange(self.n_layers), choice].tolist())
+
+    def evaluate(self, choice: ArrayLike) -> dict[str, float]:
+        """Loss and every cost of a choice.
+
+        Args:
+            choice: length-``L`` int array, the option index (into ``bits``) per layer.
+
+        Returns:
+            ``{"loss": summed sensitivity, <cost name>: summed cost, ...}``.
+        """
+        picked = self._choice(choice)
+        result = {"loss": self._sum(self.sensitivity, picked)}
+        for name, table in self.costs.items():
+            result[name] = self._sum(table, picked)
+        return result
+
+    def is_feasible(self, choice: ArrayLike) -> bool:
+        """Whether a choice respects allowed options, ties, pins and every budget."""
+        picked = self._choice(choice)
+        if not (picked == picked[self._first_layer[self._unit_of]]).all():
+            return False
+        if not self._unit_allowed[self._unit_of, picked].all():
+            return False
+        return all(self._sum(self.costs[k], picked) <= limit for k, limit in self.budgets.items())
+
+    def _extreme_choice(self, name: str, largest: bool) -> IntArray:
+        if name not in self.costs:
+            raise ValueError(f"unknown cost {name!r}; costs are {sorted(self.costs)}")
+        table = self.unit_table(self.costs[name])
+        if largest:
+            unit_choice = np.where(self._unit_allowed, table, -np.inf).argmax(axis=1)
+        else:
+            unit_choice = np.where(self._unit_allowed, table, np.inf).argmin(axis=1)
+        return self.expand(unit_choice)
+
+    def min_cost(self, name: str) -> float:
+        """Smallest achievable sum of cost ``name`` under ties, pins and allowed options."""
+        return self._sum(self.costs[name], self._extreme_choice(name, largest=False))
+
+    def max_cost(self, name: str) -> float:
+        """Largest achievable sum of cost ``name`` under ties, pins and allowed options."""
+        return self._sum(self.costs[name], self._extreme_choice(name, largest=True))
+
+    def check_budgets(self) -> None:
+        """Raise if any single budget is below the smallest achievable value of its cost.
+
+        Raises:
+            InfeasibleBudget: with ``.smallest`` holding the min of every budgeted cost.
+        """
+        smallest = {name: self.min_cost(name) for name in self.budgets}
+        problems = []
+        for name, limit in self.budgets.items():
+            if limit < smallest[name]:
+                hint = ""
+                choice = self._extreme_choice(name, largest=False)
+                if (choice == choice[0]).all():
+                    hint = f" (all layers at {self.bits[choice[0]]} bits)"
+                problems.append(
+                    f"{name}={limit:.6g} is below the smallest achievable {smallest[name]:.6g}"
+                    + hint
+                )
+        if problems:
+            raise InfeasibleBudget("; ".join(problems), smallest)
+
+    def with_budgets(self, budgets: Mapping[str, float]) -> AllocationProblem:
+        """The same problem with ``budgets`` replacing the current ones."""
+        return dataclasses.replace(self, budgets=budgets)
+
+    def solution(self, choice: ArrayLike) -> Solution:
+        """Wrap a choice as a :class:`Solution` with its loss, costs and bits per layer."""
+        picked = _frozen(self._choice(choice).copy())
+        values = self.evaluate(picked)
+        loss = values.pop("loss")
+        bits = {name: self.bits[c] for name, c in zip(self.layers, picked.tolist())}
+        return Solution(choice=picked, bits=bits, loss=loss, costs=values)
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """One allocation.
+
+    Attributes:
+        choice: length-``L`` read-only int array, the option index (into the problem's
+            ``bits``) per layer.
+        bits: layer name -> bits.
+        loss: predicted loss increase (summed sensitivity).
+        costs: every cost of the problem, summed over layers.
+    """
+
+    choice: IntArray
+    bits: dict[str, int]
+    loss: float
+    costs: dict[str, float]
+
+
+def _non_dominated(points: FloatArray) -> list[int]:
+    """Indices of rows no other row weakly beats everywhere and strictly somewhere."""
+    keep = []
+    for i, point in enumerate(points):
+        beaten = (points <= point).all(axis=1) & (points < point).any(axis=1)
+        if not beaten.any():
+            keep.append(i)
+    return keep
+
+
+@dataclass(frozen=True, eq=False)
+class Front:
+    """What a solver returns: non-dominated solutions plus how the search ended.
+
+    Attributes:
+        solutions: non-dominated solutions, sorted by the first objective cost ascending
+            (the first budgeted cost, or the swept cost), or by loss when there is none.
+        solver: the solver's name.
+        status: ``"optimal"`` (proved), ``"feasible"`` (stopped early by a time or gap
+            limit, or a heuristic, with solutions), ``"timeout"`` (stopped with none),
+            ``"infeasible"`` (none exists).
+        time_s: wall time of the search.
+        gap: relative optimality gap of the loss where known; ``0.0`` when proved
+            optimal, ``None`` when unknown.
+    """
+
+    solutions: tuple[Solution, ...]
+    solver: str
+    status: str
+    time_s: float
+    gap: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "solutions", tuple(self.solutions))
+        if self.gap is not None and not self.gap >= 0:
+            raise ValueError(f"gap must be >= 0 or None, got {self.gap}")
+
+    @classmethod
+    def build(
+        cls,
+        solutions: Iterable[Solution],
+        *,
+        objectives: Sequence[str] = (),
+        solver: str,
+        status: str,
+        time_s: float,
+        gap: float | None = None,
+    ) -> Front:
+        """Deduplicate, keep the non-dominated solutions and sort them.
+
+        Args:
+            solutions: candidate solutions, in any order.
+            objectives: cost names minimised alongside loss (usually the budgeted costs);
+                the first one is the sort key.
+            solver: see the attributes.
+            status: see the attributes.
+            time_s: see the attributes.
+            gap: see the attributes.
+        """
+        unique: dict[bytes, Solution] = {}
+        for solution in solutions:
+            unique.setdefault(np.asarray(solution.choice, dtype=np.int64).tobytes(), solution)
+        pool = list(unique.values())
+        points = np.array(
+            [[s.loss, *(s.costs[k] for k in objectives)] for s in pool], dtype=np.float64
+        ).reshape(len(pool), 1 + len(objectives))
+        # Equal objective vectors are kept once (the first seen).
+        _, first = np.unique(points, axis=0, return_index=True)
+        distinct = sorted(first.tolist())
+        kept = [pool[distinct[j]] for j in _non_dominated(points[distinct])]
+        if objectives:
+            kept.sort(key=lambda s: (s.costs[objectives[0]], s.loss))
+        else:
+            kept.sort(key=lambda s: s.loss)
+        return cls(tuple(kept), solver=solver, status=status, time_s=time_s, gap=gap)
+
+    def __len__(self) -> int:
+        return len(self.solutions)
+
+    @property
+    def best(self) -> Solution:
+        """The lowest-loss solution.
+
+        Raises:
+            ValueError: the front is empty.
+        """
+        if not self.solutions:
+            raise ValueError(
+                f"front from {self.solver!r} is empty (status {self.status!r}); relax the "
+                "budgets or give the solver more time"
+            )
+        return min(self.solutions, key=lambda s: s.loss)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per solution: ``loss``, each cost, and ``bits`` (the layer->bits dict)."""
+        costs = list(self.solutions[0].costs) if self.solutions else []
+        rows = [{"loss": s.loss, **s.costs, "bits": dict(s.bits)} for s in self.solutions]
+        return pd.DataFrame(rows, columns=["loss", *costs, "bits"])

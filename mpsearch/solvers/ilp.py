@@ -1,0 +1,689 @@
+"""Exact allocation by integer linear programming (PuLP + CBC).
+
+One binary ``x[u, b]`` per unit (tie group or lone layer) and open option, one option
+per unit, ``sum cost <= budget`` per budget, minimise summed sensitivity.
+
+Before CBC sees the model it is shrunk without losing the optimum:
+
+1. options that alone break a budget, and options another option of the same unit
+   beats on loss and every budgeted cost, are dropped;
+2. a Lagrangian bound (budgets priced into the loss) and a greedy allocation give a
+   lower and an upper bound; an option whose Lagrangian reduced cost lifts the bound
+   above the greedy loss cannot be in an optimum and is dropped too (reduced-cost
+   fixing). With one budget this typically leaves a few percent of the units free.
+
+Budget rows are shifted by each unit's cheapest option and divided by the remaining
+slack, so coefficients lie in [0, 1] whatever the cost's units (BOPs reach 1e12).
+Answers are checked exactly (:meth:`AllocationProblem.is_feasible`): an allocation
+CBC's tolerance let slip over budget is cut off and the model solved again (after ten,
+budgets are tightened instead and the lost ground is reported as a gap).
+
+CBC 2.10 (bundled with PuLP) runs with preprocessing off (it returns wrong optima on
+some of these models), cuts off (they barely move the bound and slow every node),
+primal and integer tolerances of 1e-9, and a relative ``increment`` of 1e-10 (its
+default ignores improvements under 1e-5 absolute).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mpsearch.errors import InfeasibleBudget
+from mpsearch.problem import AllocationProblem, BoolArray, FloatArray, Front, IntArray, Solution
+
+__all__ = ["ILPSolver"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_EXCLUDED = 10  # over-budget allocations cut off one by one before tightening
+_MAX_RETRIES = 4  # budget tightenings after that
+_REDUCE = True  # tests switch the reductions off to check the bare model against brute force
+_CBC_TOLERANCE = 1e-9  # the primal tolerance CBC runs with, in scaled row units
+
+
+def _joint_infeasible(problem: AllocationProblem) -> InfeasibleBudget:
+    smallest = {name: problem.min_cost(name) for name in problem.budgets}
+    listed = ", ".join(
+        f"{name}={limit:.6g} (smallest achievable alone {smallest[name]:.6g})"
+        for name, limit in problem.budgets.items()
+    )
+    return InfeasibleBudget(
+        f"the budgets cannot all be met together: {listed}; relax at least one", smallest
+    )
+
+
+@dataclass
+class _Model:
+    """The problem in unit space, normalised: loss scaled to max |coefficient| 1, each
+    budget row shifted by the unit's cheapest option and divided by the slack."""
+
+    allowed: BoolArray  # U x B, options still in play
+    loss: FloatArray  # U x B, sensitivity / loss_scale
+    loss_scale: float
+    shares: list[FloatArray]  # per budget, U x B, >= 0 on allowed options
+    capacity: list[float]  # per budget: 1.0, or 0.0 when the budget sits at its minimum
+    slack: list[float]  # per budget, in cost units (for tightening)
+    resolution: float = 1e-10  # loss differences CBC may ignore (normalised units)
+
+
+def _dominated(allowed: BoolArray, criteria: FloatArray) -> BoolArray:
+    """Options another open option of the same unit weakly beats on every criterion
+    (``criteria`` is ``U x B x C``); exact ties go to the lower option index."""
+    better, worse = criteria[:, :, None, :], criteria[:, None, :, :]
+    weakly = (better <= worse).all(axis=-1)
+    strictly = (better < worse).any(axis=-1)
+    earlier = np.triu(np.ones((allowed.shape[1],) * 2, dtype=bool), k=1)
+    beats = weakly & (strictly | earlier) & allowed[:, :, None]
+    result: BoolArray = beats.any(axis=1) & allowed
+    return result
+
+
+def _normalise(problem: AllocationProblem) -> _Model:
+    allowed = problem.unit_allowed.copy()
+    sensitivity = problem.unit_table(problem.sensitivity)
+    tables = [problem.unit_table(problem.costs[k]) for k in problem.budgets]
+    limits = list(problem.budgets.values())
+    criteria = np.stack([sensitivity, *tables], axis=-1)
+    # Rounding allowance: keeping an option that is infeasible by a hair costs nothing
+    # (CBC and the exact check reject it); dropping a feasible one costs optimality.
+    tolerance = [
+        1e-9 * (abs(limit) + float(np.abs(table).max(axis=1).sum())) + 1e-300
+        for table, limit in zip(tables, limits)
+    ]
+    deltas, slack = [np.zeros_like(t) for t in tables], [0.0] * len(tables)
+    for _ in range(50 if _REDUCE else 1):
+        before = int(allowed.sum())
+        for k, (table, limit) in enumerate(zip(tables, limits)):
+            cheapest = np.where(allowed, table, np.inf).min(axis=1)
+            slack[k] = limit - math.fsum(cheapest.tolist())
+            if slack[k] < -tolerance[k]:  # pruning for other budgets raised this minimum
+                raise _joint_infeasible(problem)
+            deltas[k] = table - cheapest[:, None]
+            if _REDUCE:
+                allowed &= ~(deltas[k] > max(slack[k], 0.0) + tolerance[k])
+        if _REDUCE:
+            allowed &= ~_dominated(allowed, criteria)
+        if int(allowed.sum()) == before:
+            break
+    loss_scale = float(np.abs(sensitivity[allowed]).max()) or 1.0
+    denominators = [max(s, tol) for s, tol in zip(slack, tolerance)]
+    return _Model(
+        allowed=allowed,
+        loss=sensitivity / loss_scale,
+        loss_scale=loss_scale,
+        shares=[d / den for d, den in zip(deltas, denominators)],
+        capacity=[max(s, 0.0) / den for s, den in zip(slack, denominators)],
+        slack=slack,
+    )
+
+
+def _lagrangian(model: _Model) -> tuple[float, FloatArray, FloatArray]:
+    """Lower bound, reduced costs and budget prices, the prices by coordinate ascent.
+
+    Any prices give a valid bound; exact maximisation is not needed.
+    """
+    rows = np.arange(model.allowed.shape[0])
+    base = np.where(model.allowed, model.loss, np.inf)
+    prices = np.zeros(len(model.shares))
+
+    def priced(k: int, price: float, rest: FloatArray) -> tuple[float, float]:
+        value = rest + price * model.shares[k]
+        pick = value.argmin(axis=1)
+        return float(value[rows, pick].sum()), float(model.shares[k][rows, pick].sum())
+
+    def bound_at(values: FloatArray) -> float:
+        value = base + sum((p * s for p, s in zip(values, model.shares)), np.zeros_like(base))
+        return float(value.min(axis=1).sum()) - float(np.dot(values, model.capacity))
+
+    previous = -np.inf
+    for _ in range(1 if len(prices) == 1 else 200):
+        for k, capacity in enumerate(model.capacity):
+            rest = base + sum(
+                (p * s for j, (p, s) in enumerate(zip(prices, model.shares)) if j != k),
+                np.zeros_like(base),
+            )
+            if priced(k, 0.0, rest)[1] <= capacity:
+                prices[k] = 0.0
+                continue
+            low, high = 0.0, 1.0
+            while priced(k, high, rest)[1] > capacity and high < 1e30:
+                low, high = high, 4.0 * high
+            for _ in range(40):  # the best price is where the used share crosses capacity
+                middle = 0.5 * (low + high)
+                if priced(k, middle, rest)[1] > capacity:
+                    low = middle
+                else:
+                    high = middle
+            prices[k] = max((low, high), key=lambda p: priced(k, p, rest)[0] - p * capacity)
+        current = bound_at(prices)
+        if current - previous <= 1e-9 * abs(current):
+            break
+        previous = current
+    value = base + sum((p * s for p, s in zip(prices, model.shares)), np.zeros_like(base))
+    least = value.min(axis=1)
+    bound = math.fsum(least.tolist()) - float(np.dot(prices, model.capacity))
+    reduced_costs: FloatArray = value - least[:, None]
+    return bound, reduced_costs, prices
+
+
+def _greedy(model: _Model, prices: FloatArray) -> IntArray | None:
+    """A feasible allocation: the Lagrangian choice made feasible, then greedy upgrades
+    along each unit's loss/price hull. ``None`` if even the cheapest is over budget."""
+    allowed, loss, shares = model.allowed, model.loss, model.shares
+    rows = np.arange(allowed.shape[0])
+    # Budget use at the Lagrangian prices; a small price on every budget keeps those
+    # priced at zero from being ignored.
+    floor = 1e-6 * max(float(prices.max(initial=0.0)), 1.0)
+    weight = sum((p + floor) * s for p, s in zip(prices.tolist(), shares))
+    weight = np.where(allowed, weight, 0.0)
+    masked = np.where(allowed, loss, np.inf)
+    limits = [c * (1.0 - 1e-11) for c in model.capacity]
+
+    def pick(scale: float) -> IntArray:
+        result: IntArray = (masked + scale * weight).argmin(axis=1)
+        return result
+
+    def fits(choice: IntArray) -> bool:
+        return all(s[rows, choice].sum() <= c for s, c in zip(shares, limits))
+
+    low, high = 0.0, 1.0
+    while not fits(pick(high)):
+        low, high = high, 4.0 * high
+        if high > 1e30:
+            return None
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if fits(pick(middle)) else (middle, high)
+    choice = pick(high)
+    used = [float(s[rows, choice].sum()) for s in shares]
+    moves: list[tuple[float, int, int, int]] = []  # (-loss saved per weight, unit, step, to)
+    for unit, (w_row, l_row, ok) in enumerate(
+        zip(weight.tolist(), loss.tolist(), allowed.tolist())
+    ):
+        at, step = int(choice[unit]), 0
+        while True:
+            best, to = 0.0, -1
+            for b, open_ in enumerate(ok):
+                if open_ and l_row[b] < l_row[at] and w_row[b] > w_row[at]:
+                    rate = (l_row[at] - l_row[b]) / (w_row[b] - w_row[at])
+                    if rate > best:
+                        best, to = rate, b
+            if to < 0:
+                break
+            moves.append((-best, unit, step, to))
+            at, step = to, step + 1
+    moves.sort()
+    blocked: set[int] = set()
+    for _, unit, _, to in moves:
+        if unit in blocked:
+            continue
+        at = int(choice[unit])
+        trial = [u + float(s[unit, to] - s[unit, at]) for u, s in zip(used, shares)]
+        if all(t <= c for t, c in zip(trial, limits)):
+            choice[unit], used = to, trial
+        else:
+            blocked.add(unit)  # its later hull steps build on this one
+    return choice.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    unit_choice: IntArray | None  # None: no allocation found
+    infeasible: bool
+    proved: bool  # optimal, not merely within a gap or time limit
+    absolute_gap: float | None  # in normalised loss units
+
+
+@dataclass
+class _Cuts:
+    """What is added to the model after CBC's tolerance let an answer slip over budget."""
+
+    margins: list[float]  # per budget, subtracted from the scaled capacity
+    excluded: list[IntArray] = field(default_factory=list)  # over-budget unit choices
+
+
+@dataclass(frozen=True)
+class _Start:
+    """The greedy allocation (if any) and the Lagrangian bound, in normalised units."""
+
+    choice: IntArray | None
+    loss: float  # inf without a choice
+    bound: float
+    allowance: float  # rounding allowance on loss sums
+
+    def check(self, outcome: _Outcome, model: _Model) -> _Outcome:
+        """Keep the better of CBC's answer and the greedy one when CBC stopped early
+        (or erred), with the tighter of CBC's and the Lagrangian bound."""
+        if self.choice is None:
+            return outcome
+        rows = np.arange(len(self.choice))
+        choice = outcome.unit_choice
+        loss = math.inf if choice is None else math.fsum(model.loss[rows, choice].tolist())
+        if outcome.proved and loss <= self.loss + self.allowance:
+            return outcome
+        if outcome.proved:
+            logger.warning("ilp: CBC's optimum is worse than the greedy start; keeping that")
+        if choice is None or loss > self.loss:
+            choice, loss = self.choice, self.loss
+        gaps = [g for g in (outcome.absolute_gap, max(loss - self.bound, 0.0)) if g is not None]
+        return _Outcome(choice, infeasible=False, proved=False, absolute_gap=min(gaps))
+
+
+def _reduce(problem: AllocationProblem) -> tuple[_Model, _Start]:
+    """Normalise, bound, find a greedy start, and fix options by reduced cost."""
+    clock = time.perf_counter()
+    model = _normalise(problem)
+    bound, reduced_costs, prices = _lagrangian(model)
+    choice = _greedy(model, prices)
+    if choice is not None and not problem.is_feasible(problem.expand(choice)):
+        choice = None
+    rows = np.arange(problem.n_units)
+    allowance = 1e-9 * float(np.abs(np.where(model.allowed, model.loss, 0)).max(1).sum())
+    loss = math.inf if choice is None else math.fsum(model.loss[rows, choice].tolist())
+    # CBC by default ignores improvements under 1e-5 (absolute): make it relative and tiny.
+    magnitude = max(abs(bound), abs(loss) if choice is not None else 0.0)
+    model.resolution = 1e-10 * (magnitude or 1.0)
+    if choice is not None and _REDUCE:
+        # bound + reduced cost is a lower bound on any allocation using that option.
+        model.allowed &= bound + reduced_costs <= loss + allowance
+        model.allowed[rows, choice] = True
+    logger.debug(
+        "ilp: %d units, %d of %d options left after reduction (%.3fs); bound %.6g, greedy %.6g",
+        problem.n_units,
+        int(model.allowed.sum()),
+        int(problem.unit_allowed.sum()),
+        time.perf_counter() - clock,
+        bound * model.loss_scale,
+        loss * model.loss_scale,
+    )
+    return model, _Start(choice, loss, bound, allowance)
+
+
+def _cbc(**options: Any) -> Any:
+    """CBC as shipped with PuLP where present (reproducible), else a ``cbc`` on PATH."""
+    import pulp
+
+    bundled = getattr(pulp, "PULP_CBC_CMD", None)
+    if bundled is not None:
+        with warnings.catch_warnings():
+            # PuLP 3.3 deprecates the bundled binary ahead of 4.0; COIN_CMD is the fallback.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = bundled(**options)
+        if solver.available():
+            return solver
+    solver = pulp.COIN_CMD(**options)
+    if not solver.available():
+        raise RuntimeError(
+            "no CBC binary found: PuLP's bundled CBC is missing; install one with "
+            "`pip install pulp[cbc]` or put `cbc` on PATH"
+        )
+    return solver
+
+
+_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+
+def _absolute_gap(log: str) -> float | None:
+    """Incumbent minus best bound, in model objective units, from a CBC log."""
+    found = re.search(r"Exiting as integer gap of " + _NUMBER, log)
+    if found:
+        return float(found.group(1))
+    objective = re.search(r"Objective value:\s+" + _NUMBER, log)
+    bound = re.search(r"Lower bound:\s+" + _NUMBER, log)
+    if objective and bound:
+        # CBC prints the bound rounded; widen by half a printed digit to stay an upper bound.
+        text = bound.group(1).lower()
+        digits = len(text.split(".")[1]) if "." in text and "e" not in text else 0
+        rounding = 0.5 * 10.0**-digits if digits else 0.0
+        return max(float(objective.group(1)) - float(bound.group(1)) + rounding, 0.0)
+    found = re.search(r"best objective " + _NUMBER + r" \(best possible " + _NUMBER, log)
+    if found:
+        return max(float(found.group(1)) - float(found.group(2)), 0.0)
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ILPSolver:
+    """Exact solver: integer linear program solved by CBC through PuLP.
+
+    The constructor only stores parameters; work happens in :meth:`solve` and
+    :meth:`sweep`.
+
+    Args:
+        time_limit_s: wall-clock limit for each CBC run (CBC may overrun it while
+            preprocessing a large model); ``None`` for none.
+        gap_rel: stop once the incumbent is provably within this relative gap of the
+            optimum (0 for a proved optimum).
+        threads: CBC threads; ``None`` for CBC's default (one). Several threads run in
+            CBC's repeatable mode (``100 + threads``).
+        msg: show CBC's own log on stdout; the gap of a stopped run is then unknown.
+    """
+
+    name: ClassVar[str] = "ilp"
+    time_limit_s: float | None = None
+    gap_rel: float = 0.0
+    threads: int | None = None
+    msg: bool = False
+
+    def __post_init__(self) -> None:
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 or None, got {self.time_limit_s}")
+        if not 0.0 <= self.gap_rel < 1.0:
+            raise ValueError(f"gap_rel must be in [0, 1), got {self.gap_rel}")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
+
+    def solve(self, problem: AllocationProblem, *, seed: int = 0) -> Front:
+        """The least-loss allocation within all budgets at once.
+
+        Args:
+            problem: the allocation problem.
+            seed: seeds CBC's heuristics; the optimal loss does not depend on it, but
+                which of several equal-loss allocations is returned may.
+
+        Returns:
+            A front of one solution with status ``"optimal"`` (gap 0.0) or
+            ``"feasible"`` (stopped by ``time_limit_s`` or ``gap_rel``; gap where
+            known), or of none with status ``"timeout"``.
+
+        Raises:
+            InfeasibleBudget: a budget is below its smallest achievable value, or the
+                budgets cannot all be met together; ``.smallest`` holds each budgeted
+                cost's smallest achievable value.
+        """
+        start = time.perf_counter()
+        solution, status, gap = self._solve(problem, seed)
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "ilp: %s, loss %s, gap %s, %d units, %.2fs",
+            status,
+            None if solution is None else f"{solution.loss:.6g}",
+            gap,
+            problem.n_units,
+            elapsed,
+        )
+        return Front.build(
+            [solution] if solution is not None else [],
+            objectives=list(problem.budgets),
+            solver=self.name,
+            status=status,
+            time_s=elapsed,
+            gap=gap,
+        )
+
+    def sweep(
+        self, problem: AllocationProblem, cost: str, n_points: int = 10, *, seed: int = 0
+    ) -> Front:
+        """Loss-versus-cost Pareto front from optima at evenly spaced budgets of ``cost``.
+
+        The budget of ``cost`` takes ``n_points`` values from its smallest to its largest
+        achievable sum (replacing any budget it had); other budgets stay. Budgets that
+        cannot be met together with the others are skipped; repeated and dominated (on
+        loss and ``cost``) solutions are dropped.
+
+        Args:
+            problem: the allocation problem.
+            cost: the cost to sweep.
+            n_points: number of budgets, at least 2.
+            seed: see :meth:`solve`.
+
+        Returns:
+            The front, sorted by ``cost``; status ``"optimal"`` if every point was,
+            gap the largest of the points' gaps.
+
+        Raises:
+            InfeasibleBudget: the other budgets alone, or with every budget of ``cost``,
+                cannot be met.
+        """
+        if cost not in problem.costs:
+            raise ValueError(f"unknown cost {cost!r}; costs are {sorted(problem.costs)}")
+        if not (isinstance(n_points, int) and n_points >= 2):
+            raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+        start = time.perf_counter()
+        others = {k: v for k, v in problem.budgets.items() if k != cost}
+        problem.with_budgets(others).check_budgets()
+        low, high = problem.min_cost(cost), problem.max_cost(cost)
+        solutions: list[Solution] = []
+        statuses: list[str] = []
+        gaps: list[float | None] = []
+        for limit in sorted(set(np.linspace(low, high, n_points).tolist())):
+            try:
+                solution, status, gap = self._solve(
+                    problem.with_budgets({cost: limit, **others}), seed
+                )
+            except InfeasibleBudget:
+                logger.debug("ilp sweep: %s=%.6g cannot be met with %s", cost, limit, others)
+                continue
+            statuses.append(status)
+            gaps.append(gap)
+            if solution is not None:
+                solutions.append(solution)
+        if not statuses:
+            raise InfeasibleBudget(
+                f"no {cost} budget from {low:.6g} to {high:.6g} can be met together with {others}",
+                {k: problem.min_cost(k) for k in (cost, *others)},
+            )
+        if all(s == "optimal" for s in statuses):
+            status = "optimal"
+        else:
+            status = "feasible" if solutions else "timeout"
+        return Front.build(
+            solutions,
+            objectives=[cost],
+            solver=self.name,
+            status=status,
+            time_s=time.perf_counter() - start,
+            gap=None if None in gaps else max(g for g in gaps if g is not None),
+        )
+
+    def _solve(
+        self, problem: AllocationProblem, seed: int
+    ) -> tuple[Solution | None, str, float | None]:
+        problem.check_budgets()
+        model, start = _reduce(problem)
+        cuts = _Cuts(margins=[0.0] * len(model.shares))
+        relaxed: float | None = None  # an optimum before tightening: a bound after it
+        for attempt in range(_MAX_EXCLUDED + _MAX_RETRIES):
+            outcome = self._run_cbc(model, start.choice, cuts, seed)
+            if outcome.infeasible:
+                if attempt == 0 or not any(cuts.margins):  # only over-budget ones excluded
+                    raise _joint_infeasible(problem)
+                raise InfeasibleBudget(
+                    "CBC's tolerance admitted only allocations over budget, and none is left "
+                    f"after tightening the budgets by {cuts.margins} (of their slack); "
+                    + str(_joint_infeasible(problem)),
+                    {name: problem.min_cost(name) for name in problem.budgets},
+                )
+            outcome = start.check(outcome, model)
+            if outcome.unit_choice is None:
+                return None, "timeout", None
+            solution = problem.solution(problem.expand(outcome.unit_choice))
+            over = {
+                k: (solution.costs[name] - limit) / max(model.slack[k], 1e-300)
+                for k, (name, limit) in enumerate(problem.budgets.items())
+                if solution.costs[name] > limit
+            }
+            if not over:
+                gap = None
+                if outcome.proved and relaxed is None:
+                    return solution, "optimal", 0.0
+                if outcome.proved and relaxed is not None:
+                    # Tightening may have cut off allocations that use the last sliver
+                    # of a budget; the optimum before it bounds what was lost.
+                    if solution.loss - relaxed <= 1e-12 * abs(solution.loss):
+                        return solution, "optimal", 0.0
+                    gap = (solution.loss - relaxed) / abs(solution.loss)
+                elif outcome.absolute_gap is not None and solution.loss != 0:
+                    gap = outcome.absolute_gap * model.loss_scale / abs(solution.loss)
+                return solution, "feasible", gap
+            if (model.allowed.sum(axis=1) == 1).all():  # nothing else left to try
+                raise _joint_infeasible(problem)
+            logger.debug("ilp: CBC's tolerance let budgets slip by %s (of slack)", over)
+            if len(cuts.excluded) < _MAX_EXCLUDED:
+                # Excluding just this allocation keeps the search exact.
+                cuts.excluded.append(outcome.unit_choice)
+                continue
+            if outcome.proved and relaxed is None:
+                relaxed = solution.loss
+            for k, excess in over.items():
+                cuts.margins[k] += 2.0 * max(excess, _CBC_TOLERANCE)
+        raise RuntimeError(
+            f"CBC kept returning allocations over budget after {_MAX_RETRIES} tightenings"
+        )
+
+    def _run_cbc(
+        self, model: _Model, incumbent: IntArray | None, cuts: _Cuts, seed: int
+    ) -> _Outcome:
+        import pulp
+
+        clock = time.perf_counter()
+        units, options = np.nonzero(model.allowed)
+        counts = model.allowed.sum(axis=1)
+        if (counts == 1).all():  # reduction settled every unit
+            choice = model.allowed.argmax(axis=1).astype(np.int64)
+            return _Outcome(choice, infeasible=False, proved=True, absolute_gap=0.0)
+        lp = pulp.LpProblem("mpsearch_allocation", pulp.LpMinimize)
+        x = [lp.add_variable(f"x{i}", cat=pulp.LpBinary) for i in range(len(units))]
+        lp.setObjective(pulp.LpAffineExpression(zip(x, model.loss[units, options].tolist())))
+        for unit, stop in enumerate(np.cumsum(counts).tolist()):
+            row = pulp.LpAffineExpression([(x[i], 1.0) for i in range(stop - counts[unit], stop)])
+            lp.addConstraint(pulp.LpConstraint(row, pulp.LpConstraintEQ, f"one{unit}", 1.0))
+        for k, (shares, capacity) in enumerate(zip(model.shares, model.capacity)):
+            coefficients = shares[units, options]
+            largest = np.zeros(len(counts))
+            np.maximum.at(largest, units, coefficients)
+            if largest.sum() <= capacity - 1e-9 and cuts.margins[k] == 0.0:
+                continue  # cannot bind
+            terms = [(x[i], c) for i, c in enumerate(coefficients.tolist()) if c != 0.0]
+            if not terms:
+                continue
+            row = pulp.LpAffineExpression(terms)
+            lp.addConstraint(
+                pulp.LpConstraint(
+                    row, pulp.LpConstraintLE, f"budget{k}", capacity - cuts.margins[k]
+                )
+            )
+        position = {(u, o): i for i, (u, o) in enumerate(zip(units.tolist(), options.tolist()))}
+        free = counts > 1
+        for number, excluded in enumerate(cuts.excluded):
+            chosen = [position[(u, int(excluded[u]))] for u in np.flatnonzero(free).tolist()]
+            row = pulp.LpAffineExpression([(x[i], 1.0) for i in chosen])
+            lp.addConstraint(
+                pulp.LpConstraint(row, pulp.LpConstraintLE, f"exclude{number}", len(chosen) - 1)
+            )
+        if incumbent is not None:
+            for variable, unit, option in zip(x, units.tolist(), options.tolist()):
+                variable.setInitialValue(1.0 if incumbent[unit] == option else 0.0)
+        built = time.perf_counter()
+
+        def call(preprocess: bool) -> tuple[bool, str]:
+            return self._call_cbc(
+                lp,
+                warm=incumbent is not None,
+                seed=seed,
+                resolution=model.resolution,
+                preprocess=preprocess,
+            )
+
+        crashed, log = call(preprocess=False)
+        trusted = True
+        if crashed and "Problem is infeasible" in log:
+            # CBC 2.10 without preprocessing crashes right after proving infeasibility.
+            return _Outcome(None, infeasible=True, proved=True, absolute_gap=None)
+        if crashed:
+            # Seen only on infeasible models (the message above is lost in CBC's buffer);
+            # its preprocessing then answers correctly, but an optimum it finds is not
+            # trusted as proved.
+            logger.info("ilp: CBC crashed; solving again with its preprocessing on")
+            crashed, log = call(preprocess=True)
+            trusted = False
+            if crashed:
+                raise RuntimeError("CBC crashed twice on this model; run with msg=True to see why")
+        logger.debug(
+            "ilp: %d variables, %d rows built in %.3fs; CBC took %.3fs",
+            len(x),
+            len(lp.constraints()),
+            built - clock,
+            time.perf_counter() - built,
+        )
+        if lp.status == pulp.LpStatusInfeasible:
+            return _Outcome(None, infeasible=True, proved=True, absolute_gap=None)
+        picked = np.zeros(model.allowed.shape)
+        picked[units, options] = [v.varValue or 0.0 for v in x]
+        # A stopped CBC without an incumbent still reports "objective value" to PuLP.
+        if (
+            "No feasible solution found" in log
+            or lp.status != pulp.LpStatusOptimal
+            or not (picked.max(axis=1) > 0.5).all()
+        ):
+            return _Outcome(None, infeasible=False, proved=False, absolute_gap=None)
+        # CBC calls a stop within gap_rel "Optimal"; only its log tells (Cbc0011I, beyond
+        # the resolution). Without a log (msg=True) trust it when no gap was allowed.
+        gap = _absolute_gap(log)
+        if log:
+            within_gap = "gap tolerance" in log or (
+                "Exiting as integer gap" in log and gap is not None and gap > model.resolution
+            )
+        else:
+            within_gap = self.gap_rel > 0
+        proved = trusted and lp.sol_status == pulp.LpSolutionOptimal and not within_gap
+        return _Outcome(
+            picked.argmax(axis=1).astype(np.int64),
+            infeasible=False,
+            proved=proved,
+            absolute_gap=gap,
+        )
+
+    def _call_cbc(
+        self, lp: Any, *, warm: bool, seed: int, resolution: float, preprocess: bool
+    ) -> tuple[bool, str]:
+        """Run CBC on ``lp``; returns whether it crashed, and its log (empty with msg)."""
+        import pulp
+
+        with tempfile.TemporaryDirectory(prefix="mpsearch_cbc_") as folder:
+            log_path = None if self.msg else os.path.join(folder, "cbc.log")
+            solver = _cbc(
+                msg=self.msg,
+                timeLimit=self.time_limit_s,
+                gapRel=self.gap_rel,
+                threads=None if self.threads in (None, 1) else 100 + (self.threads or 0),
+                logPath=log_path,
+                warmStart=warm,
+                # CBC 2.10's preprocessing returns wrong "optimal" answers on some small
+                # models of this shape (cf. coin-or/Cbc#283), so it is off unless CBC
+                # crashes without it. A seed of 0 would mean "use the clock".
+                options=[
+                    f"preprocess {'sos' if preprocess else 'off'}",
+                    f"randomCbcSeed {seed % (2**31 - 2) + 1}",
+                    # Rows are scaled to a right-hand side of 1: CBC's default 1e-7
+                    # tolerances let answers slip over budget, so they are tightened.
+                    "primalTolerance 1e-9",
+                    "integerTolerance 1e-9",
+                    f"increment {resolution:.6g}",
+                    f"allowableGap {resolution:.6g}",
+                    # Cuts barely move the bound of these multiple-choice knapsacks but
+                    # slow every node: off, several budgets solve 4-15x faster.
+                    "cuts off",
+                ],
+            )
+            solver.tmpDir = folder  # PuLP leaves its files behind when CBC crashes
+            try:
+                lp.solve(solver)
+                crashed = False
+            except pulp.PulpSolverError:
+                crashed = True
+            log = ""
+            if log_path is not None and os.path.exists(log_path):
+                with open(log_path) as handle:
+                    log = handle.read()
+        return crashed, log
