@@ -181,3 +181,12 @@ def test_estimator_config_validation() -> None:
         Hutchinson(min_probes=10, max_probes=5)
     with pytest.raises(ValueError, match="method"):
         Hutchinson(method="magic")
+
+
+def test_tensor_without_influence_does_not_block_convergence() -> None:
+    c = torch.tensor([1.0, 2.0])
+    w = {"used": torch.randn(2), "unused": torch.randn(3)}
+    est = hutchinson_traces(lambda i, p: (c * p["used"] ** 2).sum() + 0.0 * p["unused"].sum(),
+                            w, 1, tol=0.01, min_probes=4, max_probes=100)
+    assert est.converged and est.n_probes == 4
+    assert est.mean["unused"] == 0.0 and est.stderr["unused"] == 0.0

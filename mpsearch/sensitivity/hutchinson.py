@@ -199,7 +199,10 @@ def hutchinson_traces(loss: LossOfParams, params: Mapping[str, Tensor], n_batche
                 if n % n_batches == 0 and n >= 2:
                     arr = np.stack(samples)
                     mean, se = arr.mean(0), arr.std(0, ddof=1) / math.sqrt(n)
-                    worst = float(_relative_stderr(mean, se).max())
+                    # a tensor the loss does not depend on gives exact zeros: nothing to wait for
+                    live = np.any(arr != 0.0, axis=0)
+                    rel = _relative_stderr(mean, se)[live]
+                    worst = float(rel.max()) if rel.size else 0.0
                     history.append((n, worst))
                     bar.set_postfix(rel_stderr=f"{worst:.3f}")
                     if n >= min_probes and worst < tol:
@@ -289,7 +292,11 @@ class Hutchinson:
             log.warning("Hutchinson stopped at %d probes before every relative standard error "
                         "reached %.3g; worst: %s", est.n_probes, self.tol,
                         ", ".join(f"{n} ({rel[n]:.2f})" for n in worst))
-        unresolved = [n for n, t in est.mean.items() if t < est.stderr[n]]
+        idle = [n for n in est.mean if est.mean[n] == 0.0 and est.stderr[n] == 0.0]
+        if idle:
+            log.warning("the loss does not depend on %d layer(s) (zero curvature; the solver "
+                        "will give them the fewest bits): %s", len(idle), ", ".join(idle[:5]))
+        unresolved = [n for n, t in est.mean.items() if t < est.stderr[n] and n not in idle]
         if unresolved:
             log.warning("Hessian trace not resolved from zero for %d layer(s) (charged at one "
                         "standard error in omega): %s", len(unresolved),
