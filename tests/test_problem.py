@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from problem_instances import random_structure
 
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.problem import AllocationProblem, Front, Solution
@@ -27,40 +28,7 @@ def _uniform(n_layers: int = 3, **kwargs: Any) -> AllocationProblem:
 
 def _random(seed: int) -> tuple[AllocationProblem, dict[str, Any]]:
     """A small random problem with ties, pins and a mask, plus its raw inputs."""
-    rng = np.random.default_rng(seed)
-    n_layers, n_options = int(rng.integers(1, 7)), int(rng.integers(1, 5))
-    layers = [f"m.{i}" for i in range(n_layers)]
-    bits = sorted(rng.choice([2, 3, 4, 5, 6, 8], n_options, replace=False).tolist())
-    allowed = rng.random((n_layers, n_options)) < 0.8
-    allowed[np.arange(n_layers), rng.integers(0, n_options, n_layers)] = True
-    ties: list[list[str]] = []
-    if n_layers >= 2 and rng.random() < 0.6:
-        group = rng.choice(n_layers, int(rng.integers(2, min(3, n_layers) + 1)), replace=False)
-        allowed[group, rng.integers(0, n_options)] = True
-        ties.append([layers[i] for i in sorted(group)])
-    pinned: dict[str, int] = {}
-    if rng.random() < 0.3:
-        layer = int(rng.integers(0, n_layers))
-        tied = next((g for g in ties if layers[layer] in g), [layers[layer]])
-        common = np.flatnonzero(allowed[[layers.index(n) for n in tied]].all(axis=0))
-        pinned[layers[layer]] = bits[int(rng.choice(common))]
-    scales = {"avg_bits": 1.0, "size_bytes": 1e6, "bops": 1e12}
-    costs = {k: rng.random((n_layers, n_options)) * s for k, s in scales.items()}
-    sensitivity = rng.random((n_layers, n_options))
-    if rng.random() < 0.2:
-        sensitivity -= 0.5  # estimators can report small negative increases
-    raw = {
-        "layers": layers,
-        "bits": bits,
-        "sensitivity": sensitivity,
-        "costs": costs,
-        "allowed": allowed,
-        "ties": ties,
-        "pinned": pinned,
-    }
-    problem = AllocationProblem(
-        layers, bits, sensitivity, costs, {}, ties=ties, pinned=pinned, allowed=allowed
-    )
+    problem, raw, _ = random_structure(seed, tie_p=0.6, pin_p=0.3)
     return problem, raw
 
 

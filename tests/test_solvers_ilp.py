@@ -9,48 +9,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from problem_instances import COSTS, random_structure
 
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.problem import AllocationProblem, Front
 from mpsearch.solvers import SOLVERS, ILPSolver, Solver, solve
 from mpsearch.solvers import ilp as ilp_module
 
-COSTS = {"avg_bits": 1.0, "size_bytes": 1e6, "bops": 1e12}
-
 
 def random_problem(seed: int) -> tuple[AllocationProblem, dict[str, Any]]:
     """A small seeded problem with 1-3 budgets, random ties, pins and mask."""
-    rng = np.random.default_rng(seed)
-    n_layers, n_options = int(rng.integers(1, 7)), int(rng.integers(1, 5))
-    layers = [f"m.{i}" for i in range(n_layers)]
-    bits = sorted(rng.choice([2, 3, 4, 5, 6, 8], n_options, replace=False).tolist())
-    allowed = rng.random((n_layers, n_options)) < 0.8
-    allowed[np.arange(n_layers), rng.integers(0, n_options, n_layers)] = True
-    ties: list[list[str]] = []
-    if n_layers >= 2 and rng.random() < 0.5:
-        group = rng.choice(n_layers, int(rng.integers(2, min(3, n_layers) + 1)), replace=False)
-        allowed[group, rng.integers(0, n_options)] = True
-        ties.append([layers[i] for i in sorted(group)])
-    pinned: dict[str, int] = {}
-    if rng.random() < 0.25:
-        layer = int(rng.integers(0, n_layers))
-        tied = next((g for g in ties if layers[layer] in g), [layers[layer]])
-        common = np.flatnonzero(allowed[[layers.index(n) for n in tied]].all(axis=0))
-        pinned[layers[layer]] = bits[int(rng.choice(common))]
-    costs = {k: rng.random((n_layers, n_options)) * s for k, s in COSTS.items()}
-    sensitivity = rng.random((n_layers, n_options)) - (0.3 if rng.random() < 0.2 else 0.0)
-    raw = {
-        "layers": layers,
-        "bits": bits,
-        "allowed": allowed,
-        "ties": ties,
-        "pinned": pinned,
-        "costs": costs,
-        "sensitivity": sensitivity,
-    }
-    structural = AllocationProblem(
-        layers, bits, sensitivity, costs, {}, ties=ties, pinned=pinned, allowed=allowed
-    )
+    structural, raw, rng = random_structure(seed)
     names = rng.choice(list(COSTS), int(rng.integers(1, 4)), replace=False).tolist()
     # Mostly budgets just above a random allocation (jointly feasible, often binding),
     # sometimes anywhere in range (often jointly infeasible).
