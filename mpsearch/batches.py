@@ -174,3 +174,46 @@ def output_kind(output: Any) -> str:
     if has("last_hidden_state"):
         return "hidden"
     return "logits"
+
+
+def _slice(value: Any, start: int, stop: int, rows: int) -> Any:
+    if isinstance(value, Tensor):
+        return value[start:stop] if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice(v, start, stop, rows) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _slice(v, start, stop, rows) for k, v in value.items()}
+    return value
+
+
+def batch_rows(batch: Batch) -> int:
+    """Number of samples in a batch (leading dimension of its first tensor input)."""
+    return split_batch(batch).batch_size
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start:stop`` of a batch, in the same form (tensor, tuple or dict).
+
+    Every tensor whose leading dimension is the batch size is sliced; other values
+    (scalars, tensors shared by all samples) are kept as they are.
+    """
+    return _slice(batch, start, stop, batch_rows(batch))
+
+
+def rechunk(batches: Sequence[Batch], rows: int) -> list[Batch]:
+    """Split every batch into pieces of at most ``rows`` samples.
+
+    Pieces of one batch differ in size only when ``rows`` does not divide it; a
+    per-batch mean loss then weights samples slightly unequally, so callers pick ``rows``
+    dividing the batch size where they can.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    out: list[Batch] = []
+    for batch in batches:
+        n = batch_rows(batch)
+        if n <= rows:
+            out.append(batch)
+            continue
+        out.extend(slice_batch(batch, s, min(s + rows, n)) for s in range(0, n, rows))
+    return out

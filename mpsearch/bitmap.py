@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from mpsearch._io import write_text_atomic
 from mpsearch._version import __version__
 from mpsearch.errors import BitMapError
 from mpsearch.layers import (
@@ -243,17 +243,7 @@ class BitMap(Mapping[str, LayerEntry]):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON atomically (temp file + rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def from_dict(cls, doc: Any) -> BitMap:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from mpsearch._io import batch_tensors, tensor_digest
 from mpsearch._state import preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
@@ -30,6 +32,9 @@ from mpsearch.layers import (
 from mpsearch.losses import LossFn, Objective
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
+from mpsearch.quant.apply import weight_cache
+from mpsearch.refine import Refine, Refinement
+from mpsearch.refine import refine as refine_map
 from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
 from mpsearch.solvers import Solver, solve
 
@@ -52,6 +57,7 @@ class SearchResult:
         problem: the allocation problem that was solved.
         layers: the discovered layers.
         timings_s: seconds per stage.
+        refinement: what the measured refinement did (None when it did not run).
     """
 
     bitmap: BitMap
@@ -61,6 +67,7 @@ class SearchResult:
     problem: AllocationProblem
     layers: tuple[LayerInfo, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
+    refinement: Refinement | None = None
 
     def __repr__(self) -> str:
         return (f"SearchResult({self.bitmap!r}, predicted={self.bitmap.predicted}, "
@@ -123,6 +130,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
            solver: str | Solver = "ilp", seed: int = 0, include: Patterns = None,
            exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
            a_bits: int | None = None, qconfig: QuantConfig | None = None,
+           refine: bool | Refine | Literal["auto"] = "auto",
            progress: bool = True) -> SearchResult:
     """Find the bit-width of every layer that loses the least within a budget.
 
@@ -145,6 +153,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             same input (q/k/v, gate/up).
         a_bits: quantize every layer's input activations to this many bits (None: float).
         qconfig: weight quantizer scheme (default :class:`QuantConfig()`).
+        refine: after the solve, measure the chosen map and its neighbours on the
+            calibration data and keep the best within the budget (interactions between
+            layers are real; see :mod:`mpsearch.refine`). ``"auto"``: up to 30 s of it;
+            ``True``: :class:`Refine` defaults; a :class:`Refine` to set limits; ``False``:
+            off. Skipped when activations are quantized (``a_bits``).
         progress: show progress bars.
 
     Raises:
@@ -170,31 +183,78 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         # Fail on an impossible budget before the (costly) sensitivity stage.
         AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
                           budget.limits(), ties=ties, pinned=pinned).check_budgets()
-        t = time.perf_counter()
-        if isinstance(sensitivity, SensitivityTable):
-            table = sensitivity.select(names, bits)
-        else:
-            estimator = _resolve_estimator(sensitivity)
+        weights_id = tensor_digest(layer_weight(modules[n]) for n in sorted(names))
+        settings = _refine_settings(refine, a_bits)
+        objective = None
+        if settings is not None or not isinstance(sensitivity, SensitivityTable):
             objective = Objective(batches, loss_fn)
             objective.prepare(model, device)
-            table = estimator.estimate(model, modules, layers, objective, bits, qconfig,
-                                       device=device, seed=seed, progress=progress)
-        timings["sensitivity"] = time.perf_counter() - t
-    t = time.perf_counter()
-    problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(), ties=ties,
-                                pinned=pinned)
-    front = solve(problem, solver, seed=seed)
-    timings["solve"] = time.perf_counter() - t
-    best = front.best
-    bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig)
+        with weight_cache():
+            t = time.perf_counter()
+            if isinstance(sensitivity, SensitivityTable):
+                _check_table(sensitivity, weights_id)
+                table = sensitivity.select(names, bits)
+            else:
+                assert objective is not None
+                estimator = _resolve_estimator(sensitivity)
+                table = estimator.estimate(model, modules, layers, objective, bits, qconfig,
+                                           device=device, seed=seed, progress=progress)
+                table = dataclasses.replace(
+                    table, model_fingerprint=weights_id,
+                    data_fingerprint=tensor_digest(batch_tensors(batches)) + ":" + objective.kind)
+            timings["sensitivity"] = time.perf_counter() - t
+            t = time.perf_counter()
+            problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(),
+                                        ties=ties, pinned=pinned)
+            front = solve(problem, solver, seed=seed)
+            timings["solve"] = time.perf_counter() - t
+            best, refinement = front.best, None
+            if settings is not None:
+                assert objective is not None
+                t = time.perf_counter()
+                best, refinement = refine_map(model, modules, layers, objective, problem, best,
+                                              qconfig, settings, device=device,
+                                              progress=progress)
+                timings["refine"] = time.perf_counter() - t
+    bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
+                     refinement)
     frame = _frame(layers, table, best)
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
-    return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings)
+    return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
+                        refinement)
+
+
+def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine | None:
+    if isinstance(refine, Refine):
+        settings: Refine | None = refine
+    elif refine == "auto":
+        settings = Refine(time_budget_s=30.0)
+    elif refine is True:
+        settings = Refine()
+    elif refine is False or refine is None:
+        settings = None
+    else:
+        raise ValueError(f"refine must be 'auto', True, False or a Refine, got {refine!r}")
+    if settings is not None and a_bits is not None:
+        log.info("refinement skipped: it measures weight quantization only (a_bits=%s)",
+                 a_bits)
+        return None
+    return settings
+
+
+def _check_table(table: SensitivityTable, weights_id: str) -> None:
+    if table.model_fingerprint and table.model_fingerprint != weights_id:
+        raise ValueError(
+            "the sensitivity table was measured on other weights (its model_fingerprint "
+            f"{table.model_fingerprint[:19]}... differs from this model's {weights_id[:19]}...); "
+            "recompute it with sensitivity='hutchinson'|'fisher'|'qerror', or clear "
+            "table.model_fingerprint to reuse it deliberately")
 
 
 def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationProblem,
             best: Solution, budget: Budget, table: SensitivityTable, front: Front,
-            a_bits: int | None, qconfig: QuantConfig) -> BitMap:
+            a_bits: int | None, qconfig: QuantConfig,
+            refinement: Refinement | None = None) -> BitMap:
     tie_of: dict[str, str] = {}
     for k, group in enumerate(problem.ties):
         label = next((i.fused_group for i in layers if i.name == group[0] and i.fused_group),
@@ -215,12 +275,16 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
         table.omega_stderr[i, problem.bits.index(best.bits[n])] ** 2
         for i, n in enumerate(problem.layers))))
     predicted = {"loss_increase": best.loss, "loss_increase_stderr": stderr, **best.costs}
+    if refinement is not None:
+        predicted["calibration_loss_increase"] = refinement.measured_after
     return BitMap(entries, model_class=type(model).__name__,
                   fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),
                   budget=budget.limits(), predicted=predicted,
                   provenance=_provenance(sensitivity=table.estimator, solver=front.solver,
                                          status=front.status, solve_time_s=front.time_s,
-                                         profile=None, loss=table.diagnostics.get("loss")))
+                                         profile=None, loss=table.diagnostics.get("loss"),
+                                         refined_moves=None if refinement is None
+                                         else len(refinement.moves)))
 
 
 def _frame(layers: Sequence[LayerInfo], table: SensitivityTable, best: Solution) -> pd.DataFrame:

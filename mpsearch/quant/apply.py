@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,15 +21,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+_CACHE: contextvars.ContextVar[dict[tuple[Any, ...], Tensor] | None] = contextvars.ContextVar(
+    "mpsearch_weight_cache", default=None)
+
+
+@contextlib.contextmanager
+def weight_cache() -> Iterator[None]:
+    """Within this block, :func:`quantize_weight` computes each (weight, bits, config) once.
+
+    A search quantizes every layer at every candidate width in several stages (sensitivity,
+    refinement); the MSE range search makes that the costliest part of a probe. Weights
+    must not change inside the block (the key includes the tensor's version counter).
+    """
+    token = _CACHE.set({})
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+
+
 def quantize_weight(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig) -> Tensor:
     """Fake-quantized copy of a layer weight, channels taken along the output dimension.
 
     Hugging Face ``Conv1D`` stores its weight ``(in, out)``; it is transposed so that
     channels are output channels for every layer kind.
     """
+    cache = _CACHE.get()
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, kind, bits, cfg)
+    if cache is not None and key in cache:
+        return cache[key]
     if kind == "Conv1D":
-        return fake_quantize(w.detach().t(), bits, cfg).t().contiguous()
-    return fake_quantize(w.detach(), bits, cfg)
+        out = fake_quantize(w.detach().t(), bits, cfg).t().contiguous()
+    else:
+        out = fake_quantize(w.detach(), bits, cfg)
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 def weight_error_sq(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig) -> float:

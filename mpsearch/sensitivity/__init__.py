@@ -1,11 +1,14 @@
 """Sensitivity estimators: Ω[layer, bits], the predicted loss increase, with error bars."""
 
 from mpsearch.sensitivity.base import Estimator, SensitivityTable
+from mpsearch.sensitivity.fisher import Fisher
 from mpsearch.sensitivity.hutchinson import Hutchinson, TraceEstimate, hutchinson_traces
+from mpsearch.sensitivity.qerror import QError
 
 #: estimator names accepted by ``search(..., sensitivity=NAME)`` (CLI and JSON use names;
 #: Python callers may pass an estimator object instead)
-ESTIMATORS: dict[str, type] = {"hutchinson": Hutchinson}
+ESTIMATORS: dict[str, type] = {"fisher": Fisher, "hutchinson": Hutchinson,
+                               "qerror": QError}
 
-__all__ = ["ESTIMATORS", "Estimator", "Hutchinson", "SensitivityTable", "TraceEstimate",
-           "hutchinson_traces"]
+__all__ = ["ESTIMATORS", "Estimator", "Fisher", "Hutchinson", "QError", "SensitivityTable",
+           "TraceEstimate", "hutchinson_traces"]

@@ -6,7 +6,11 @@ alone is quantized to b bits? The answer, ``omega[l, b]``, comes with a standard
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -14,6 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from mpsearch._io import dumps, write_text_atomic
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -34,6 +40,9 @@ class SensitivityTable:
         estimator: the estimator's name.
         settings: the estimator's settings, JSON-ready.
         diagnostics: how the estimate went (probes used, convergence trace, time).
+        model_fingerprint: sha256 of the layers' names, shapes and weights it was measured on
+            (set by :func:`mpsearch.search`; a table is reused only on the same weights).
+        data_fingerprint: sha256 of the calibration batches and the loss kind.
     """
 
     layers: tuple[str, ...]
@@ -44,6 +53,8 @@ class SensitivityTable:
     estimator: str = ""
     settings: Mapping[str, Any] = field(default_factory=dict)
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""
+    data_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         shape = (len(self.layers), len(self.bits))
@@ -88,7 +99,101 @@ class SensitivityTable:
             tuple(layers), tuple(bits), self.omega[np.ix_(r, c)], self.omega_stderr[np.ix_(r, c)],
             {k: np.asarray(v)[r] for k, v in self.columns.items()},
             self.estimator, dict(self.settings), dict(self.diagnostics),
+            self.model_fingerprint, self.data_fingerprint,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-JSON document (non-finite numbers as the strings ``"inf"``/``"nan"``)."""
+        return {
+            "format": TABLE_FORMAT, "format_version": TABLE_FORMAT_VERSION,
+            "layers": list(self.layers), "bits": list(self.bits),
+            "omega": _json_numbers(self.omega), "omega_stderr": _json_numbers(self.omega_stderr),
+            "columns": {k: _json_numbers(np.asarray(v, dtype=np.float64))
+                        for k, v in self.columns.items()},
+            "estimator": self.estimator, "settings": _json_value(self.settings),
+            "diagnostics": _json_value(self.diagnostics),
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the table as JSON, atomically; reload it with :meth:`load`."""
+        return write_text_atomic(path, dumps(self.to_dict()))
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> SensitivityTable:
+        """Validate a JSON document written by :meth:`to_dict`.
+
+        Raises:
+            ValueError: not a sensitivity table, another version, or malformed fields.
+        """
+        if not isinstance(doc, Mapping) or doc.get("format") != TABLE_FORMAT:
+            found = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
+            raise ValueError(f"not an mpsearch sensitivity table (format {found!r}, "
+                             f"expected {TABLE_FORMAT!r})")
+        if doc.get("format_version") != TABLE_FORMAT_VERSION:
+            raise ValueError(f"unknown sensitivity table format_version "
+                             f"{doc.get('format_version')!r}; this mpsearch reads "
+                             f"{TABLE_FORMAT_VERSION}")
+        try:
+            return cls(
+                tuple(str(n) for n in doc["layers"]), tuple(int(b) for b in doc["bits"]),
+                _from_json_numbers(doc["omega"]), _from_json_numbers(doc["omega_stderr"]),
+                {str(k): _from_json_numbers(v) for k, v in doc.get("columns", {}).items()},
+                str(doc.get("estimator", "")), dict(doc.get("settings", {})),
+                dict(doc.get("diagnostics", {})), str(doc.get("model_fingerprint", "")),
+                str(doc.get("data_fingerprint", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed sensitivity table: {exc!r}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SensitivityTable:
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            ValueError: malformed JSON or not a sensitivity table (the message names the file).
+        """
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls.from_dict(doc)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+TABLE_FORMAT = "mpsearch.sensitivity"
+TABLE_FORMAT_VERSION = 1
+
+
+def _json_numbers(arr: np.ndarray) -> Any:
+    return [_json_numbers(a) for a in arr] if arr.ndim else (
+        float(arr) if np.isfinite(arr) else str(float(arr)))
+
+
+def _from_json_numbers(values: Any) -> np.ndarray:
+    def conv(v: Any) -> Any:
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, str):
+            if v not in ("inf", "-inf", "nan"):
+                raise ValueError(f"not a number: {v!r}")
+        return float(v)
+    return np.asarray(conv(values), dtype=np.float64)
+
+
+def _json_value(value: Any) -> Any:
+    """Diagnostics and settings as plain JSON (tuples → lists, numpy → Python numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_value(value.tolist())
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 @runtime_checkable

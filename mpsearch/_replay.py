@@ -1,0 +1,250 @@
+"""Measure the calibration loss with a few layer weights changed, recomputing only what follows.
+
+Quantizing one layer changes nothing that the model computes before that layer runs. One
+recorded pass stores the outputs of the submodules that finish before each layer starts;
+later passes return those stored outputs instead of recomputing them, so a probe of a layer
+near the output costs little more than the layers after it. This works on any model, not
+only on sequential ones: the model's own ``forward`` still runs, and only whole submodule
+calls that provably precede the first changed layer (same inputs, same weights) are
+replayed.
+
+A submodule is replayed only if, in the traced pass, it was called exactly once, finished
+before the first changed layer started, and returned a tensor or a tuple/list/dict of
+tensors. Replayed outputs are cloned, so in-place operations after them (``out += x``,
+``ReLU(inplace=True)``) cannot corrupt the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mpsearch.batches import split_batch, to_device
+from mpsearch.losses import Objective
+
+log = logging.getLogger(__name__)
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if type(value) in (tuple, list):
+        return all(_storable(v) or v is None for v in value)
+    if type(value) is dict:
+        return all(_storable(v) or v is None for v in value.values())
+    return False
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if type(value) in (tuple, list):
+        return type(value)(_clone(v) for v in value)
+    if type(value) is dict:
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if type(value) in (tuple, list):
+        return sum(_nbytes(v) for v in value)
+    if type(value) is dict:
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+class PrefixReplay:
+    """Calibration losses under weight changes, replaying the unchanged prefix of the model.
+
+    Use as a context manager; the model's submodules get a replaying ``forward`` inside it
+    and their own back on exit. The model's parameters are never written: changed weights
+    are passed with :func:`torch.func.functional_call`.
+
+    Args:
+        model: the model (eval mode).
+        objective: the calibration objective (already prepared).
+        device: where the model runs.
+        layers: FQNs of the layers whose weights may change (each has a ``weight``).
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, device: torch.device,
+                 layers: Sequence[str]) -> None:
+        self.model = model
+        self.objective = objective
+        self.device = device
+        self.layers = list(layers)
+        self._splits = [to_device(split_batch(b), device) for b in objective.batches]
+        self._modules = dict(model.named_modules())
+        self._start: dict[str, int] = {}
+        self._end: dict[str, int] = {}
+        self._calls: dict[str, int] = {}
+        self._store: dict[str, list[Any]] = {}
+        self._active: frozenset[str] = frozenset()
+        self._batch = 0
+        self._reference: dict[str, Tensor] = {}
+        self._plans: dict[int, frozenset[str]] = {}
+        self._wanted: set[str] = set()
+        self._shared: set[str] = set()
+        self._patched: list[nn.Module] = []
+        self.reference_losses = np.zeros(len(self._splits))
+
+    # -- tracing -------------------------------------------------------------------------
+
+    def _trace(self) -> None:
+        """One pass on batch 0 recording when each submodule starts and ends."""
+        clock = iter(range(1 << 62))
+        handles = []
+        storable: dict[str, bool] = {}
+
+        def hooks(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
+            def pre(_m: nn.Module, _args: Any) -> None:
+                self._calls[name] = self._calls.get(name, 0) + 1
+                self._start.setdefault(name, next(clock))
+
+            def post(_m: nn.Module, _args: Any, out: Any) -> None:
+                self._end[name] = next(clock)
+                storable[name] = storable.get(name, True) and _storable(out)
+
+            return pre, post
+
+        for name, module in self._modules.items():
+            if name:
+                pre, post = hooks(name)
+                handles.append(module.register_forward_pre_hook(pre))
+                handles.append(module.register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                self._call(0)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.layers if n not in self._start]
+        if missing:
+            raise ValueError(f"layer(s) {missing[:5]} did not run on the calibration data")
+        self._replayable = {n for n, c in self._calls.items() if c == 1 and storable.get(n)}
+        # A weight shared with another module (tied embeddings) changes that module too:
+        # nothing may be replayed before such a layer.
+        owners: dict[int, int] = {}
+        for module in self._modules.values():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self._shared = {n for n in self.layers
+                        if owners.get(id(getattr(self._modules[n], "weight", None)), 0) > 1}
+
+    def _plan(self, first: int) -> frozenset[str]:
+        """The outermost replayable submodules that finish before event ``first``."""
+        if first not in self._plans:
+            done = {n for n in self._replayable if self._end[n] < first}
+            self._plans[first] = frozenset(
+                n for n in done
+                if not any(".".join(n.split(".")[:k]) in done for k in range(1, n.count(".") + 1))
+            )
+        return self._plans[first]
+
+    # -- running -------------------------------------------------------------------------
+
+    def _call(self, i: int, weights: Mapping[str, Tensor] | None = None) -> Any:
+        split = self._splits[i]
+        if not weights:
+            return self.model(*split.args, **split.kwargs)
+        return torch.func.functional_call(
+            self.model, {f"{n}.weight": w for n, w in weights.items()}, split.args,
+            split.kwargs, strict=False)
+
+    def _loss(self, i: int, out: Any) -> float:
+        split = self._splits[i]
+        value = self.objective.loss_of_output(out, i, self.objective.batches[i], split.targets,
+                                              split.attention_mask)
+        return float(value)
+
+    def record(self, weights: Mapping[str, Tensor] | None = None) -> np.ndarray:
+        """Run every batch with ``weights`` (FQN → weight) and store what later passes replay.
+
+        Returns:
+            The loss on each batch; later :meth:`losses` calls change weights relative to
+            these.
+        """
+        self._reference = dict(weights or {})
+        store: dict[str, list[Any]] = {n: [] for n in self._wanted}
+
+        def keep(name: str) -> Callable[..., None]:
+            def post(_m: nn.Module, _args: Any, out: Any) -> None:
+                store[name].append(_clone(out))
+            return post
+
+        hooks = [self._modules[n].register_forward_hook(keep(n)) for n in self._wanted]
+        losses = np.zeros(len(self._splits))
+        try:
+            with torch.no_grad():
+                for i in range(len(self._splits)):
+                    losses[i] = self._loss(i, self._call(i, self._reference))
+        finally:
+            for h in hooks:
+                h.remove()
+        self._store = store
+        self.reference_losses = losses
+        size_mb = sum(_nbytes(v) for outs in store.values() for v in outs) / 2**20
+        log.debug("replay store: %d submodules, %.1f MiB", len(store), size_mb)
+        return losses
+
+    def losses(self, changes: Mapping[str, Tensor], *, replay: bool = True) -> np.ndarray:
+        """Loss on each batch with the recorded weights, ``changes`` applied on top.
+
+        ``replay=False`` recomputes the whole network (same result, for comparisons).
+        """
+        if not changes:
+            return self.reference_losses.copy()
+        unknown = [n for n in changes if n not in self._start]
+        if unknown:
+            raise ValueError(f"cannot change layer(s) {unknown[:5]}: not traced")
+        first = min(0 if n in self._shared else self._start[n] for n in changes)
+        weights = {**self._reference, **changes}
+        out = np.zeros(len(self._splits))
+        self._active = self._plan(first) & self._store.keys() if replay else frozenset()
+        try:
+            with torch.no_grad():
+                for i in range(len(self._splits)):
+                    self._batch = i
+                    out[i] = self._loss(i, self._call(i, weights))
+        finally:
+            self._active = frozenset()
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"the loss is not finite with layer(s) {sorted(changes)[:5]} "
+                             "changed")
+        return out
+
+    def skipped_fraction(self, layer: str) -> float:
+        """Share of the traced module events that precede ``layer`` (work a probe skips)."""
+        total = max(self._end.values(), default=0) + 1
+        return self._start[layer] / total if total else math.nan
+
+    def __enter__(self) -> PrefixReplay:
+        self._trace()
+        self._wanted = set().union(*(self._plan(self._start[n]) for n in self.layers))
+        self._patched = []
+        for name in self._wanted:
+            module = self._modules[name]
+
+            def forward(*args: Any, _name: str = name,
+                        _original: Callable[..., Any] = module.forward, **kwargs: Any) -> Any:
+                if _name in self._active:
+                    return _clone(self._store[_name][self._batch])
+                return _original(*args, **kwargs)
+
+            module.forward = forward
+            self._patched.append(module)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module in self._patched:
+            del module.forward
+        self._patched = []
+        self._store = {}
