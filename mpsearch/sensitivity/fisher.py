@@ -222,7 +222,9 @@ class _Probe:
         return out
 
     def loss(self, out: Any, batch: Any, split: Any, aux: Tensor | None = None,
-             mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+             mask: Tensor | None = None, targets: Tensor | None = None,
+             rows: int | None = None) -> Tensor:
+        """The pseudo-loss of ``out``; ``rows``: samples it covers (default the probe's)."""
         aux = self.aux if aux is None else aux
         mask = self.mask if mask is None else mask
         y = first_output(out)
@@ -236,8 +238,7 @@ class _Probe:
             per_pos = (y.float() * aux.to(y.device)).sum(-1)
             return (per_pos * mask.to(y.device)).sum() * math.sqrt(
                 2.0 / (self.total * y.shape[-1]))
-        rows = self.s1 - self.s0
-        scale = rows / math.sqrt(self.n_rows)
+        scale = (self.s1 - self.s0 if rows is None else rows) / math.sqrt(self.n_rows)
         if self.kind == "cross_entropy":
             t = self.targets if targets is None else targets
             assert t is not None
@@ -298,7 +299,7 @@ def _vmap_grads(model: nn.Module, weights: Mapping[str, Tensor], split: Any, pro
             extra: dict[str, Tensor]) -> Tensor:
         out = _call(model, params, [t[None] for t in a],
                     {**fixed, **{k: t[None] for k, t in kw.items()}})
-        return probe.loss(out, None, split, **{k: t[None] for k, t in extra.items()})
+        return probe.loss(out, None, split, rows=1, **{k: t[None] for k, t in extra.items()})
 
     grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0))(
         dict(weights), args, {k: split.kwargs[k] for k in keys}, side)

@@ -1,0 +1,150 @@
+"""Fisher and qerror estimators against answers computed by hand on softmax-linear models,
+and the contract every registered estimator keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpsearch
+from mpsearch.layers import discover, quantizable_modules
+from mpsearch.losses import Objective
+from mpsearch.quant.apply import quantize_weight
+from mpsearch.sensitivity import ESTIMATORS, Fisher, QError, SensitivityTable
+
+CPU = torch.device("cpu")
+BITS = (2, 3, 4, 32)
+
+
+def _softmax_linear(seed: int = 0, d: int = 6, c: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, c, bias=False)).eval()
+    return model
+
+
+def _estimate(model: nn.Module, batches: list, estimator, **kw) -> SensitivityTable:  # type: ignore[no-untyped-def, type-arg]
+    objective = Objective(batches, kw.pop("loss_fn", None))
+    objective.prepare(model, CPU)
+    layers = discover(model, batches[0])
+    return estimator.estimate(model, quantizable_modules(model), layers, objective, BITS,
+                              mpsearch.QuantConfig(), device=CPU, seed=0)
+
+
+def _delta(w: torch.Tensor, b: int) -> torch.Tensor:
+    return quantize_weight(w, "Linear", b, mpsearch.QuantConfig()) - w
+
+
+def test_qerror_is_the_measured_kl() -> None:
+    model = _softmax_linear()
+    x = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(1))
+    table = _estimate(model, [x[0], x[1]], QError())
+    w = model[0].weight.detach()
+    for j, b in enumerate(BITS):
+        q = w + _delta(w, b) if b < 32 else w
+        kl = [F.kl_div(F.log_softmax(xb @ q.T, -1), F.log_softmax(xb @ w.T, -1),
+                       log_target=True, reduction="batchmean") for xb in x]
+        assert table.omega[0, j] == pytest.approx(float(np.mean(kl)), rel=1e-5, abs=1e-9)
+        se = float(np.std(kl, ddof=1) / np.sqrt(2))
+        assert table.omega_stderr[0, j] == pytest.approx(se, rel=1e-4, abs=1e-9)
+
+
+def _hessian_forms(model: nn.Module, x: torch.Tensor, b: int) -> tuple[float, float]:
+    """½ ΔᵀHΔ (block) and ½ Σ H_ii Δ_i² (diagonal) of the mean KL at the float weights."""
+    w = model[0].weight.detach()
+    d = _delta(w, b)
+    p = F.softmax(x @ w.T, -1)
+    dz = x @ d.T  # (N, C): the logit change
+    block = 0.5 * float(((p * dz**2).sum(-1) - (p * dz).sum(-1) ** 2).mean())
+    hdiag = torch.einsum("nc,nj->cj", p * (1 - p), x**2) / len(x)
+    return block, 0.5 * float((hdiag * d**2).sum())
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_sampled_fisher_matches_kl_hessian(block: bool) -> None:
+    model = _softmax_linear()
+    x = torch.randn(1200, 6, generator=torch.Generator().manual_seed(2))
+    table = _estimate(model, [x[:600], x[600:]], Fisher(block=block))
+    for j, b in enumerate(BITS[:3]):
+        exact = _hessian_forms(model, x, b)[0 if block else 1]
+        got, se = table.omega[0, j], table.omega_stderr[0, j]
+        assert abs(got - exact) < 4 * se + 1e-12, (b, got, exact, se)
+        assert got == pytest.approx(exact, rel=0.15)
+    assert table.omega[0, 3] == 0.0
+    w = model[0].weight.detach()
+    p = F.softmax(x @ w.T, -1)
+    trace = float(torch.einsum("nc,nj->cj", p * (1 - p), x**2).sum() / len(x))
+    assert table.columns["fisher"][0] == pytest.approx(trace, rel=0.1)
+
+
+def test_empirical_fisher_is_mean_of_per_sample_squares(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _softmax_linear()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 6, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+               for n in (7, 12)]
+    table = _estimate(model, batches, Fisher())
+    w = model[0].weight.detach()
+    fisher = torch.zeros_like(w)
+    for xb, yb in batches:
+        p = F.softmax(xb @ w.T, -1)
+        g = torch.einsum("nc,nj->ncj", p - F.one_hot(yb, 4), xb)  # per-sample gradients
+        fisher += g.pow(2).mean(0) / len(batches)
+    for j, b in enumerate(BITS[:3]):
+        assert table.omega[0, j] == pytest.approx(
+            0.5 * float((fisher * _delta(w, b) ** 2).sum()), rel=1e-4)
+    assert table.columns["fisher"][0] == pytest.approx(float(fisher.sum()), rel=1e-4)
+
+    def broken(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr("mpsearch.sensitivity.fisher._vmap_grads", broken)
+    looped = _estimate(model, batches, Fisher())
+    np.testing.assert_allclose(looped.omega, table.omega, rtol=1e-5)
+
+
+def test_fisher_rejects_nan_gradients() -> None:
+    model = _softmax_linear()
+    x = torch.randn(4, 6)
+    x[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        _estimate(model, [(x, torch.zeros(4, dtype=torch.long))], Fisher())
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_contract(name: str, mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """Every registered estimator: table shape, finite values, 32 bits free, weights
+    untouched, a name, settings that are plain JSON, and a table that reloads."""
+    est = ESTIMATORS[name](**({"max_probes": 16} if name == "hutchinson" else {}))
+    state = {k: v.clone() for k, v in mnist_cnn.state_dict().items()}
+    table = _estimate(mnist_cnn, [x for x, _ in mnist_calib[:2]], est)
+    assert table.estimator == est.name == name
+    assert table.omega.shape == (4, len(BITS))
+    assert np.isfinite(table.omega).all() and (table.omega_stderr >= 0).all()
+    assert (table.omega[:, -1] == 0).all()
+    assert (table.omega[:, 0] > table.omega[:, 2]).all()  # 2 bits hurt more than 4
+    for k, v in mnist_cnn.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert table.diagnostics["time_s"] > 0
+    SensitivityTable.from_dict(table.to_dict())  # JSON-ready
+
+
+def test_table_save_load_and_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    table = SensitivityTable(("a", "b"), (2, 4), np.array([[1.0, 0.5], [2.0, 0.1]]),
+                             np.array([[np.inf, 0.1], [0.0, 0.0]]),
+                             {"fisher": np.array([3.0, np.nan])}, "fisher", {"block": True},
+                             {"history": [(1, 0.5)]}, "sha256:m", "sha256:d")
+    path = table.save(tmp_path / "t.json")
+    back = SensitivityTable.load(path)
+    np.testing.assert_array_equal(back.omega, table.omega)
+    np.testing.assert_array_equal(back.omega_stderr, table.omega_stderr)
+    assert np.isnan(back.columns["fisher"][1])
+    assert (back.estimator, back.model_fingerprint, back.data_fingerprint) == (
+        "fisher", "sha256:m", "sha256:d")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        SensitivityTable.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "mpsearch.bitmap"}')
+    with pytest.raises(ValueError, match="not an mpsearch sensitivity table"):
+        SensitivityTable.load(tmp_path / "other.json")

@@ -1,0 +1,119 @@
+"""Prefix replay gives exactly the losses of full forward passes, on any model shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpsearch._replay import PrefixReplay
+from mpsearch.losses import Objective
+
+CPU = torch.device("cpu")
+
+
+class _Block(nn.Module):
+    """torchvision-style residual block: in-place add and one ReLU module used twice."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        out += x
+        return self.relu(out)
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(8), _Block(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(torch.relu(self.stem(x)))
+        return self.head(h.mean((2, 3)))
+
+
+class _Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (as in GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.mid = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mid(self.emb(ids))))
+
+
+def _check_exact(model: nn.Module, batches: list, names: list[str]) -> None:  # type: ignore[type-arg]
+    torch.manual_seed(1)
+    objective = Objective(batches)
+    objective.prepare(model, CPU)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with PrefixReplay(model, objective, CPU, names) as replay:
+        base = replay.record()
+        assert np.allclose(base, 0.0, atol=1e-7)  # KL of the float model to itself
+        for name in names:
+            w = dict(model.named_modules())[name].weight
+            changed = {name: w + 0.05 * torch.randn_like(w)}
+            fast = replay.losses(changed)
+            slow = replay.losses(changed, replay=False)
+            assert np.allclose(fast, slow, rtol=1e-5, atol=1e-9), name
+            assert fast.mean() > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_replay_matches_full_passes_residual_inplace() -> None:
+    torch.manual_seed(0)
+    model = _ResNet().eval()
+    batches = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    _check_exact(model, batches, ["stem", "blocks.0.conv1", "blocks.1.conv2", "head"])
+
+
+def test_replay_tied_weights_recompute_everything() -> None:
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    batches = [torch.randint(0, 20, (3, 5))]
+    _check_exact(model, batches, ["mid", "out"])
+
+
+def test_replay_skips_prefix(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    objective = Objective([x for x, _ in mnist_calib[:2]])
+    objective.prepare(mnist_dwsep, CPU)
+    names = ["stem.0", "blocks.3.pw.0", "classifier"]
+    with PrefixReplay(mnist_dwsep, objective, CPU, names) as replay:
+        replay.record()
+        assert replay.skipped_fraction("stem.0") < 0.1
+        assert replay.skipped_fraction("classifier") > 0.8
+    _check_exact(mnist_dwsep, [x for x, _ in mnist_calib[:2]], names)
+
+
+def test_replay_minilm(minilm) -> None:  # type: ignore[no-untyped-def]
+    from mpsearch.zoo.minilm import text_batches
+
+    model, tokenizer = minilm
+    batches = text_batches(tokenizer, n_batches=2, batch_size=2, max_length=16)
+    _check_exact(model, batches, ["encoder.layer.0.attention.self.query",
+                                  "encoder.layer.5.output.dense"])
+
+
+def test_replay_rejects_untraced_layer() -> None:
+    model = _ResNet().eval()
+    objective = Objective([torch.randn(2, 3, 8, 8)])
+    objective.prepare(model, CPU)
+    with PrefixReplay(model, objective, CPU, ["head"]) as replay:
+        replay.record()
+        with pytest.raises(ValueError, match="not traced"):
+            replay.losses({"nope": torch.zeros(1)})
