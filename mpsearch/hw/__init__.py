@@ -1,0 +1,1 @@
+"""Hardware cost: measured kernel latencies, profiles, ONNX export with real kernels."""
