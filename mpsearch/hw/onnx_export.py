@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpsearch.batches import Batch, first_output
+from mpsearch.batches import Batch, first_output, split_batch
 from mpsearch.bitmap import BitMap
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import OPSET, build_layer
@@ -46,12 +46,12 @@ class _Marker(torch.autograd.Function):
     """Runs a layer in eager mode; traces to one ``mpsearch::Layer`` node."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,  # noqa: ARG004
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,
                 fqn: str) -> Tensor:
         return _functional(_ORIGINAL[fqn], x, weight, bias if bias.numel() else None)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, weight: Any, bias: Any, fqn: str) -> Any:  # noqa: ARG004
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, fqn: str) -> Any:
         return g.op(f"{_MARKER_DOMAIN}::Layer", x, fqn_s=fqn)
 
 
@@ -101,7 +101,7 @@ def _marked(model: nn.Module) -> Iterator[None]:
                                             b if isinstance(b, Tensor) else x.new_empty(0), _fqn)
                 return out
 
-            module.forward = forward  # type: ignore[method-assign]
+            module.forward = forward
         yield
     finally:
         for name, module in modules.items():
@@ -117,9 +117,36 @@ def _trace(model: nn.Module, batch: Batch) -> tuple[Any, list[str]]:
     buf = io.BytesIO()
     with _marked(model), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(flat, tuple(tensors), buf, dynamo=False, opset_version=OPSET,
-                          input_names=names, output_names=["output"], do_constant_folding=True)
+        torch.onnx.export(flat, tuple(tensors), buf,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["output"], do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue()), names
+
+
+def _conv_output_ranges(model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
+    """(min, max) of each convolution's output before its bias, on ``batch``."""
+    ranges: dict[str, tuple[float, float]] = {}
+    handles = []
+    for name, module in quantizable_modules(model).items():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            continue
+
+        def hook(m: nn.Module, _a: Any, out: Tensor, _n: str = name) -> None:
+            if isinstance(m.bias, Tensor):
+                out = out - m.bias.view(1, -1, *([1] * (out.dim() - 2)))
+            lo, hi = float(out.amin()), float(out.amax())
+            old = ranges.get(_n, (lo, hi))
+            ranges[_n] = (min(lo, old[0]), max(hi, old[1]))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            split = split_batch(batch)
+            model(*split.args, **split.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
 
 
 def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
@@ -141,6 +168,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     model.eval()
     try:
         specs = model_specs(model, batch)
+        ranges = _conv_output_ranges(model, batch)
         proto, _ = _trace(model, batch)
     finally:
         model.train(was_training)
@@ -166,7 +194,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
         bias = getattr(module, "bias", None)
         nodes, inits = build_layer(spec, choice.name, node.input[0], node.output[0],
                                    layer_weight(module), bias if isinstance(bias, Tensor) else None,
-                                   entry.qconfig, prefix)
+                                   entry.qconfig, prefix, ranges.get(fqn))
         new_nodes.extend(nodes)
         new_inits.extend(inits)
     used = {i for n in new_nodes for i in n.input}

@@ -13,7 +13,7 @@ from mpsearch.hw.kernels_ort import LayerSpec
 from mpsearch.layers import LayerInfo, discover, layer_kind, quantizable_modules
 
 
-def _conv_pads(module: nn.Module, nd: int) -> tuple[int, ...]:
+def _conv_pads(module: Any, nd: int) -> tuple[int, ...]:
     padding = module.padding
     kernel = tuple(module.kernel_size)
     dilation = tuple(module.dilation)
@@ -26,7 +26,7 @@ def _conv_pads(module: nn.Module, nd: int) -> tuple[int, ...]:
     return pads + pads
 
 
-def layer_spec(module: nn.Module, input_shape: Sequence[int]) -> LayerSpec:
+def layer_spec(module: Any, input_shape: Sequence[int]) -> LayerSpec:
     """The :class:`LayerSpec` of a quantizable module called on ``input_shape``.
 
     Raises:
@@ -78,7 +78,7 @@ def model_inputs(batch: Batch) -> tuple[list[str], list[Tensor], dict[str, Any]]
     names, tensors, consts = [], [], {}
     for i, a in enumerate(split.args):
         if not isinstance(a, Tensor):
-            raise ValueError(f"positional input {i} is a {type(a).__name__}; ONNX export needs "
+            raise TypeError(f"positional input {i} is a {type(a).__name__}; ONNX export needs "
                              "tensor inputs")
         names.append(f"input_{i}")
         tensors.append(a)
