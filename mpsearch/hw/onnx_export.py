@@ -40,6 +40,7 @@ _MARKER_DOMAIN = "mpsearch"
 # parameter may be touched inside: each marked layer is looked up by FQN during a trace
 # and run functionally on the tensors passed in.
 _ORIGINAL: dict[str, Any] = {}
+_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
 class _Marker(torch.autograd.Function):
@@ -48,7 +49,9 @@ class _Marker(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,
                 fqn: str) -> Tensor:
-        return _functional(_ORIGINAL[fqn], x, weight, bias if bias.numel() else None)
+        out = _functional(_ORIGINAL[fqn], x, weight, bias if bias.numel() else None)
+        _SHAPES[fqn] = tuple(out.shape)
+        return out
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, bias: Any, fqn: str) -> Any:
