@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("onnxruntime")
 
-from mpsearch.hw.formats import format_for  # noqa: E402
-from mpsearch.hw.kernels_ort import LayerSpec, build_layer, make_model, session  # noqa: E402
-from mpsearch.quant import QuantConfig, fake_quantize, fake_quantize_activation  # noqa: E402
+from mpsearch.hw.formats import format_for
+from mpsearch.hw.kernels_ort import LayerSpec, build_layer, make_model, session
+from mpsearch.quant import QuantConfig, fake_quantize, fake_quantize_activation
 
 ASYM, SYM = QuantConfig(), QuantConfig(symmetric=True)
 GROUP = QuantConfig(granularity="group", group_size=32)

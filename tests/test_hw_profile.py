@@ -10,14 +10,14 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-import mpsearch  # noqa: E402
-from mpsearch import BitMap, Budget, HardwareProfile, Hutchinson, InfeasibleBudget  # noqa: E402
-from mpsearch.hw.cost import latency_table, predict_latency  # noqa: E402
-from mpsearch.hw.kernels_ort import LayerSpec  # noqa: E402
-from mpsearch.hw.onnx_export import build_onnx  # noqa: E402
-from mpsearch.hw.runtime import OrtModel  # noqa: E402
-from mpsearch.layers import discover  # noqa: E402
-from mpsearch.quant import QuantConfig  # noqa: E402
+import mpsearch
+from mpsearch import BitMap, Budget, HardwareProfile, Hutchinson, InfeasibleBudget
+from mpsearch.hw.cost import latency_table, predict_latency
+from mpsearch.hw.kernels_ort import LayerSpec
+from mpsearch.hw.onnx_export import build_onnx
+from mpsearch.hw.runtime import OrtModel
+from mpsearch.layers import discover
+from mpsearch.quant import QuantConfig
 
 FAST = {"rounds": 1, "warmup": 1, "round_s": 0.002, "progress": False}
 
