@@ -8,6 +8,7 @@ from mpsearch._version import __version__
 from mpsearch.bitmap import BitMap, LayerEntry
 from mpsearch.budget import Budget
 from mpsearch.errors import BitMapError, InfeasibleBudget
+from mpsearch.hw import HardwareProfile, export_onnx, profile
 from mpsearch.layers import LayerInfo, discover
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import QuantConfig
@@ -23,6 +24,7 @@ __all__ = [
     "BitMapError",
     "Budget",
     "Front",
+    "HardwareProfile",
     "Hutchinson",
     "ILPSolver",
     "InfeasibleBudget",
@@ -35,6 +37,8 @@ __all__ = [
     "ValidationReport",
     "__version__",
     "discover",
+    "export_onnx",
+    "profile",
     "quantize",
     "quantize_",
     "search",

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpsearch.layers import LayerInfo, weight_matrix_shape
 from mpsearch.quant import QuantConfig, n_scale_groups
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mpsearch.hw.cost import LatencyTable
+    from mpsearch.hw.profile_data import HardwareProfile
 
 #: bytes stored per quantization group: an fp16 scale, and a zero point where asymmetric
 SCALE_BYTES = 2
@@ -37,3 +44,12 @@ def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConf
     size = np.array([[weight_bytes(info, b, cfg) for b in bits] for info in layers], dtype=float)
     bops = np.array([[float(info.macs) * b * act for b in bits] for info in layers], dtype=float)
     return {"avg_bits": avg, "size_bytes": size, "bops": bops}
+
+
+def latency_cost_table(profile: HardwareProfile, model: nn.Module, layers: Sequence[LayerInfo],
+                       bits: Sequence[int], cfg: QuantConfig) -> LatencyTable:
+    """The ``latency_us`` table (L×B µs; a choice's sum is its predicted end-to-end latency)
+    from a measured profile, with the ``allowed`` mask of options that have a real kernel."""
+    from mpsearch.hw.cost import latency_table
+
+    return latency_table(profile, model, layers, bits, cfg)

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ from mpsearch._state import preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
-from mpsearch.costs import cost_tables
+from mpsearch.costs import cost_tables, latency_cost_table
 from mpsearch.layers import (
     LayerInfo,
     Patterns,
@@ -37,6 +37,9 @@ from mpsearch.refine import Refine, Refinement
 from mpsearch.refine import refine as refine_map
 from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
 from mpsearch.solvers import Solver, solve
+
+if TYPE_CHECKING:
+    from mpsearch.hw.profile_data import HardwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +128,13 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
 
 
 def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
-           loss_fn: LossFn | None = None, bits: Sequence[int] = (2, 3, 4, 8),
+           loss_fn: LossFn | None = None, bits: Sequence[int] | None = None,
            sensitivity: str | Estimator | SensitivityTable = "hutchinson",
            solver: str | Solver = "ilp", seed: int = 0, include: Patterns = None,
            exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
            a_bits: int | None = None, qconfig: QuantConfig | None = None,
            refine: bool | Refine | Literal["auto"] = "auto",
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, profile: HardwareProfile | None = None) -> SearchResult:
     """Find the bit-width of every layer that loses the least within a budget.
 
     Args:
@@ -141,7 +144,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             dicts of keyword tensors such as a tokenizer's output).
         loss_fn: ``loss_fn(output, batch) -> scalar``; default: cross-entropy (or the
             output's ``.loss``) with targets, else divergence from the float model's output.
-        bits: candidate weight bit-widths (2–8, 16 half precision, 32 float).
+        bits: candidate weight bit-widths (2–8, 16 half precision, 32 float); default
+            (2, 3, 4, 8), and 32 too when a ``profile`` is given.
         sensitivity: ``"hutchinson"``, an estimator object, or a table from an earlier
             search (then only the solve runs).
         solver: ``"ilp"`` or a solver object.
@@ -159,6 +163,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             ``True``: :class:`Refine` defaults; a :class:`Refine` to set limits; ``False``:
             off. Skipped when activations are quantized (``a_bits``).
         progress: show progress bars.
+        profile: a measured :class:`~mpsearch.HardwareProfile`: adds the ``latency_us``
+            cost (for ``Budget(latency_us=)`` / ``Budget(latency_ratio=)``) and offers a
+            bit-width only to layers that have a real kernel for it on that device.
 
     Raises:
         InfeasibleBudget: no allocation meets the budget (the message says the smallest
@@ -167,7 +174,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     """
     timings: dict[str, float] = {}
     budget = Budget.coerce(budget)
-    bits = _check_bits(bits)
+    bits = _check_bits(bits if bits is not None
+                       else (2, 3, 4, 8) if profile is None else (2, 3, 4, 8, 32))
     qconfig = qconfig or QuantConfig()
     batches = materialize(data, "data")
     device = model_device(model)
@@ -179,10 +187,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
         costs = cost_tables(layers, bits, qconfig, a_bits)
+        allowed, limits = _hardware_costs(profile, model, layers, bits, qconfig, costs, budget)
         ties, pinned = _resolve_ties(tie, layers), _resolve_pins(pin, names, bits)
         # Fail on an impossible budget before the (costly) sensitivity stage.
         AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
-                          budget.limits(), ties=ties, pinned=pinned).check_budgets()
+                          limits, ties=ties, pinned=pinned, allowed=allowed).check_budgets()
         weights_id = tensor_digest(layer_weight(modules[n]) for n in sorted(names))
         settings = _refine_settings(refine, a_bits)
         objective = None
@@ -204,8 +213,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                     data_fingerprint=tensor_digest(batch_tensors(batches)) + ":" + objective.kind)
             timings["sensitivity"] = time.perf_counter() - t
             t = time.perf_counter()
-            problem = AllocationProblem(names, bits, table.omega, costs, budget.limits(),
-                                        ties=ties, pinned=pinned)
+            problem = AllocationProblem(names, bits, table.omega, costs, limits,
+                                        ties=ties, pinned=pinned, allowed=allowed)
             front = solve(problem, solver, seed=seed)
             timings["solve"] = time.perf_counter() - t
             best, refinement = front.best, None
@@ -218,6 +227,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 timings["refine"] = time.perf_counter() - t
     bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
                      refinement)
+    if profile is not None:
+        bitmap.provenance["profile"] = f"{profile.device.get('name')} / {profile.backend}"
     frame = _frame(layers, table, best)
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
@@ -249,6 +260,26 @@ def _check_table(table: SensitivityTable, weights_id: str) -> None:
             f"{table.model_fingerprint[:19]}... differs from this model's {weights_id[:19]}...); "
             "recompute it with sensitivity='hutchinson'|'fisher'|'qerror', or clear "
             "table.model_fingerprint to reuse it deliberately")
+
+
+def _hardware_costs(profile: HardwareProfile | None, model: nn.Module,
+                    layers: Sequence[LayerInfo], bits: Sequence[int], qconfig: QuantConfig,
+                    costs: dict[str, np.ndarray],
+                    budget: Budget) -> tuple[np.ndarray | None, dict[str, float]]:
+    """Add ``latency_us`` to ``costs`` from the profile; the allowed mask and the limits."""
+    if profile is None:
+        if budget.latency_us is not None or budget.latency_ratio is not None:
+            raise ValueError(f"a latency budget ({budget}) needs profile= a HardwareProfile "
+                             "(mpsearch.profile(model, sample_batch))")
+        return None, budget.limits()
+    lat = latency_cost_table(profile, model, layers, bits, qconfig)
+    costs["latency_us"] = lat.table
+    int8 = None
+    if budget.latency_ratio is not None:
+        # All-INT8 reference: every layer at 8 bits (float where 8 bits has no kernel).
+        ref = latency_cost_table(profile, model, layers, (8, 32), qconfig)
+        int8 = float(np.where(ref.allowed[:, 0], ref.table[:, 0], ref.table[:, 1]).sum())
+    return lat.allowed, budget.resolved(int8)
 
 
 def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationProblem,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from mpsearch.costs import weight_bytes
 from mpsearch.layers import discover
 from mpsearch.losses import LossFn, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
+
+if TYPE_CHECKING:
+    from mpsearch.hw.profile_data import HardwareProfile
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class ValidationReport:
         n_batches: evaluation batches.
         n_samples: evaluation samples.
         predicted: every figure the bit map predicted (costs included).
+        latency_us_predicted: end-to-end latency predicted from ``profile`` (µs).
+        latency_us_measured: median end-to-end latency of the exported mixed-precision ONNX
+            model in ONNX Runtime on the first evaluation batch (µs).
+        latency_us_measured_p10: its 10th percentile; ``..._p90`` its 90th.
+        latency_error: ``predicted / measured − 1``.
+        deployed_rel_error: ‖y_ort − y_float‖ / ‖y_float‖ over the evaluation batches.
+        deployed_vs_simulated_rel_error: ‖y_ort − y_quantized‖ / ‖y_quantized‖: how far the
+            real kernels are from the simulated (fake-quantized) model.
     """
 
     loss_kind: str
@@ -67,6 +78,13 @@ class ValidationReport:
     n_batches: int
     n_samples: int
     predicted: dict[str, Any] = field(default_factory=dict)
+    latency_us_predicted: float | None = None
+    latency_us_measured: float | None = None
+    latency_us_measured_p10: float | None = None
+    latency_us_measured_p90: float | None = None
+    latency_error: float | None = None
+    deployed_rel_error: float | None = None
+    deployed_vs_simulated_rel_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -89,12 +107,23 @@ class ValidationReport:
         sizes = (f"{self.size_bytes_float / 1e6:.3f} MB → "
                  f"{self.size_bytes_quantized / 1e6:.3f} MB ({ratio:.2f}×)")
         rows.append(("weights", sizes))
+        if self.latency_us_measured is not None:
+            pred = (f", {self.latency_us_predicted:.0f} µs predicted ({self.latency_error:+.1%})"
+                    if self.latency_us_predicted is not None and self.latency_error is not None
+                    else "")
+            rows.append(("latency", f"{self.latency_us_measured:.0f} µs measured{pred}"))
+        if self.deployed_rel_error is not None:
+            errors = (f"{self.deployed_rel_error:.4g} vs float, "
+                      f"{self.deployed_vs_simulated_rel_error:.4g} vs simulated")
+            rows.append(("deployed output error", errors))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
-             loss_fn: LossFn | None = None, progress: bool = True) -> ValidationReport:
+             loss_fn: LossFn | None = None, progress: bool = True,
+             profile: HardwareProfile | None = None,
+             measure_latency: bool = False) -> ValidationReport:
     """Quantize a copy of ``model`` as ``bitmap`` says and compare it with the float model.
 
     Args:
@@ -103,6 +132,10 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         data: re-iterable evaluation batches (same forms as for :func:`search`).
         loss_fn: as for :func:`search`.
         progress: show a progress bar.
+        profile: a :class:`~mpsearch.HardwareProfile`: predicts the end-to-end latency.
+        measure_latency: export the mixed-precision model to ONNX with the real kernel of
+            each layer's format, run it in ONNX Runtime on every batch (output error
+            against the float and the simulated model) and time it on the first batch.
 
     Raises:
         BitMapError: the bit map does not fit the model.
@@ -149,6 +182,12 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     size_q = sum(weight_bytes(info, bitmap[info.name].w_bits, bitmap[info.name].qconfig)
                  for info in infos)
     predicted = bitmap.predicted.get("loss_increase")
+    deployed = _deployed(model, bitmap, batches, qmodel, profile) if measure_latency else {}
+    if profile is not None and "latency_us_predicted" not in deployed:
+        from mpsearch.hw.cost import predict_latency
+
+        deployed["latency_us_predicted"] = predict_latency(profile, model, bitmap,
+                                                           layers=discover(model, batches[0]))["latency_us"]
     return ValidationReport(
         loss_kind=objective.kind, loss_float=sums["lf"] / n, loss_quantized=sums["lq"] / n,
         loss_increase=(sums["lq"] - sums["lf"]) / n,
@@ -158,5 +197,39 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         accuracy_quantized=sums["acc_q"] / n_acc if n_acc else None,
         agreement=sums["agree"] / n_agree if n_agree else None,
         avg_bits=bitmap.avg_bits(), size_bytes_float=size_f, size_bytes_quantized=size_q,
-        n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted),
+        n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted), **deployed,
     )
+
+
+def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn.Module,
+              profile: HardwareProfile | None) -> dict[str, Any]:
+    """Run the exported model in ONNX Runtime: output errors, measured (and predicted) latency."""
+    from mpsearch.hw.cost import predict_latency
+    from mpsearch.hw.runtime import OrtModel
+
+    threads = profile.threads if profile is not None else 1
+    ort_model = OrtModel(model, bitmap, batches[0], threads=threads)
+    num = {"f": 0.0, "q": 0.0}
+    den = {"f": 0.0, "q": 0.0}
+    with torch.no_grad():
+        for batch in batches:
+            split = split_batch(batch)
+            try:
+                y = torch.from_numpy(ort_model.run(batch))
+            except ValueError:
+                continue  # another input shape than the exported graph's
+            for key, ref_model in (("f", model), ("q", qmodel)):
+                ref = first_output(call(ref_model, split)).float()
+                num[key] += float((y - ref).pow(2).sum())
+                den[key] += float(ref.pow(2).sum())
+    timing = ort_model.latency_us(batches[0])
+    out: dict[str, Any] = {
+        "latency_us_measured": timing["median_us"], "latency_us_measured_p10": timing["p10_us"],
+        "latency_us_measured_p90": timing["p90_us"],
+        "deployed_rel_error": (num["f"] / den["f"]) ** 0.5 if den["f"] else None,
+        "deployed_vs_simulated_rel_error": (num["q"] / den["q"]) ** 0.5 if den["q"] else None}
+    if profile is not None:
+        pred = predict_latency(profile, model, bitmap, layers=discover(model, batches[0]))
+        out["latency_us_predicted"] = pred["latency_us"]
+        out["latency_error"] = pred["latency_us"] / timing["median_us"] - 1.0
+    return out

@@ -1,0 +1,268 @@
+"""``export_onnx``: the mixed-precision model as ONNX, each layer on its real kernel.
+
+The float model is traced by PyTorch's TorchScript ONNX exporter (``dynamo=False``: the
+dynamo exporter needs onnxscript, which is not a dependency) with every quantizable layer
+replaced, for the trace only, by a marker node ``mpsearch::Layer`` carrying its FQN. Each
+marker is then rewritten into the nodes of its format (:mod:`mpsearch.hw.kernels_ort`),
+with weights quantized by our quantizer, so the ONNX model computes what
+:func:`mpsearch.quantize` simulates (with 8-bit layers' activations quantized too: the
+``w8a8`` kernels quantize their input per tensor, as ``a_bits=8`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpsearch.batches import Batch, first_output, split_batch
+from mpsearch.bitmap import BitMap
+from mpsearch.hw.formats import format_for
+from mpsearch.hw.kernels_ort import OPSET, build_layer
+from mpsearch.hw.specs import batch_from_spec, model_inputs, model_specs
+from mpsearch.layers import fingerprint, layer_weight, model_shapes, quantizable_modules
+
+log = logging.getLogger(__name__)
+
+_MARKER_DOMAIN = "mpsearch"
+# The tracer accepts only tensors and constants as Function arguments, and no module
+# parameter may be touched inside: each marked layer is looked up by FQN during a trace
+# and run functionally on the tensors passed in.
+_ORIGINAL: dict[str, Any] = {}
+_SHAPES: dict[str, tuple[int, ...]] = {}
+
+
+class _Marker(torch.autograd.Function):
+    """Runs a layer in eager mode; traces to one ``mpsearch::Layer`` node."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,
+                fqn: str) -> Tensor:
+        out = _functional(_ORIGINAL[fqn], x, weight, bias if bias.numel() else None)
+        _SHAPES[fqn] = tuple(out.shape)
+        return out
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, fqn: str) -> Any:
+        return g.op(f"{_MARKER_DOMAIN}::Layer", x, fqn_s=fqn)
+
+
+def _functional(module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        out: Tensor = module._conv_forward(x, w, b)
+        return out
+    if isinstance(module, nn.Linear):
+        return F.linear(x, w, b)
+    # Hugging Face Conv1D: weight (in, out)
+    y = x.reshape(-1, x.shape[-1]) @ w
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+class _Flat(nn.Module):
+    """Positional tensors in, the model's first output tensor out (what ONNX can trace)."""
+
+    def __init__(self, model: nn.Module, names: list[str], consts: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.consts = consts
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        args = [t for n, t in zip(self.names, tensors) if n.startswith("input_")]
+        kwargs = {n: t for n, t in zip(self.names, tensors) if not n.startswith("input_")}
+        out: Tensor = first_output(self.model(*args, **kwargs, **self.consts))
+        return out
+
+
+@contextlib.contextmanager
+def _marked(model: nn.Module) -> Iterator[None]:
+    modules = quantizable_modules(model)
+    try:
+        for name, module in modules.items():
+            _ORIGINAL[name] = module
+
+            def forward(x: Tensor, *rest: Any, _fqn: str = name, **kw: Any) -> Tensor:
+                if rest or kw:
+                    raise ValueError(f"layer {_fqn!r} is called with extra arguments; "
+                                     "export_onnx supports single-input layers")
+                m = modules[_fqn]
+                b = getattr(m, "bias", None)
+                out: Tensor = _Marker.apply(x, layer_weight(m),
+                                            b if isinstance(b, Tensor) else x.new_empty(0), _fqn)
+                return out
+
+            module.forward = forward
+        yield
+    finally:
+        for name, module in modules.items():
+            module.__dict__.pop("forward", None)
+            _ORIGINAL.pop(name, None)
+
+
+def _trace(model: nn.Module, batch: Batch) -> tuple[Any, list[str]]:
+    import onnx
+
+    names, tensors, consts = model_inputs(batch)
+    flat = _Flat(model, names, consts).eval()
+    buf = io.BytesIO()
+    with _marked(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(flat, tuple(tensors), buf,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["output"], do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue()), names
+
+
+def _conv_output_ranges(model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
+    """(min, max) of each convolution's output before its bias, on ``batch``."""
+    ranges: dict[str, tuple[float, float]] = {}
+    handles = []
+    for name, module in quantizable_modules(model).items():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            continue
+
+        def hook(m: nn.Module, _a: Any, out: Tensor, _n: str = name) -> None:
+            if isinstance(m.bias, Tensor):
+                out = out - m.bias.view(1, -1, *([1] * (out.dim() - 2)))
+            lo, hi = float(out.amin()), float(out.amax())
+            old = ranges.get(_n, (lo, hi))
+            ranges[_n] = (min(lo, old[0]), max(hi, old[1]))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            split = split_batch(batch)
+            model(*split.args, **split.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
+    """The mixed-precision ``onnx.ModelProto`` of ``model`` under ``bitmap``.
+
+    Args:
+        model: the float model (left untouched).
+        bitmap: bits per layer; 32 keeps a layer float.
+        batch: a sample batch: the traced input shapes (fixed in the graph).
+
+    Raises:
+        BitMapError: the bit map does not fit the model.
+        ValueError: a layer's bits have no real kernel for its kind (the message says why).
+    """
+    from onnx import helper
+
+    bitmap.check_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        specs = model_specs(model, batch)
+        ranges = _conv_output_ranges(model, batch)
+        proto, _ = _trace(model, batch)
+    finally:
+        model.train(was_training)
+    modules = quantizable_modules(model)
+    graph = proto.graph
+    new_nodes: list[Any] = []
+    new_inits: list[Any] = []
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        if node.domain != _MARKER_DOMAIN:
+            new_nodes.append(node)
+            continue
+        fqn = next(a.s.decode() for a in node.attribute if a.name == "fqn")
+        spec, _ = specs[fqn]
+        entry = bitmap[fqn]
+        choice = format_for(spec.kind, spec.reduction, entry.w_bits, entry.qconfig)
+        if choice.name is None:
+            raise ValueError(f"layer {fqn!r} ({spec.kind}) at {entry.w_bits} bits: "
+                             f"{choice.reason}; use 32, 8 or (Linear) 4/2 bits")
+        module = modules[fqn]
+        seen[fqn] = seen.get(fqn, 0) + 1
+        prefix = fqn if seen[fqn] == 1 else f"{fqn}#{seen[fqn]}"
+        bias = getattr(module, "bias", None)
+        nodes, inits = build_layer(spec, choice.name, node.input[0], node.output[0],
+                                   layer_weight(module), bias if isinstance(bias, Tensor) else None,
+                                   entry.qconfig, prefix, ranges.get(fqn))
+        new_nodes.extend(nodes)
+        new_inits.extend(inits)
+    used = {i for n in new_nodes for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.value_info[:]
+    opsets = [o for o in proto.opset_import if o.domain not in (_MARKER_DOMAIN, "com.microsoft")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(opsets + [helper.make_opsetid("com.microsoft", 1)])
+    proto.producer_name = "mpsearch"
+    # Which layers the graph runs (a layer whose output the first output does not need,
+    # e.g. a BERT pooler, is traced away): the latency model counts these only.
+    helper.set_model_props(proto, {"mpsearch.layers": json.dumps(sorted(seen))})
+    return proto
+
+
+def graph_layers(proto: Any) -> list[str]:
+    """FQNs of the quantizable layers an exported graph runs."""
+    for prop in proto.metadata_props:
+        if prop.key == "mpsearch.layers":
+            return list(json.loads(prop.value))
+    raise ValueError("not a graph from mpsearch's build_onnx (no mpsearch.layers property)")
+
+
+def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], *,
+                sample_batch: Batch | None = None, profile: Any = None) -> Path:
+    """Write the mixed-precision model as ONNX, each layer on its format's real kernel.
+
+    fp32 layers run ``MatMul``/``Conv``; 8-bit layers run W8A8 ``MatMulInteger`` /
+    ``ConvInteger`` with dynamically quantized activations; 4- and 2-bit Linear layers run
+    ``MatMulNBits`` (weight-only, ``accuracy_level=4``). Weights are quantized by
+    mpsearch's quantizer with each layer's ``qconfig``.
+
+    Args:
+        model: the float model (left untouched).
+        bitmap: bits per layer.
+        path: where to write the ``.onnx`` file (atomically).
+        sample_batch: an input batch fixing the graph's input shapes; if None, the input
+            shapes recorded for this model in ``profile`` are used.
+        profile: a :class:`~mpsearch.HardwareProfile` that profiled this model.
+
+    Raises:
+        ValueError: no sample batch and no profile record of the model, or a layer's bits
+            have no real kernel.
+    """
+    if sample_batch is None:
+        fp = fingerprint(model_shapes(model))
+        rec = profile.model_record(fp) if profile is not None else None
+        if rec is None:
+            raise ValueError("export_onnx needs sample_batch= (the input shapes to trace), or "
+                             "profile= a HardwareProfile that profiled this model")
+        sample_batch = batch_from_spec(rec["inputs"])
+    proto = build_onnx(model, bitmap, sample_batch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("export_onnx: %s (%d nodes)", path, len(proto.graph.node))
+    return path

@@ -1,0 +1,57 @@
+"""Run an exported model in ONNX Runtime: outputs and measured end-to-end latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from mpsearch.batches import Batch
+from mpsearch.bitmap import BitMap
+from mpsearch.hw import kernels_ort as ko
+from mpsearch.hw.onnx_export import build_onnx
+from mpsearch.hw.specs import model_inputs
+from mpsearch.hw.timing import stats_us, time_interleaved
+
+
+class OrtModel:
+    """A mixed-precision model built by :func:`~mpsearch.hw.onnx_export.build_onnx`, loaded.
+
+    Args:
+        model: the float model.
+        bitmap: bits per layer.
+        sample_batch: input shapes of the graph (later batches must have the same shapes).
+        threads: intra-op threads.
+    """
+
+    def __init__(self, model: nn.Module, bitmap: BitMap, sample_batch: Batch,
+                 threads: int = 1) -> None:
+        self.proto = build_onnx(model, bitmap, sample_batch)
+        self.session = ko.session(self.proto, threads)
+        self.threads = threads
+        self._names = [i.name for i in self.session.get_inputs()]
+        self._shapes = {n: tuple(t.shape) for n, t in zip(*model_inputs(sample_batch)[:2])}
+
+    def feed(self, batch: Batch) -> dict[str, np.ndarray]:
+        """The ONNX feed of a batch (its shapes must be those of the sample batch)."""
+        names, tensors, _ = model_inputs(batch)
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in self._names}
+        for n, a in feed.items():
+            if a.shape != self._shapes[n]:
+                raise ValueError(f"input {n!r} has shape {a.shape}; this graph was exported "
+                                 f"for {self._shapes[n]}")
+        return feed
+
+    def run(self, batch: Batch) -> np.ndarray:
+        """The graph's output on ``batch``."""
+        out: np.ndarray = self.session.run(None, self.feed(batch))[0]
+        return out
+
+    def latency_us(self, batch: Batch, *, rounds: int = 5, warmup: int = 3,
+                   cold: bool = False, seed: int = 0) -> dict[str, Any]:
+        """Measured end-to-end latency on ``batch``: median, p10, p90 (µs) and count."""
+        feed = self.feed(batch)
+        samples = time_interleaved({"e2e": lambda: self.session.run(None, feed)},
+                                   rounds=rounds, warmup=warmup, round_s=0.1, cold=cold, seed=seed)
+        return stats_us(samples["e2e"])

@@ -1,0 +1,194 @@
+"""profile → HardwareProfile JSON → latency costs in search → export_onnx → validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+import mpsearch
+from mpsearch import BitMap, Budget, HardwareProfile, Hutchinson, InfeasibleBudget
+from mpsearch.hw.cost import latency_table, predict_latency
+from mpsearch.hw.kernels_ort import LayerSpec
+from mpsearch.hw.onnx_export import build_onnx
+from mpsearch.hw.runtime import OrtModel
+from mpsearch.layers import discover
+from mpsearch.quant import QuantConfig
+
+FAST = {"rounds": 1, "warmup": 1, "round_s": 0.002, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def cnn_profile(mnist_cnn: torch.nn.Module,
+                mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]) -> HardwareProfile:
+    return mpsearch.profile(mnist_cnn, mnist_eval[0][0][:8], **FAST)
+
+
+def test_profile_records_formats_and_reasons(cnn_profile: HardwareProfile,
+                                             mnist_cnn: torch.nn.Module) -> None:
+    assert len(cnn_profile.shapes) == 4  # four distinct layer shapes
+    conv = next(r for k, r in cnn_profile.shapes.items() if k.startswith("Conv2d"))
+    assert set(conv["formats"]) == {"fp32", "w8a8"}
+    assert set(conv["unsupported"]) == {"2bit", "4bit"}
+    lin = next(r for k, r in cnn_profile.shapes.items() if k.startswith("Linear|in=8x1568"))
+    assert set(lin["formats"]) == {"fp32", "w8a8", "w4b128", "w2b128"}
+    for fmt in lin["formats"].values():
+        st = fmt["warm"]
+        assert 0 <= st["p10_us"] <= st["median_us"] <= st["p90_us"] and st["n"] >= 1
+    rec = next(iter(cnn_profile.models.values()))
+    assert set(rec["layers"]) == {"features.0", "features.3", "classifier.0", "classifier.2"}
+    assert rec["e2e_fp32_us"]["warm"]["median_us"] > 0
+    assert cnn_profile.device["kind"] == "cpu" and cnn_profile.versions["onnxruntime"]
+    rows = cnn_profile.table()
+    assert any(r["kernel"].startswith("none: no 4-bit convolution") for r in rows)
+
+
+def test_profile_json_round_trip(cnn_profile: HardwareProfile, tmp_path: Path) -> None:
+    path = cnn_profile.save(tmp_path / "p.json")
+    back = HardwareProfile.load(path)
+    assert back.to_dict() == cnn_profile.to_dict()
+    assert path.read_text() == back.save(tmp_path / "q.json").read_text()
+    with pytest.raises(ValueError, match="format_version"):
+        HardwareProfile.from_dict({**cnn_profile.to_dict(), "format_version": 99})
+
+
+def test_reuse_measures_no_shape_twice(cnn_profile: HardwareProfile, mnist_cnn: torch.nn.Module,
+                                       mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    before = {k: dict(v["formats"]) for k, v in cnn_profile.shapes.items()}
+    again = mpsearch.profile(mnist_cnn, mnist_eval[0][0][:8], reuse=cnn_profile,
+                             end_to_end=False, **FAST)
+    assert again is cnn_profile
+    assert {k: dict(v["formats"]) for k, v in again.shapes.items()} == before
+
+
+def test_unknown_shape_is_estimated_and_flagged(cnn_profile: HardwareProfile) -> None:
+    known = LayerSpec.from_dict(next(r["spec"] for k, r in cnn_profile.shapes.items()
+                                     if k.startswith("Linear|in=8x1568")))
+    assert not cnn_profile.lookup(known, "fp32").estimated
+    new = LayerSpec(kind="Linear", weight_shape=(256, 1568), input_shape=(8, 1568))
+    look = cnn_profile.lookup(new, "fp32")
+    assert look.estimated and look.latency_us is not None and look.latency_us > 0
+    assert "estimated" in look.reason
+    with pytest.raises(KeyError, match="no measured"):
+        cnn_profile.lookup(new, "w8b128")
+
+
+def test_latency_table_masks_missing_kernels(cnn_profile: HardwareProfile,
+                                             mnist_cnn: torch.nn.Module,
+                                             mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]
+                                             ) -> None:
+    layers = discover(mnist_cnn, mnist_eval[0][0][:8])
+    lat = latency_table(cnn_profile, mnist_cnn, layers, (2, 3, 4, 8, 32), QuantConfig())
+    names = [i.name for i in layers]
+    conv = names.index("features.3")
+    lin = names.index("classifier.0")
+    assert lat.allowed[conv].tolist() == [False, False, False, True, True]
+    assert lat.allowed[lin].tolist() == [True, False, True, True, True]
+    assert "convolution" in lat.reasons["features.3@4"]
+    # rows sum to the predicted end-to-end latency
+    pred = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 32))
+    assert lat.table[:, -1].sum() == pytest.approx(pred["latency_us"], rel=1e-9)
+
+
+def test_search_respects_latency_budgets(cnn_profile: HardwareProfile,
+                                         mnist_cnn: torch.nn.Module,
+                                         mnist_calib: list[tuple[torch.Tensor, torch.Tensor]],
+                                         mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]
+                                         ) -> None:
+    fp32 = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 32))["latency_us"]
+    first = mpsearch.search(mnist_cnn, Budget(latency_us=fp32 * 10), data=mnist_calib[:1],
+                            profile=cnn_profile, progress=False,
+                            sensitivity=Hutchinson(max_probes=8, min_probes=4, tol=0.5))
+    # unconstrained in latency: every layer keeps float (no loss at all)
+    assert set(first.bitmap.bits().values()) == {32}
+    lo = min(first.problem.min_cost("latency_us"), fp32)
+    for budget_us in np.linspace(lo, fp32, 3)[1:]:
+        res = mpsearch.search(mnist_cnn, Budget(latency_us=float(budget_us)), data=mnist_calib[:1],
+                              profile=cnn_profile, sensitivity=first.sensitivity, progress=False)
+        assert res.bitmap.predicted["latency_us"] <= budget_us * (1 + 1e-9)
+        for conv in ("features.0", "features.3"):
+            assert res.bitmap[conv].w_bits in (8, 32)
+    with pytest.raises(InfeasibleBudget, match="latency_us"):
+        mpsearch.search(mnist_cnn, Budget(latency_us=lo * 0.5), data=mnist_calib[:1],
+                        profile=cnn_profile, sensitivity=first.sensitivity, progress=False)
+    with pytest.raises(ValueError, match="profile"):
+        mpsearch.search(mnist_cnn, Budget(latency_ratio=0.7), data=mnist_calib[:1],
+                        progress=False)
+    res = mpsearch.search(mnist_cnn, Budget(latency_ratio=1.0, avg_bits=12.0),
+                          data=mnist_calib[:1], profile=cnn_profile,
+                          sensitivity=first.sensitivity, progress=False)
+    int8 = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 8))["latency_us"]
+    assert res.bitmap.predicted["latency_us"] <= int8 * (1 + 1e-9)
+    assert res.bitmap.predicted["avg_bits"] <= 12.0 + 1e-9
+
+
+def test_budget_latency_fields() -> None:
+    assert Budget(latency_ratio=0.7).resolved(1000.0) == {"latency_us": 700.0}
+    assert Budget(latency_us=5.0, size_bytes=10).limits() == {"size_bytes": 10.0,
+                                                                 "latency_us": 5.0}
+    with pytest.raises(ValueError, match="not both"):
+        Budget(latency_us=1.0, latency_ratio=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        Budget(latency_ratio=-1.0)
+
+
+def test_export_cnn_matches_simulated_model(mnist_cnn: torch.nn.Module,
+                                            mnist_eval: list[tuple[torch.Tensor, torch.Tensor]],
+                                            tmp_path: Path) -> None:
+    x = mnist_eval[0][0][:16]
+    bm = BitMap.from_bits(mnist_cnn, {"classifier.0": 4, "classifier.2": 2}, default=8, a_bits=8)
+    path = mpsearch.export_onnx(mnist_cnn, bm, tmp_path / "cnn.onnx", sample_batch=x)
+    import onnx
+
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QLinearConv", "MatMulNBits"} <= ops and "Conv" not in ops
+    y = OrtModel(mnist_cnn, bm, x).run(x)
+    ref = mpsearch.quantize(mnist_cnn, bm)(x).detach().numpy()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.02
+    assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    with pytest.raises(ValueError, match="convolution"):
+        build_onnx(mnist_cnn, BitMap.uniform(mnist_cnn, 4), x)
+
+
+@pytest.mark.slow
+def test_export_minilm_matches_simulated_model(minilm: tuple[torch.nn.Module, object]) -> None:
+    from mpsearch.zoo import text_batches
+
+    model, tok = minilm
+    batch = text_batches(tok, n_batches=1, batch_size=2)[0]  # type: ignore[arg-type]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    bits = {n: (4 if "intermediate" in n else 8) for n in names}
+    bm = BitMap.from_bits(model, bits)
+    # 8-bit layers run W8A8: simulate their activation quantization too
+    bm = BitMap({n: (e if e.w_bits != 8 else type(e)(**{**e.__dict__, "a_bits": 8}))
+                 for n, e in bm.items()}, model_class=bm.model_class, fingerprint=bm.fingerprint)
+    y = OrtModel(model, bm, batch).run(batch)
+    ref = mpsearch.quantize(model, bm)(**batch).last_hidden_state.detach().numpy()
+    assert y.shape == ref.shape
+    real = batch["attention_mask"].bool().numpy()  # padding positions carry no meaning
+    err = np.linalg.norm(y[real] - ref[real]) / np.linalg.norm(ref[real])
+    yf = model(**batch).last_hidden_state.detach().numpy()
+    sim_err = np.linalg.norm(ref[real] - yf[real]) / np.linalg.norm(yf[real])
+    # MatMulNBits (accuracy_level 4) also rounds activations to int8 per block, which the
+    # simulation does not: the kernels differ from it by less than it differs from float.
+    assert err < 0.1 and err < sim_err
+
+
+def test_validate_measures_latency(cnn_profile: HardwareProfile, mnist_cnn: torch.nn.Module,
+                                   mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    bm = BitMap.from_bits(mnist_cnn, {"classifier.0": 4}, default=8)
+    data = [(x[:8], y[:8]) for x, y in mnist_eval[:2]]
+    rep = mpsearch.validate(mnist_cnn, bm, data=data, profile=cnn_profile, measure_latency=True,
+                            progress=False)
+    assert rep.latency_us_measured is not None and rep.latency_us_measured > 0
+    assert rep.latency_us_predicted is not None and rep.latency_us_predicted > 0
+    assert rep.latency_error == pytest.approx(rep.latency_us_predicted
+                                              / rep.latency_us_measured - 1)
+    assert rep.deployed_rel_error is not None and 0 < rep.deployed_rel_error < 0.2
+    assert rep.deployed_vs_simulated_rel_error is not None
+    assert "latency" in str(rep)
