@@ -14,7 +14,7 @@ from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
 from mpsearch.search import SearchResult, search
 from mpsearch.sensitivity import Hutchinson, SensitivityTable
-from mpsearch.solvers import ILPSolver, solve
+from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver, solve
 from mpsearch.validate import ValidationReport, validate
 
 __all__ = [
@@ -23,11 +23,13 @@ __all__ = [
     "BitMapError",
     "Budget",
     "Front",
+    "GreedySolver",
     "Hutchinson",
     "ILPSolver",
     "InfeasibleBudget",
     "LayerEntry",
     "LayerInfo",
+    "NSGA2Solver",
     "QuantConfig",
     "SearchResult",
     "SensitivityTable",

@@ -26,6 +26,7 @@ import numpy as np
 
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.problem import AllocationProblem, BoolArray, FloatArray, IntArray
+from mpsearch.solvers._moves import budget_weight, upgrade
 
 __all__ = [
     "REDUCE",
@@ -174,11 +175,8 @@ def lagrangian_greedy(model: Model, prices: FloatArray) -> IntArray | None:
     along each unit's loss/price hull. ``None`` if even the cheapest is over budget."""
     allowed, loss, shares = model.allowed, model.loss, model.shares
     rows = np.arange(allowed.shape[0])
-    # Budget use at the Lagrangian prices; a small price on every budget keeps those
-    # priced at zero from being ignored.
-    floor = 1e-6 * max(float(prices.max(initial=0.0)), 1.0)
-    weight = sum((p + floor) * s for p, s in zip(prices.tolist(), shares))
-    weight = np.where(allowed, weight, 0.0)
+    # Budget use at the Lagrangian prices.
+    weight = budget_weight(allowed, shares, prices.tolist())
     masked = np.where(allowed, loss, np.inf)
     limits = [c * (1.0 - 1e-11) for c in model.capacity]
 
@@ -197,36 +195,7 @@ def lagrangian_greedy(model: Model, prices: FloatArray) -> IntArray | None:
     for _ in range(40):
         middle = 0.5 * (low + high)
         low, high = (low, middle) if fits(pick(middle)) else (middle, high)
-    choice = pick(high)
-    used = [float(s[rows, choice].sum()) for s in shares]
-    moves: list[tuple[float, int, int, int]] = []  # (-loss saved per weight, unit, step, to)
-    for unit, (w_row, l_row, ok) in enumerate(
-        zip(weight.tolist(), loss.tolist(), allowed.tolist())
-    ):
-        at, step = int(choice[unit]), 0
-        while True:
-            best, to = 0.0, -1
-            for b, open_ in enumerate(ok):
-                if open_ and l_row[b] < l_row[at] and w_row[b] > w_row[at]:
-                    rate = (l_row[at] - l_row[b]) / (w_row[b] - w_row[at])
-                    if rate > best:
-                        best, to = rate, b
-            if to < 0:
-                break
-            moves.append((-best, unit, step, to))
-            at, step = to, step + 1
-    moves.sort()
-    blocked: set[int] = set()
-    for _, unit, _, to in moves:
-        if unit in blocked:
-            continue
-        at = int(choice[unit])
-        trial = [u + float(s[unit, to] - s[unit, at]) for u, s in zip(used, shares)]
-        if all(t <= c for t, c in zip(trial, limits)):
-            choice[unit], used = to, trial
-        else:
-            blocked.add(unit)  # its later hull steps build on this one
-    return choice.astype(np.int64)
+    return upgrade(pick(high).astype(np.int64), loss, allowed, weight, shares, limits)
 
 
 @dataclass(frozen=True)
