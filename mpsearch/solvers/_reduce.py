@@ -235,4 +235,17 @@ def reduce(problem: AllocationProblem) -> tuple[Model, Start]:
         bound * model.loss_scale,
         loss * model.loss_scale,
     )
+    if choice is not None and loss > bound:
+        # CBC's tolerances are absolute (1e-7 to 1e-9 of the objective), while the losses
+        # that decide between allocations near the optimum differ by ~1e-8 of it. Counted
+        # from the greedy start and in units of its gap to the bound they differ by O(1):
+        # on a 5,000-layer model CBC then proves the optimum in seconds instead of
+        # stalling for minutes at a gap of 8e-5.
+        scale = max(loss - bound, 1e-6 * magnitude)
+        shift = model.loss[rows, choice]
+        model.loss = (model.loss - shift[:, None]) / scale
+        model.loss_scale *= scale
+        model.resolution /= scale
+        bound, allowance = (bound - loss) / scale, allowance / scale
+        loss = math.fsum(model.loss[rows, choice].tolist())
     return model, Start(choice, loss, bound, allowance)
