@@ -20,7 +20,13 @@ import numpy as np
 from mpsearch.problem import BoolArray, FloatArray, IntArray
 
 __all__ = [
-    "budget_weight", "descend", "improve", "reduce_excess", "upgrade", "used_shares"
+    "budget_weight",
+    "descend",
+    "eject",
+    "improve",
+    "reduce_excess",
+    "upgrade",
+    "used_shares",
 ]
 
 
@@ -104,24 +110,39 @@ def upgrade(
     return choice
 
 
-def _best_down(l_row: list[float], w_row: list[float], ok: list[bool], at: int
-               ) -> tuple[float, float, int]:
-    """The unit's down move with the least loss added per weight freed: (rate, -freed, to)."""
-    best: tuple[float, float, int] = (np.inf, 0.0, -1)
-    for b, open_ in enumerate(ok):
-        freed = w_row[at] - w_row[b]
-        if open_ and freed > 0:
-            candidate = ((l_row[b] - l_row[at]) / freed, -freed, b)
-            best = min(best, candidate)
-    return best
-
-
 def _smallest(values: FloatArray, count: int) -> IntArray:
     """Indices of the ``count`` smallest values (all of them if fewer), in index order."""
     if len(values) <= count:
         return np.arange(len(values))
     picked: IntArray = np.sort(np.argpartition(values, count - 1)[:count])
     return picked
+
+
+def _down_moves(loss: FloatArray, allowed: BoolArray, weight: FloatArray, choice: IntArray,
+                units: IntArray) -> tuple[FloatArray, FloatArray, IntArray]:
+    """Each unit's down move adding the least loss per weight freed (the most weight
+    freed on a tie): (rate, freed, to); rate is inf where no option frees weight."""
+    at = choice[units]
+    freed = weight[units, at][:, None] - weight[units]
+    ok = allowed[units] & (freed > 0)
+    added = loss[units] - loss[units, at][:, None]
+    rate = np.where(ok, added / np.where(ok, freed, 1.0), np.inf)
+    best = rate.min(axis=1)
+    to = np.where(ok & (rate == best[:, None]), freed, -np.inf).argmax(axis=1)
+    return best, freed[np.arange(len(units)), to], to
+
+
+def _next_down(l_row: list[float], w_row: list[float], ok: list[bool], at: int
+               ) -> tuple[float, float, int] | None:
+    """One unit's entry of :func:`_down_moves` in plain Python: (rate, -freed, to)."""
+    best: tuple[float, float, int] | None = None
+    for b, open_ in enumerate(ok):
+        freed = w_row[at] - w_row[b]
+        if open_ and freed > 0:
+            candidate = ((l_row[b] - l_row[at]) / freed, -freed, b)
+            if best is None or candidate < best:
+                best = candidate
+    return best
 
 
 def descend(
@@ -141,34 +162,33 @@ def descend(
     """
     choice = choice.copy()
     used = used_shares(shares, choice)
-    loss_rows, ok_rows = loss.tolist(), allowed.tolist()
     # A move can overspend another budget; bound the rebuilds so that cannot cycle.
     for _ in range(4 * len(shares) + 4):
         over = [k for k, (u, c) in enumerate(zip(used, limits)) if u > c]
         if not over:
             return choice
-        weight = budget_weight(allowed, shares, prices, over).tolist()
-        heap: list[tuple[float, float, int, int]] = []
-        for unit in range(len(choice)):
-            rate, freed, to = _best_down(loss_rows[unit], weight[unit], ok_rows[unit],
-                                         int(choice[unit]))
-            if to >= 0:
-                heap.append((rate, freed, unit, to))
+        weight = budget_weight(allowed, shares, prices, over)
+        units = np.arange(len(choice))
+        rate, freed, to = _down_moves(loss, allowed, weight, choice, units)
+        movable = np.flatnonzero(np.isfinite(rate))
+        heap = list(zip(rate[movable].tolist(), (-freed[movable]).tolist(), movable.tolist(),
+                        to[movable].tolist()))
         heapq.heapify(heap)
         changed = False
         while heap and not changed:
-            _, _, unit, to = heapq.heappop(heap)
+            _, _, unit, step = heapq.heappop(heap)
             at = int(choice[unit])
-            choice[unit] = to
+            choice[unit] = step
             for k, s in enumerate(shares):
-                used[k] += float(s[unit, to] - s[unit, at])
+                used[k] += float(s[unit, step] - s[unit, at])
             now_over = [k for k, (u, c) in enumerate(zip(used, limits)) if u > c]
             if not now_over:
                 return choice
             changed = now_over != over
-            rate, freed, nxt = _best_down(loss_rows[unit], weight[unit], ok_rows[unit], to)
-            if nxt >= 0:
-                heapq.heappush(heap, (rate, freed, unit, nxt))
+            entry = _next_down(loss[unit].tolist(), weight[unit].tolist(),
+                               allowed[unit].tolist(), step)
+            if entry is not None:
+                heapq.heappush(heap, (*entry[:2], unit, entry[2]))
         if not changed:
             return None
         used = used_shares(shares, choice)  # drop the drift of incremental sums
@@ -318,3 +338,46 @@ def improve(
         pairs = [[int(up[i]), int(down[partner[i]])] for i in found]
         taken += _accept(pairs, choice, delta_share, slack, n_options)
     return choice, taken
+
+
+def eject(
+    choice: IntArray,
+    loss: FloatArray,
+    allowed: BoolArray,
+    shares: Sequence[FloatArray],
+    limits: Sequence[float],
+    prices: Sequence[float],
+    *,
+    candidates: int = 8,
+) -> IntArray | None:
+    """One move up that does not fit, paid for by greedy downgrades of the other units
+    (:func:`descend` with the moved unit held): an exchange of any number of units.
+
+    Tries the ``candidates`` up moves saving the most loss; returns the best resulting
+    choice if it has less loss than ``choice``, else ``None``.
+    """
+    rows = np.arange(len(choice))
+    masked = np.where(allowed, loss, np.inf)
+    current = masked[rows, choice]
+    saving = masked - current[:, None]
+    up = np.flatnonzero(saving < 0)
+    if not len(up):
+        return None
+    up = up[_smallest(saving.flat[up], candidates)]
+    total = float(current.sum())
+    best, best_loss = None, total - 1e-12 * max(abs(total), 1e-300)
+    held = allowed.copy()
+    for move in up.tolist():
+        unit, to = divmod(move, loss.shape[1])
+        trial = choice.copy()
+        trial[unit] = to
+        held[unit] = False
+        held[unit, to] = True
+        result = descend(trial, loss, held, shares, limits, prices)
+        held[unit] = allowed[unit]
+        if result is None:
+            continue
+        value = float(masked[rows, result].sum())
+        if value < best_loss:
+            best, best_loss = result, value
+    return best

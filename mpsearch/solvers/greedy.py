@@ -31,6 +31,7 @@ from mpsearch.problem import AllocationProblem, Front, IntArray
 from mpsearch.solvers._moves import (
     budget_weight,
     descend,
+    eject,
     improve,
     reduce_excess,
     upgrade,
@@ -167,6 +168,10 @@ class GreedySolver:
         for choice in candidates:
             best, dropped = _better(problem, model, best, choice)
             slipped |= dropped
+        if best is not None and self.swaps and self.max_swaps:
+            best, dropped = _better(problem, model, best,
+                                    self._exchange(best[1], model, limits, prices))
+            slipped |= dropped
         return best, slipped
 
     def _starts(self, problem: AllocationProblem, model: Model, limits: list[float]
@@ -183,11 +188,28 @@ class GreedySolver:
 
     def _finish(self, choice: IntArray, model: Model, weight: np.ndarray,
                 limits: list[float]) -> IntArray:
+        """Climb, then single and paired swaps."""
         choice = upgrade(choice, model.loss, model.allowed, weight, model.shares, limits)
         if self.swaps and self.max_swaps:
-            choice, taken = improve(choice, model.loss, model.allowed, model.shares, limits,
-                                    candidates=self.swap_candidates, max_rounds=self.max_swaps)
-            logger.debug("greedy: swap pass took %d moves", taken)
+            choice, _ = improve(choice, model.loss, model.allowed, model.shares, limits,
+                                candidates=self.swap_candidates, max_rounds=self.max_swaps)
+        return choice
+
+    def _exchange(self, choice: IntArray, model: Model, limits: list[float],
+                  prices: list[float]) -> IntArray:
+        """Exchanges of any number of units (one up, greedy downgrades to pay for it),
+        each followed by the swap pass, until none helps."""
+        taken = 0
+        while taken < self.max_swaps:
+            ejected = eject(choice, model.loss, model.allowed, model.shares, limits, prices,
+                            candidates=self.swap_candidates)
+            if ejected is None:
+                break
+            choice, count = improve(ejected, model.loss, model.allowed, model.shares, limits,
+                                    candidates=self.swap_candidates,
+                                    max_rounds=self.max_swaps - taken)
+            taken += count + 1
+        logger.debug("greedy: %d moves after the exchanges began", taken)
         return choice
 
 
