@@ -9,6 +9,7 @@ from mpsearch.bitmap import BitMap, LayerEntry
 from mpsearch.budget import Budget
 from mpsearch.errors import BitMapError, InfeasibleBudget
 from mpsearch.layers import LayerInfo, discover
+from mpsearch.plot import plot_front, plot_sensitivity
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
@@ -37,6 +38,8 @@ __all__ = [
     "ValidationReport",
     "__version__",
     "discover",
+    "plot_front",
+    "plot_sensitivity",
     "quantize",
     "quantize_",
     "search",

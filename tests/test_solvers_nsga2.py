@@ -15,7 +15,7 @@ from mpsearch.solvers import SOLVERS, solve
 from mpsearch.solvers.quality import front_points, hypervolume, lp_front
 from mpsearch.solvers.synthetic import synthetic_problem
 
-FAST = NSGA2Solver(pop_size=40, n_gen=40, ilp_points=2, time_limit_s=None)
+FAST = NSGA2Solver(pop_size=40, n_gen=40, ilp_points=2, time_limit_s=None, patience=None)
 
 
 def exact_front(problem: AllocationProblem) -> np.ndarray:
@@ -196,8 +196,45 @@ def test_registered() -> None:
         ({"ilp_points": -1}, "ilp_points must be an int >= 0"),
         ({"max_solutions": 1}, "max_solutions must be an int >= 2"),
         ({"time_limit_s": 0}, "time_limit_s must be > 0 or None"),
+        ({"patience": 0}, "patience must be an int >= 1"),
     ],
 )
 def test_parameters_validate(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NSGA2Solver(**kwargs)
+
+
+def test_search_gives_a_front_of_bit_maps(mnist_cnn: Any, mnist_calib: Any,
+                                          tmp_path: Any) -> None:
+    import mpsearch
+    from mpsearch import BitMap, Hutchinson
+
+    table = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, progress=False,
+                            sensitivity=Hutchinson(tol=0.2, min_probes=5, max_probes=20)
+                            ).sensitivity
+    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table, solver="nsga2",
+                          progress=False)
+    frame = res.front.to_frame()
+    assert len(frame) == len(res.front) > 3  # a trade-off, not one point
+    assert (frame["avg_bits"] <= 4.0 + 1e-9).all()
+    exact = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
+                            progress=False)
+    assert res.bitmap.predicted["loss_increase"] == pytest.approx(
+        exact.bitmap.predicted["loss_increase"], rel=1e-9)
+    for i in (0, len(frame) // 2, -1):
+        bitmap = res.bitmap_at(i)
+        row = frame.iloc[i]
+        assert bitmap.bits() == {**res.bitmap.bits(), **row["bits"]}
+        assert bitmap.predicted["loss_increase"] == pytest.approx(row["loss"])
+        assert bitmap.predicted["avg_bits"] == pytest.approx(bitmap.avg_bits())
+        assert bitmap.fingerprint == res.bitmap.fingerprint
+        loaded = BitMap.load(bitmap.save(tmp_path / f"front_{i}.json"))
+        assert loaded.bits() == bitmap.bits()
+    best = int(frame["loss"].idxmin())
+    assert res.bitmap_at(best).bits() == res.bitmap.bits()
+    with pytest.raises(IndexError, match="outside"):
+        res.bitmap_at(len(frame))
+    greedy = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
+                             solver="greedy", progress=False)
+    assert greedy.bitmap.provenance["solver"] == "greedy"
+    assert greedy.bitmap.avg_bits() <= 4.0 + 1e-9

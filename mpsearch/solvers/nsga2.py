@@ -132,20 +132,26 @@ class NSGA2Solver:
         ilp_time_limit_s: time limit of each seeding ILP solve (its best answer is used).
         max_solutions: most solutions returned; a larger non-dominated set is thinned to
             points evenly spread along the first budgeted cost, extremes kept.
+        patience: stop after this many generations without a change to the archive of
+            non-dominated allocations (small problems converge in a few dozen); ``None``
+            to always run ``n_gen``.
     """
 
     name: ClassVar[str] = "nsga2"
     pop_size: int = 100
-    n_gen: int = 300
+    n_gen: int = 150
     time_limit_s: float | None = 60.0
     ilp_points: int = 5
     ilp_time_limit_s: float | None = 10.0
     max_solutions: int = 1000
+    patience: int | None = 40
 
     def __post_init__(self) -> None:
         for name, least in (("pop_size", 4), ("n_gen", 1), ("ilp_points", 0),
-                            ("max_solutions", 2)):
+                            ("max_solutions", 2), ("patience", 1)):
             value = getattr(self, name)
+            if name == "patience" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         for name in ("time_limit_s", "ilp_time_limit_s"):
@@ -242,7 +248,12 @@ class NSGA2Solver:
     def _evolve(self, model: Model, encoding: _Encoding, seeds: list[IntArray],
                 prices: list[float], limits: FloatArray, seed: int) -> list[IntArray]:
         """Run NSGA-II; returns the non-dominated feasible unit choices seen."""
-        from pymoo.algorithms.moo.nsga2 import NSGA2
+        try:
+            from pymoo.algorithms.moo.nsga2 import NSGA2
+        except ImportError as error:
+            raise ImportError(
+                "solver 'nsga2' needs pymoo: pip install 'mpsearch[nsga2]' (or pymoo>=0.6.1)"
+            ) from error
         from pymoo.core.problem import Problem
         from pymoo.core.repair import Repair
         from pymoo.operators.crossover.pntx import TwoPointCrossover
@@ -295,7 +306,7 @@ class NSGA2Solver:
         archive_x = np.empty((0, len(encoding.free)), dtype=np.int64)
         archive_f = np.empty((0, problem.n_obj))
         clock = time.perf_counter()
-        generations = 0
+        generations = stalled = 0
         while algorithm.has_next():
             algorithm.next()
             generations += 1
@@ -305,12 +316,16 @@ class NSGA2Solver:
             f = np.vstack([archive_f, np.asarray(pop.get("F"))[feasible]])
             x, unique = np.unique(x, axis=0, return_index=True)
             f = f[unique]
-            keep = sorter.do(f, only_non_dominated_front=True)
+            keep = np.sort(np.asarray(sorter.do(f, only_non_dominated_front=True)))
+            same = len(keep) == len(archive_x) and np.array_equal(x[keep], archive_x)
             archive_x, archive_f = x[keep], f[keep]
+            stalled = stalled + 1 if same else 0
+            if self.patience is not None and stalled >= self.patience:
+                break
             if self.time_limit_s is not None and time.perf_counter() - clock > self.time_limit_s:
                 break
-        logger.debug("nsga2: %d generations in %.2fs, archive %d", generations,
-                     time.perf_counter() - clock, len(archive_x))
+        logger.debug("nsga2: %d generations (%d without change) in %.2fs, archive %d",
+                     generations, stalled, time.perf_counter() - clock, len(archive_x))
         return list(encoding.decode(archive_x))
 
 
