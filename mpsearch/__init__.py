@@ -10,12 +10,13 @@ from mpsearch.budget import Budget
 from mpsearch.errors import BitMapError, InfeasibleBudget
 from mpsearch.hw import HardwareProfile, export_onnx, profile
 from mpsearch.layers import LayerInfo, discover
+from mpsearch.plot import plot_front, plot_sensitivity
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
 from mpsearch.search import SearchResult, search
 from mpsearch.sensitivity import Hutchinson, SensitivityTable
-from mpsearch.solvers import ILPSolver, solve
+from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver, solve
 from mpsearch.validate import ValidationReport, validate
 
 __all__ = [
@@ -25,11 +26,13 @@ __all__ = [
     "Budget",
     "Front",
     "HardwareProfile",
+    "GreedySolver",
     "Hutchinson",
     "ILPSolver",
     "InfeasibleBudget",
     "LayerEntry",
     "LayerInfo",
+    "NSGA2Solver",
     "QuantConfig",
     "SearchResult",
     "SensitivityTable",
@@ -39,6 +42,8 @@ __all__ = [
     "discover",
     "export_onnx",
     "profile",
+    "plot_front",
+    "plot_sensitivity",
     "quantize",
     "quantize_",
     "search",

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mpsearch.front import Front
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from mpsearch.bitmap import BitMap
+    from mpsearch.problem import AllocationProblem
     from mpsearch.search import SearchResult
+    from mpsearch.sensitivity import SensitivityTable
+
+__all__ = ["plot_bitmap", "plot_demo", "plot_front", "plot_sensitivity", "uniform_points"]
 
 
 def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
@@ -66,3 +74,179 @@ def plot_demo(summary: pd.DataFrame, result: SearchResult, title: str, path: Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def uniform_points(problem: AllocationProblem) -> dict[int, dict[str, float]]:
+    """Predicted loss and every cost of each uniform map (all layers at one bits option).
+
+    Ties, pins and ``allowed`` are ignored: a uniform map is a reference point, not a
+    candidate.
+    """
+    out = {}
+    for column, bits in enumerate(problem.bits):
+        out[bits] = problem.evaluate(np.full(problem.n_layers, column, dtype=np.int64))
+    return out
+
+
+def _front_and_problem(front_or_result: Front | SearchResult,
+                       problem: AllocationProblem | None
+                       ) -> tuple[Front, AllocationProblem | None]:
+    if isinstance(front_or_result, Front):
+        return front_or_result, problem
+    front = getattr(front_or_result, "front", None)
+    if not isinstance(front, Front):
+        raise TypeError(f"plot_front needs a Front or a SearchResult, got "
+                        f"{type(front_or_result).__name__}")
+    return front, problem if problem is not None else front_or_result.problem
+
+
+def _rows(measured: pd.DataFrame | Iterable[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    if measured is None:
+        return []
+    if hasattr(measured, "to_dict"):
+        return list(measured.to_dict("records"))  # a DataFrame
+    return [dict(row) for row in measured]
+
+
+def _measured_loss(row: Mapping[str, Any]) -> Any:
+    return row.get("measured_loss", row.get("loss"))
+
+
+def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] | None = None,
+               *, uniform: bool | Mapping[int, Mapping[str, float]] = True,
+               measured: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None,
+               problem: AllocationProblem | None = None, logy: bool = True,
+               title: str | None = None, path: str | Path | None = None) -> Any:
+    """Predicted loss against each cost along a front, uniform maps marked.
+
+    Args:
+        front_or_result: a :class:`~mpsearch.front.Front` or a
+            :class:`~mpsearch.search.SearchResult` (which also supplies the problem).
+        cost: the cost(s) on the x axes, one panel each; default: the budgeted costs
+            (or every cost of the front when the problem is unknown).
+        uniform: mark the uniform maps (needs the problem), or give them as
+            ``{bits: {"loss": ..., <cost>: ...}}``.
+        measured: measured points to overlay, e.g. from :func:`mpsearch.validate`: rows
+            with the cost and ``measured_loss`` (or ``loss``) columns, and an optional
+            ``label``.
+        problem: the allocation problem, when passing a bare front.
+        logy: log-scale the loss axis (when every plotted loss is positive).
+        title: figure title.
+        path: save the figure there (PNG) and close it.
+
+    Returns:
+        The matplotlib figure (or ``path`` when saved).
+
+    Raises:
+        ValueError: the front is empty or a cost is not in it.
+    """
+    import matplotlib.pyplot as plt
+
+    front, problem = _front_and_problem(front_or_result, problem)
+    if not len(front):
+        raise ValueError(f"front from {front.solver!r} is empty (status {front.status!r}); "
+                         "nothing to plot")
+    available = list(front.solutions[0].costs)
+    if cost is None:
+        costs = list(problem.budgets) if problem is not None and problem.budgets else available
+    else:
+        costs = [cost] if isinstance(cost, str) else list(cost)
+    unknown = [c for c in costs if c not in available]
+    if unknown:
+        raise ValueError(f"cost(s) {unknown} are not in the front; it has {available}")
+    marks: dict[int, Mapping[str, float]] = {}
+    if uniform is True and problem is not None:
+        marks.update(uniform_points(problem))
+    elif isinstance(uniform, Mapping):
+        marks.update(uniform)
+    extra = _rows(measured)
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), squeeze=False)
+    best = front.best
+    for ax, name in zip(axes[0], costs):
+        x = [s.costs[name] for s in front.solutions]
+        y = [s.loss for s in front.solutions]
+        order = np.argsort(x, kind="stable")
+        ax.plot(np.asarray(x)[order], np.asarray(y)[order], "o-", ms=3, lw=1,
+                label=f"{front.solver} front ({len(front)})")
+        ax.plot([best.costs[name]], [best.loss], "*", ms=14, color="tab:red",
+                label="lowest loss")
+        losses: list[float] = list(y)
+        for bits, point in sorted(marks.items()):
+            if name in point and "loss" in point:
+                ax.plot([point[name]], [point["loss"]], "s", color="tab:gray", ms=7)
+                ax.annotate(f"{bits}b", (point[name], point["loss"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+                losses.append(point["loss"])
+        if marks:
+            ax.plot([], [], "s", color="tab:gray", label="uniform")
+        points = [(float(r[name]), float(_measured_loss(r))) for r in extra
+                  if name in r and _measured_loss(r) is not None]
+        if points:
+            ax.plot(*zip(*points), "D", mfc="none", color="tab:green", label="measured")
+            losses += [v for _, v in points]
+        if problem is not None and name in problem.budgets:
+            ax.axvline(problem.budgets[name], color="k", ls="--", lw=0.8, label="budget")
+        if logy and min(losses) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("predicted loss increase (sum of sensitivity)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"{front.solver}: predicted loss against cost ({front.status})")
+    fig.tight_layout()
+    if path is None:
+        return fig
+    return _save(fig, path)
+
+
+def plot_sensitivity(table: SensitivityTable, *, logy: bool = True, title: str | None = None,
+                     path: str | Path | None = None) -> Any:
+    """Sensitivity Ω per layer at each bits option, with one-standard-error bars.
+
+    Args:
+        table: a :class:`~mpsearch.sensitivity.SensitivityTable` (e.g. ``res.sensitivity``).
+        logy: log-scale Ω (non-positive values are then not drawn).
+        title: axes title.
+        path: save the figure there (PNG) and close it.
+
+    Returns:
+        The matplotlib figure (or ``path`` when saved).
+    """
+    import matplotlib.pyplot as plt
+
+    omega = np.asarray(table.omega, dtype=np.float64)
+    stderr = np.asarray(table.omega_stderr, dtype=np.float64)
+    n_layers = len(table.layers)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.25 * n_layers, 16), 4.5))
+    index = np.arange(n_layers)
+    width = 0.8 / max(len(table.bits), 1)
+    for j, bits in enumerate(table.bits):
+        values, errors = omega[:, j], stderr[:, j]
+        lower = np.minimum(errors, values * (1 - 1e-9)) if logy else errors
+        shown = values > 0 if logy else np.ones(n_layers, dtype=bool)
+        ax.errorbar(index[shown] + (j - (len(table.bits) - 1) / 2) * width, values[shown],
+                    yerr=[np.maximum(lower[shown], 0), errors[shown]], fmt="o", ms=3,
+                    capsize=2, label=f"{bits} bits")
+    if logy and (omega > 0).any():
+        ax.set_yscale("log")
+    if n_layers <= 60:
+        ax.set_xticks(index)
+        ax.set_xticklabels(table.layers, rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xlabel(f"layer index ({n_layers} layers)")
+    ax.set_ylabel("Ω: predicted loss increase")
+    ax.set_title(title or f"sensitivity ({table.estimator or 'table'}), ±1 standard error")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target

@@ -54,7 +54,8 @@ class SearchResult:
         bitmap: the chosen bit map.
         table: one row per layer (kind, params, macs, chosen ``w_bits``, ``omega_<b>`` for
             each candidate, and the estimator's own columns such as ``trace``).
-        front: the solver's front (one solution for a single exact solve).
+        front: the solver's front (one solution for a single exact solve, many for
+            ``solver="nsga2"``); row ``i`` of ``front.to_frame()`` is :meth:`bitmap_at` ``(i)``.
         sensitivity: the sensitivity table; pass it back as ``sensitivity=`` to search again
             at another budget for the cost of the solve only.
         problem: the allocation problem that was solved.
@@ -75,6 +76,28 @@ class SearchResult:
     def __repr__(self) -> str:
         return (f"SearchResult({self.bitmap!r}, predicted={self.bitmap.predicted}, "
                 f"status={self.front.status!r})")
+
+    def bitmap_at(self, index: int) -> BitMap:
+        """The bit map of the front's solution ``index`` (row ``index`` of
+        ``front.to_frame()``), with its own predicted loss and costs.
+
+        Raises:
+            IndexError: ``index`` is outside the front.
+        """
+        if not -len(self.front) <= index < len(self.front):
+            raise IndexError(f"front has {len(self.front)} solutions; index {index} is outside")
+        chosen = self.front.solutions[index]
+        entries = {name: dataclasses.replace(self.bitmap[name], w_bits=bits)
+                   for name, bits in chosen.bits.items()}
+        columns = [self.problem.bits.index(chosen.bits[n]) for n in self.problem.layers]
+        stderr = self.sensitivity.omega_stderr[np.arange(len(columns)), columns]
+        predicted = {**self.bitmap.predicted, "loss_increase": chosen.loss,
+                     "loss_increase_stderr": float(np.sqrt((stderr ** 2).sum())),
+                     **chosen.costs}
+        return BitMap({**{n: self.bitmap[n] for n in self.bitmap}, **entries},
+                      model_class=self.bitmap.model_class, fingerprint=self.bitmap.fingerprint,
+                      budget=self.bitmap.budget, predicted=predicted,
+                      provenance=self.bitmap.provenance)
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
@@ -148,7 +171,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             (2, 3, 4, 8), and 32 too when a ``profile`` is given.
         sensitivity: ``"hutchinson"``, an estimator object, or a table from an earlier
             search (then only the solve runs).
-        solver: ``"ilp"`` or a solver object.
+        solver: ``"ilp"`` (exact), ``"greedy"``, ``"nsga2"`` (a whole front: see
+            :attr:`SearchResult.front`), or a solver object.
         seed: seeds every random choice.
         include: glob patterns of layer FQNs to consider (default all quantizable layers).
         exclude: glob patterns of layer FQNs to leave in float.

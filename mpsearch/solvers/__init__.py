@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from mpsearch.problem import AllocationProblem, Front
+from mpsearch.solvers.greedy import GreedySolver
 from mpsearch.solvers.ilp import ILPSolver
+from mpsearch.solvers.nsga2 import NSGA2Solver
 
-__all__ = ["SOLVERS", "ILPSolver", "Solver", "solve"]
+__all__ = ["SOLVERS", "GreedySolver", "ILPSolver", "NSGA2Solver", "Solver", "solve"]
 
 
 @runtime_checkable
@@ -27,6 +29,8 @@ class Solver(Protocol):
 
 SOLVERS: dict[str, type[Any]] = {
     ILPSolver.name: ILPSolver,
+    GreedySolver.name: GreedySolver,
+    NSGA2Solver.name: NSGA2Solver,
 }
 """Registered solver classes by name; each is built as ``SOLVERS[name](**options)``."""
 
@@ -38,7 +42,8 @@ def solve(
 
     Args:
         problem: the allocation problem.
-        solver: a solver object, or the name of a registered one (see :data:`SOLVERS`).
+        solver: a solver object, or the name of a registered one (see :data:`SOLVERS`):
+            ``"ilp"`` (exact), ``"greedy"`` (fast, proved gap), ``"nsga2"`` (a front).
         seed: seed for the solver's randomness.
         **options: constructor parameters, only with a solver name, e.g.
             ``solve(problem, "ilp", time_limit_s=10)``.

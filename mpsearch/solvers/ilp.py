@@ -3,17 +3,9 @@
 One binary ``x[u, b]`` per unit (tie group or lone layer) and open option, one option
 per unit, ``sum cost <= budget`` per budget, minimise summed sensitivity.
 
-Before CBC sees the model it is shrunk without losing the optimum:
-
-1. options that alone break a budget, and options another option of the same unit
-   beats on loss and every budgeted cost, are dropped;
-2. a Lagrangian bound (budgets priced into the loss) and a greedy allocation give a
-   lower and an upper bound; an option whose Lagrangian reduced cost lifts the bound
-   above the greedy loss cannot be in an optimum and is dropped too (reduced-cost
-   fixing). With one budget this typically leaves a few percent of the units free.
-
-Budget rows are shifted by each unit's cheapest option and divided by the remaining
-slack, so coefficients lie in [0, 1] whatever the cost's units (BOPs reach 1e12).
+Before CBC sees the model it is shrunk without losing the optimum (dominated and
+oversized options dropped, reduced-cost fixing between a Lagrangian bound and a greedy
+start) and normalised so every coefficient lies in [0, 1]: see ``_reduce.py``.
 Answers are checked exactly (:meth:`AllocationProblem.is_feasible`): an allocation
 CBC's tolerance let slip over budget is cut off and the model solved again (after ten,
 budgets are tightened instead and the lost ground is reported as a gap).
@@ -29,17 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from mpsearch.errors import InfeasibleBudget
-from mpsearch.problem import AllocationProblem, BoolArray, FloatArray, Front, IntArray, Solution
+from mpsearch.problem import AllocationProblem, Front, IntArray, Solution
+from mpsearch.solvers._cbc import absolute_gap as _absolute_gap
+from mpsearch.solvers._cbc import cbc as _cbc
+from mpsearch.solvers._reduce import Model, Start, joint_infeasible, reduce
 
 __all__ = ["ILPSolver"]
 
@@ -47,193 +40,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_EXCLUDED = 10  # over-budget allocations cut off one by one before tightening
 _MAX_RETRIES = 4  # budget tightenings after that
-_REDUCE = True  # tests switch the reductions off to check the bare model against brute force
 _CBC_TOLERANCE = 1e-9  # the primal tolerance CBC runs with, in scaled row units
-
-
-def _joint_infeasible(problem: AllocationProblem) -> InfeasibleBudget:
-    smallest = {name: problem.min_cost(name) for name in problem.budgets}
-    listed = ", ".join(
-        f"{name}={limit:.6g} (smallest achievable alone {smallest[name]:.6g})"
-        for name, limit in problem.budgets.items()
-    )
-    return InfeasibleBudget(
-        f"the budgets cannot all be met together: {listed}; relax at least one", smallest
-    )
-
-
-@dataclass
-class _Model:
-    """The problem in unit space, normalised: loss scaled to max |coefficient| 1, each
-    budget row shifted by the unit's cheapest option and divided by the slack."""
-
-    allowed: BoolArray  # U x B, options still in play
-    loss: FloatArray  # U x B, sensitivity / loss_scale
-    loss_scale: float
-    shares: list[FloatArray]  # per budget, U x B, >= 0 on allowed options
-    capacity: list[float]  # per budget: 1.0, or 0.0 when the budget sits at its minimum
-    slack: list[float]  # per budget, in cost units (for tightening)
-    resolution: float = 1e-10  # loss differences CBC may ignore (normalised units)
-
-
-def _dominated(allowed: BoolArray, criteria: FloatArray) -> BoolArray:
-    """Options another open option of the same unit weakly beats on every criterion
-    (``criteria`` is ``U x B x C``); exact ties go to the lower option index."""
-    better, worse = criteria[:, :, None, :], criteria[:, None, :, :]
-    weakly = (better <= worse).all(axis=-1)
-    strictly = (better < worse).any(axis=-1)
-    earlier = np.triu(np.ones((allowed.shape[1],) * 2, dtype=bool), k=1)
-    beats = weakly & (strictly | earlier) & allowed[:, :, None]
-    result: BoolArray = beats.any(axis=1) & allowed
-    return result
-
-
-def _normalise(problem: AllocationProblem) -> _Model:
-    allowed = problem.unit_allowed.copy()
-    sensitivity = problem.unit_table(problem.sensitivity)
-    tables = [problem.unit_table(problem.costs[k]) for k in problem.budgets]
-    limits = list(problem.budgets.values())
-    criteria = np.stack([sensitivity, *tables], axis=-1)
-    # Rounding allowance: keeping an option that is infeasible by a hair costs nothing
-    # (CBC and the exact check reject it); dropping a feasible one costs optimality.
-    tolerance = [
-        1e-9 * (abs(limit) + float(np.abs(table).max(axis=1).sum())) + 1e-300
-        for table, limit in zip(tables, limits)
-    ]
-    deltas, slack = [np.zeros_like(t) for t in tables], [0.0] * len(tables)
-    for _ in range(50 if _REDUCE else 1):
-        before = int(allowed.sum())
-        for k, (table, limit) in enumerate(zip(tables, limits)):
-            cheapest = np.where(allowed, table, np.inf).min(axis=1)
-            slack[k] = limit - math.fsum(cheapest.tolist())
-            if slack[k] < -tolerance[k]:  # pruning for other budgets raised this minimum
-                raise _joint_infeasible(problem)
-            deltas[k] = table - cheapest[:, None]
-            if _REDUCE:
-                allowed &= ~(deltas[k] > max(slack[k], 0.0) + tolerance[k])
-        if _REDUCE:
-            allowed &= ~_dominated(allowed, criteria)
-        if int(allowed.sum()) == before:
-            break
-    loss_scale = float(np.abs(sensitivity[allowed]).max()) or 1.0
-    denominators = [max(s, tol) for s, tol in zip(slack, tolerance)]
-    return _Model(
-        allowed=allowed,
-        loss=sensitivity / loss_scale,
-        loss_scale=loss_scale,
-        shares=[d / den for d, den in zip(deltas, denominators)],
-        capacity=[max(s, 0.0) / den for s, den in zip(slack, denominators)],
-        slack=slack,
-    )
-
-
-def _lagrangian(model: _Model) -> tuple[float, FloatArray, FloatArray]:
-    """Lower bound, reduced costs and budget prices, the prices by coordinate ascent.
-
-    Any prices give a valid bound; exact maximisation is not needed.
-    """
-    rows = np.arange(model.allowed.shape[0])
-    base = np.where(model.allowed, model.loss, np.inf)
-    prices = np.zeros(len(model.shares))
-
-    def priced(k: int, price: float, rest: FloatArray) -> tuple[float, float]:
-        value = rest + price * model.shares[k]
-        pick = value.argmin(axis=1)
-        return float(value[rows, pick].sum()), float(model.shares[k][rows, pick].sum())
-
-    def bound_at(values: FloatArray) -> float:
-        value = base + sum((p * s for p, s in zip(values, model.shares)), np.zeros_like(base))
-        return float(value.min(axis=1).sum()) - float(np.dot(values, model.capacity))
-
-    previous = -np.inf
-    for _ in range(1 if len(prices) == 1 else 200):
-        for k, capacity in enumerate(model.capacity):
-            rest = base + sum(
-                (p * s for j, (p, s) in enumerate(zip(prices, model.shares)) if j != k),
-                np.zeros_like(base),
-            )
-            if priced(k, 0.0, rest)[1] <= capacity:
-                prices[k] = 0.0
-                continue
-            low, high = 0.0, 1.0
-            while priced(k, high, rest)[1] > capacity and high < 1e30:
-                low, high = high, 4.0 * high
-            for _ in range(40):  # the best price is where the used share crosses capacity
-                middle = 0.5 * (low + high)
-                if priced(k, middle, rest)[1] > capacity:
-                    low = middle
-                else:
-                    high = middle
-            prices[k] = max((low, high), key=lambda p: priced(k, p, rest)[0] - p * capacity)
-        current = bound_at(prices)
-        if current - previous <= 1e-9 * abs(current):
-            break
-        previous = current
-    value = base + sum((p * s for p, s in zip(prices, model.shares)), np.zeros_like(base))
-    least = value.min(axis=1)
-    bound = math.fsum(least.tolist()) - float(np.dot(prices, model.capacity))
-    reduced_costs: FloatArray = value - least[:, None]
-    return bound, reduced_costs, prices
-
-
-def _greedy(model: _Model, prices: FloatArray) -> IntArray | None:
-    """A feasible allocation: the Lagrangian choice made feasible, then greedy upgrades
-    along each unit's loss/price hull. ``None`` if even the cheapest is over budget."""
-    allowed, loss, shares = model.allowed, model.loss, model.shares
-    rows = np.arange(allowed.shape[0])
-    # Budget use at the Lagrangian prices; a small price on every budget keeps those
-    # priced at zero from being ignored.
-    floor = 1e-6 * max(float(prices.max(initial=0.0)), 1.0)
-    weight = sum((p + floor) * s for p, s in zip(prices.tolist(), shares))
-    weight = np.where(allowed, weight, 0.0)
-    masked = np.where(allowed, loss, np.inf)
-    limits = [c * (1.0 - 1e-11) for c in model.capacity]
-
-    def pick(scale: float) -> IntArray:
-        result: IntArray = (masked + scale * weight).argmin(axis=1)
-        return result
-
-    def fits(choice: IntArray) -> bool:
-        return all(s[rows, choice].sum() <= c for s, c in zip(shares, limits))
-
-    low, high = 0.0, 1.0
-    while not fits(pick(high)):
-        low, high = high, 4.0 * high
-        if high > 1e30:
-            return None
-    for _ in range(40):
-        middle = 0.5 * (low + high)
-        low, high = (low, middle) if fits(pick(middle)) else (middle, high)
-    choice = pick(high)
-    used = [float(s[rows, choice].sum()) for s in shares]
-    moves: list[tuple[float, int, int, int]] = []  # (-loss saved per weight, unit, step, to)
-    for unit, (w_row, l_row, ok) in enumerate(
-        zip(weight.tolist(), loss.tolist(), allowed.tolist())
-    ):
-        at, step = int(choice[unit]), 0
-        while True:
-            best, to = 0.0, -1
-            for b, open_ in enumerate(ok):
-                if open_ and l_row[b] < l_row[at] and w_row[b] > w_row[at]:
-                    rate = (l_row[at] - l_row[b]) / (w_row[b] - w_row[at])
-                    if rate > best:
-                        best, to = rate, b
-            if to < 0:
-                break
-            moves.append((-best, unit, step, to))
-            at, step = to, step + 1
-    moves.sort()
-    blocked: set[int] = set()
-    for _, unit, _, to in moves:
-        if unit in blocked:
-            continue
-        at = int(choice[unit])
-        trial = [u + float(s[unit, to] - s[unit, at]) for u, s in zip(used, shares)]
-        if all(t <= c for t, c in zip(trial, limits)):
-            choice[unit], used = to, trial
-        else:
-            blocked.add(unit)  # its later hull steps build on this one
-    return choice.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -252,104 +59,22 @@ class _Cuts:
     excluded: list[IntArray] = field(default_factory=list)  # over-budget unit choices
 
 
-@dataclass(frozen=True)
-class _Start:
-    """The greedy allocation (if any) and the Lagrangian bound, in normalised units."""
-
-    choice: IntArray | None
-    loss: float  # inf without a choice
-    bound: float
-    allowance: float  # rounding allowance on loss sums
-
-    def check(self, outcome: _Outcome, model: _Model) -> _Outcome:
-        """Keep the better of CBC's answer and the greedy one when CBC stopped early
-        (or erred), with the tighter of CBC's and the Lagrangian bound."""
-        if self.choice is None:
-            return outcome
-        rows = np.arange(len(self.choice))
-        choice = outcome.unit_choice
-        loss = math.inf if choice is None else math.fsum(model.loss[rows, choice].tolist())
-        if outcome.proved and loss <= self.loss + self.allowance:
-            return outcome
-        if outcome.proved:
-            logger.warning("ilp: CBC's optimum is worse than the greedy start; keeping that")
-        if choice is None or loss > self.loss:
-            choice, loss = self.choice, self.loss
-        gaps = [g for g in (outcome.absolute_gap, max(loss - self.bound, 0.0)) if g is not None]
-        return _Outcome(choice, infeasible=False, proved=False, absolute_gap=min(gaps))
-
-
-def _reduce(problem: AllocationProblem) -> tuple[_Model, _Start]:
-    """Normalise, bound, find a greedy start, and fix options by reduced cost."""
-    clock = time.perf_counter()
-    model = _normalise(problem)
-    bound, reduced_costs, prices = _lagrangian(model)
-    choice = _greedy(model, prices)
-    if choice is not None and not problem.is_feasible(problem.expand(choice)):
-        choice = None
-    rows = np.arange(problem.n_units)
-    allowance = 1e-9 * float(np.abs(np.where(model.allowed, model.loss, 0)).max(1).sum())
+def _keep_better(start: Start, outcome: _Outcome, model: Model) -> _Outcome:
+    """Keep the better of CBC's answer and the greedy one when CBC stopped early
+    (or erred), with the tighter of CBC's and the Lagrangian bound."""
+    if start.choice is None:
+        return outcome
+    rows = np.arange(len(start.choice))
+    choice = outcome.unit_choice
     loss = math.inf if choice is None else math.fsum(model.loss[rows, choice].tolist())
-    # CBC by default ignores improvements under 1e-5 (absolute): make it relative and tiny.
-    magnitude = max(abs(bound), abs(loss) if choice is not None else 0.0)
-    model.resolution = 1e-10 * (magnitude or 1.0)
-    if choice is not None and _REDUCE:
-        # bound + reduced cost is a lower bound on any allocation using that option.
-        model.allowed &= bound + reduced_costs <= loss + allowance
-        model.allowed[rows, choice] = True
-    logger.debug(
-        "ilp: %d units, %d of %d options left after reduction (%.3fs); bound %.6g, greedy %.6g",
-        problem.n_units,
-        int(model.allowed.sum()),
-        int(problem.unit_allowed.sum()),
-        time.perf_counter() - clock,
-        bound * model.loss_scale,
-        loss * model.loss_scale,
-    )
-    return model, _Start(choice, loss, bound, allowance)
-
-
-def _cbc(**options: Any) -> Any:
-    """CBC as shipped with PuLP where present (reproducible), else a ``cbc`` on PATH."""
-    import pulp
-
-    bundled = getattr(pulp, "PULP_CBC_CMD", None)
-    if bundled is not None:
-        with warnings.catch_warnings():
-            # PuLP 3.3 deprecates the bundled binary ahead of 4.0; COIN_CMD is the fallback.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            solver = bundled(**options)
-        if solver.available():
-            return solver
-    solver = pulp.COIN_CMD(**options)
-    if not solver.available():
-        raise RuntimeError(
-            "no CBC binary found: PuLP's bundled CBC is missing; install one with "
-            "`pip install pulp[cbc]` or put `cbc` on PATH"
-        )
-    return solver
-
-
-_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-
-
-def _absolute_gap(log: str) -> float | None:
-    """Incumbent minus best bound, in model objective units, from a CBC log."""
-    found = re.search(r"Exiting as integer gap of " + _NUMBER, log)
-    if found:
-        return float(found.group(1))
-    objective = re.search(r"Objective value:\s+" + _NUMBER, log)
-    bound = re.search(r"Lower bound:\s+" + _NUMBER, log)
-    if objective and bound:
-        # CBC prints the bound rounded; widen by half a printed digit to stay an upper bound.
-        text = bound.group(1).lower()
-        digits = len(text.split(".")[1]) if "." in text and "e" not in text else 0
-        rounding = 0.5 * 10.0**-digits if digits else 0.0
-        return max(float(objective.group(1)) - float(bound.group(1)) + rounding, 0.0)
-    found = re.search(r"best objective " + _NUMBER + r" \(best possible " + _NUMBER, log)
-    if found:
-        return max(float(found.group(1)) - float(found.group(2)), 0.0)
-    return None
+    if outcome.proved and loss <= start.loss + start.allowance:
+        return outcome
+    if outcome.proved:
+        logger.warning("ilp: CBC's optimum is worse than the greedy start; keeping that")
+    if choice is None or loss > start.loss:
+        choice, loss = start.choice, start.loss
+    gaps = [g for g in (outcome.absolute_gap, max(loss - start.bound, 0.0)) if g is not None]
+    return _Outcome(choice, infeasible=False, proved=False, absolute_gap=min(gaps))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -490,21 +215,21 @@ class ILPSolver:
         self, problem: AllocationProblem, seed: int
     ) -> tuple[Solution | None, str, float | None]:
         problem.check_budgets()
-        model, start = _reduce(problem)
+        model, start = reduce(problem)
         cuts = _Cuts(margins=[0.0] * len(model.shares))
         relaxed: float | None = None  # an optimum before tightening: a bound after it
         for attempt in range(_MAX_EXCLUDED + _MAX_RETRIES):
             outcome = self._run_cbc(model, start.choice, cuts, seed)
             if outcome.infeasible:
                 if attempt == 0 or not any(cuts.margins):  # only over-budget ones excluded
-                    raise _joint_infeasible(problem)
+                    raise joint_infeasible(problem)
                 raise InfeasibleBudget(
                     "CBC's tolerance admitted only allocations over budget, and none is left "
                     f"after tightening the budgets by {cuts.margins} (of their slack); "
-                    + str(_joint_infeasible(problem)),
+                    + str(joint_infeasible(problem)),
                     {name: problem.min_cost(name) for name in problem.budgets},
                 )
-            outcome = start.check(outcome, model)
+            outcome = _keep_better(start, outcome, model)
             if outcome.unit_choice is None:
                 return None, "timeout", None
             solution = problem.solution(problem.expand(outcome.unit_choice))
@@ -527,7 +252,7 @@ class ILPSolver:
                     gap = outcome.absolute_gap * model.loss_scale / abs(solution.loss)
                 return solution, "feasible", gap
             if (model.allowed.sum(axis=1) == 1).all():  # nothing else left to try
-                raise _joint_infeasible(problem)
+                raise joint_infeasible(problem)
             logger.debug("ilp: CBC's tolerance let budgets slip by %s (of slack)", over)
             if len(cuts.excluded) < _MAX_EXCLUDED:
                 # Excluding just this allocation keeps the search exact.
@@ -542,7 +267,7 @@ class ILPSolver:
         )
 
     def _run_cbc(
-        self, model: _Model, incumbent: IntArray | None, cuts: _Cuts, seed: int
+        self, model: Model, incumbent: IntArray | None, cuts: _Cuts, seed: int
     ) -> _Outcome:
         import pulp
 

@@ -1,0 +1,97 @@
+"""Plots: the front (loss against each cost, uniform maps, measured points), sensitivity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+import mpsearch
+from mpsearch import Hutchinson, NSGA2Solver
+from mpsearch.front import Front
+from mpsearch.plot import plot_front, plot_sensitivity, uniform_points
+from mpsearch.solvers import solve
+from mpsearch.solvers.synthetic import synthetic_problem
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def result(mnist_cnn: Any, mnist_calib: Any) -> mpsearch.SearchResult:
+    return mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, solver=NSGA2Solver(n_gen=20),
+                           sensitivity=Hutchinson(tol=0.2, min_probes=5, max_probes=20),
+                           progress=False)
+
+
+def test_uniform_points_known_answer() -> None:
+    problem = synthetic_problem(30, seed=2)
+    points = uniform_points(problem)
+    assert sorted(points) == list(problem.bits)
+    for bits, values in points.items():  # avg_bits is the parameter-weighted mean bits
+        assert values["avg_bits"] == pytest.approx(bits)
+        column = problem.bits.index(bits)
+        assert values["loss"] == pytest.approx(problem.sensitivity[:, column].sum())
+
+
+def test_front_panels_uniform_and_measured(tmp_path: Path) -> None:
+    problem = synthetic_problem(40, n_budgets=2, seed=3)
+    front = NSGA2Solver(pop_size=20, n_gen=10, ilp_points=1).solve(problem)
+    measured = [{"avg_bits": 3.0, "measured_loss": 0.5, "bops": 1e9},
+                {"avg_bits": 4.0, "loss": 0.2}]
+    fig = plot_front(front, problem=problem, measured=measured)
+    axes = fig.axes
+    assert [ax.get_xlabel() for ax in axes] == ["avg_bits", "bops"]  # the budgeted costs
+    first = axes[0]
+    texts = {t.get_text() for t in first.texts}
+    assert texts == {f"{b}b" for b in problem.bits}
+    assert first.get_yscale() == "log"
+    labels = first.get_legend_handles_labels()[1]
+    assert {"uniform", "measured", "budget", "lowest loss"} <= set(labels)
+    line = next(li for li in first.lines if li.get_label().startswith("nsga2 front"))
+    assert len(line.get_xdata()) == len(front)
+    plt.close(fig)
+    path = plot_front(front, "size_bytes", problem=problem, uniform=False,
+                      path=tmp_path / "front.png")
+    assert path.read_bytes()[:8] == PNG
+
+
+def test_front_errors() -> None:
+    problem = synthetic_problem(5, seed=1)
+    front = solve(problem, "ilp")
+    with pytest.raises(ValueError, match=r"cost\(s\) \['x'\] are not in the front"):
+        plot_front(front, "x")
+    with pytest.raises(ValueError, match="is empty"):
+        plot_front(Front((), solver="ilp", status="timeout", time_s=1.0))
+    with pytest.raises(TypeError, match="needs a Front or a SearchResult"):
+        plot_front(problem)  # type: ignore[arg-type]
+    fig = plot_front(front)  # no problem: every cost, no uniform marks
+    assert len(fig.axes) == len(problem.costs) and not fig.axes[0].texts
+    plt.close(fig)
+
+
+def test_search_result_front_and_sensitivity(result: mpsearch.SearchResult,
+                                             tmp_path: Path) -> None:
+    fig = plot_front(result, ["avg_bits", "size_bytes"])
+    assert len(fig.axes) == 2 and len(fig.axes[0].texts) == 4  # uniform 2, 3, 4, 8 bits
+    plt.close(fig)
+    table = result.sensitivity
+    fig = plot_sensitivity(table)
+    ax = fig.axes[0]
+    assert len(ax.containers) == len(table.bits)  # one error-bar series per bits option
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(table.layers)
+    # Bars are one standard error either side, clipped above zero on the log axis.
+    bars = ax.containers[0].lines[2][0].get_segments()
+    column = np.asarray(table.omega_stderr)[:, 0]
+    heights = np.array([seg[1, 1] - seg[0, 1] for seg in bars])
+    lower = np.minimum(column, np.asarray(table.omega)[:, 0] * (1 - 1e-9))
+    assert heights == pytest.approx(column + lower)
+    plt.close(fig)
+    assert plot_sensitivity(table, path=tmp_path / "s.png").read_bytes()[:8] == PNG
