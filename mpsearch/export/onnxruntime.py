@@ -258,7 +258,8 @@ def to_onnx(model: nn.Module, batch: Batch, path: str | os.PathLike[str], *,
     """Export ``model`` to ONNX with the TorchScript exporter (no onnxscript needed).
 
     The graph's output is the model's main tensor (logits, else ``last_hidden_state``);
-    inputs are named after the batch's keywords (positional ones ``input_0``, …) and the
+    weights keep their parameter names (``features.0.weight``) unless the exporter folds
+    them (BatchNorm into a conv, transposes for MatMul); inputs are named after the batch's keywords (positional ones ``input_0``, …) and the
     batch dimension (and a sequence dimension for keyword inputs) is dynamic.
     """
     import torch
@@ -281,7 +282,30 @@ def to_onnx(model: nn.Module, batch: Batch, path: str | os.PathLike[str], *,
                               opset_version=opset, dynamo=False)
     finally:
         model.train(was_training)
+    _strip_prefix(path, "model.")
     return path
+
+
+def _strip_prefix(path: Path, prefix: str) -> None:
+    """Drop the adapter's attribute name from initializer names (``model.fc.weight``)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path))
+    graph = proto.graph
+    taken = {i.name for i in graph.initializer}
+    rename = {i.name: i.name[len(prefix):] for i in graph.initializer
+              if i.name.startswith(prefix) and i.name[len(prefix):] not in taken}
+    if not rename:
+        return
+    for init in graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for value in graph.input:
+        value.name = rename.get(value.name, value.name)
+    onnx.save(proto, os.fspath(path))
 
 
 def _adapter(model: nn.Module, n_args: int, keys: list[str]) -> nn.Module:
