@@ -7,7 +7,9 @@ Documented by the pydantic models of compressed-tensors
 input_activations)``; ``quant_args.py``: ``QuantizationArgs(num_bits, type, symmetric,
 strategy, group_size, dynamic)``). ``targets`` are exact module names, ``re:`` regexes or
 class names; ``compressed_tensors.quantization.apply_quantization_config`` attaches each
-module's scheme (``module.quantization_scheme``).
+module's scheme (``module.quantization_scheme``) — to ``nn.Linear`` and ``nn.Embedding``
+modules only (``lifecycle/apply.py``), so other layers are listed in ``ignore`` with a
+warning.
 
 Layers with identical settings share one group whose ``targets`` list their exact names;
 float layers go to ``ignore``. Activation bits become dynamic per-token ``input_activations``.
@@ -56,8 +58,12 @@ def export(bitmap: BitMap, *, format: str | None = None) -> dict[str, Any]:
     """
     groups: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
-    ignore, half = [], []
+    ignore, half, not_linear = [], [], []
     for fqn, entry in bitmap.items():
+        if entry.kind not in ("Linear", None) and not is_float(entry.w_bits):
+            ignore.append(fqn)
+            not_linear.append(f"{fqn} ({entry.kind}, {entry.w_bits} bits)")
+            continue
         if is_float(entry.w_bits):
             ignore.append(fqn)
             if entry.w_bits == 16:
@@ -72,6 +78,7 @@ def export(bitmap: BitMap, *, format: str | None = None) -> dict[str, Any]:
     if not groups:
         raise ValueError("compressed-tensors: every layer of the bit map is float")
     warn(FORMAT, half, "float16 weights listed in 'ignore' (kept in the model's dtype)")
+    warn(FORMAT, not_linear, "compressed-tensors quantizes nn.Linear only; listed in 'ignore'")
     out: dict[str, Any] = {"quant_method": "compressed-tensors", "config_groups": groups,
                            "ignore": ignore}
     if format is not None:
