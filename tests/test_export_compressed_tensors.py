@@ -12,7 +12,7 @@ from mpsearch.export import compressed_tensors as ex
 from mpsearch.quant import QuantConfig
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.quantization import (  # noqa: E402
+from compressed_tensors.quantization import (
     QuantizationConfig,
     apply_quantization_config,
 )

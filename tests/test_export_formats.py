@@ -7,6 +7,7 @@ import re
 import warnings
 
 import pytest
+from export_maps import cycled
 
 from mpsearch.bitmap import BitMap
 from mpsearch.export import (
@@ -22,7 +23,6 @@ from mpsearch.export import (
 )
 from mpsearch.export import gptqmodel as gq
 from mpsearch.quant import QuantConfig
-from export_maps import cycled
 
 
 def _options(fmt: str, model, tmp_path) -> dict:

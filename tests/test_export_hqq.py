@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from export_maps import with_bits
 
 from mpsearch.bitmap import BitMap
 from mpsearch.export import ExportWarning
 from mpsearch.export import hqq as ex
 from mpsearch.quant import QuantConfig
-from export_maps import with_bits
 
 pytest.importorskip("hqq")
 transformers = pytest.importorskip("transformers")

@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
+from export_maps import cycled
 
 from mpsearch.bitmap import BitMap
 from mpsearch.export import ExportWarning, dumps, loads
 from mpsearch.export import llamacpp as ex
-from export_maps import cycled
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def test_lines_hit_exactly_their_tensor_with_a_known_type(llama):
     tensors += ["token_embd.weight", "blk.0.attn_norm.weight", "blk.10.attn_q.weight"]
     known = {t.name.lower() for t in gguf.GGMLQuantizationType}
     for line, fqn in zip(lines, bitmap):
-        pattern, _, ggml = line.partition("=")
+        _pattern, _, ggml = line.partition("=")
         assert _regex_targets(line, tensors) == [f"{ex.gguf_name(fqn, 'llama')}.weight"]
         assert ggml.lower() in known
         assert ex.TYPE_BITS[ggml.lower()] == bitmap[fqn].w_bits

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from export_maps import cycled
 
 from mpsearch.bitmap import BitMap
 from mpsearch.export import ExportWarning, dumps, loads
 from mpsearch.export import onnxruntime as eo
 from mpsearch.quant import QuantConfig
-from export_maps import cycled
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-from onnxruntime.quantization import QuantFormat, QuantType  # noqa: E402
-from onnxruntime.quantization import quantize_static as ort_quantize_static  # noqa: E402
+from onnxruntime.quantization import QuantFormat, QuantType
+from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 # bits asked → bits of the QDQ type ORT must store them in (32: node left float)
 HELD = {2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8, 16: 32, 32: 32}
@@ -103,7 +103,7 @@ def test_int8_and_int4_graphs_run_and_err_in_order(mnist_cnn, digits, tmp_path):
     for bits in (8, 4):
         out = tmp_path / str(bits)
         out.mkdir()
-        src, dst = _quantize(mnist_cnn, BitMap.uniform(mnist_cnn, bits), digits, out)
+        _src, dst = _quantize(mnist_cnn, BitMap.uniform(mnist_cnn, bits), digits, out)
         sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
         logits = sess.run(None, {"input_0": x.numpy()})[0]
         agree[bits] = float(np.mean(logits.argmax(1) == ref.argmax(1)))
