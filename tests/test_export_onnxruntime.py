@@ -121,8 +121,12 @@ def test_granularity_and_activation_overrides(mnist_cnn, digits, tmp_path):
     p = eo.plan(bitmap, src)
     weight = p.overrides["classifier.0.weight"][0]
     assert weight == {"quant_type": "QInt8", "symmetric": True}  # per tensor: no axis
-    acts = {t: o for t, o in p.overrides.items() if not t.endswith(".weight")}
-    assert len(acts) == 4 and all(o == [{"quant_type": "QUInt4"}] for o in acts.values())
+    inputs = {s.activation for sites in p.sites.values() for s in sites}
+    outputs = {s.output for sites in p.sites.values() for s in sites}
+    assert all(p.overrides[t] == [{"quant_type": "QUInt4"}] for t in inputs)  # the map's a_bits
+    assert all(p.overrides[t] == [{"quant_type": "QUInt16"}] for t in outputs)  # nearest float
+    assert sorted(p.nodes_to_quantize) == sorted(s.node for sites in p.sites.values()
+                                                 for s in sites)
     dst = tmp_path / "q.onnx"
     eo.quantize_static(src, dst, bitmap, eo.BatchReader(digits, src))
     graph = onnx.load(str(dst)).graph
@@ -162,6 +166,8 @@ def test_json_form_round_trips_into_quantize_static_kwargs(mnist_cnn, digits, tm
     assert back == json.loads(text) == kwargs
     assert back["nodes_to_exclude"] == ["/model/classifier/classifier.2/Gemm",
                                         "/model/features/features.3/Conv"]
+    assert back["nodes_to_quantize"] == ["/model/classifier/classifier.0/Gemm",
+                                         "/model/features/features.0/Conv"]
 
 
 def test_unmatched_layers_are_an_error_naming_them(mnist_cnn, mnist_dwsep, digits, tmp_path):
@@ -191,3 +197,24 @@ def test_minilm_matmul_weights_through_torchscript_scopes(minilm, tmp_path):
     got = eo.weight_bits(src, dst, bitmap)
     assert len(got) == 36 and "pooler.dense" not in got
     assert {n: b for n, (_, b) in got.items()} == {n: HELD[bitmap[n].w_bits] for n in got}
+
+
+@pytest.mark.slow
+def test_minilm_int8_qdq_tracks_float(minilm, tmp_path):
+    """Activations the map keeps float get 16 bits: all-int8 weights stay close to float."""
+    from mpsearch.zoo.minilm import text_batches
+
+    model, tok = minilm
+    calib = text_batches(tok, "calib", n_batches=2, batch_size=8)
+    evals = text_batches(tok, "eval", n_batches=1, batch_size=16)
+    src, dst = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    eo.to_onnx(model, calib[0], src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)
+        eo.quantize_static(src, dst, BitMap.uniform(model, 8), eo.BatchReader(calib, src))
+    with torch.no_grad():
+        ref = model(**evals[0]).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    out = sess.run(None, eo.BatchReader(evals, src).feed(evals[0]))[0]
+    cos = np.sum(out * ref, -1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert float(cos.mean()) > 0.99

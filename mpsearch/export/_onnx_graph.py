@@ -46,6 +46,7 @@ class WeightSite:
         tensor: initializer name.
         axis: output-channel axis of the initializer (per-channel quantization axis).
         activation: the node's data input (what ``a_bits`` quantizes).
+        output: the node's output tensor.
     """
 
     fqn: str
@@ -55,6 +56,7 @@ class WeightSite:
     tensor: str
     axis: int
     activation: str
+    output: str
 
 
 def load(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
@@ -170,7 +172,7 @@ def weight_sites(model: onnx.ModelProto, bitmap: BitMap, *,
             data = node.input[1 - index] if node.op_type != "Conv" else node.input[0]
             sites.setdefault(fqn, []).append(WeightSite(
                 fqn=fqn, node=node.name, op_type=node.op_type, index=index, tensor=tensor,
-                axis=axis, activation=data))
+                axis=axis, activation=data, output=node.output[0]))
             break
     unread = sorted(set(explicit.values()) - set(sites))
     if unread:

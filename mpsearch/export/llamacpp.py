@@ -103,16 +103,16 @@ def gguf_name(fqn: str, arch: str) -> str | None:
     return None
 
 
-def detect_arch(names: Iterable[str]) -> str:
+def detect_arch(names: Iterable[str], strict: bool = True) -> str:
     """The built-in name mapping that covers most of ``names`` ("llama" or "bert").
 
     Raises:
-        ValueError: neither mapping covers any name.
+        ValueError: (with ``strict``) neither mapping covers any name.
     """
     names = list(names)
     counts = {arch: sum(gguf_name(n, arch) is not None for n in names) for arch in ARCHS}
     best = max(counts, key=lambda a: counts[a])
-    if counts[best] == 0:
+    if counts[best] == 0 and strict:
         raise ValueError(f"llamacpp: no layer name matches the Llama or BERT naming "
                          f"(e.g. {names[:3]}); pass names={{fqn: gguf_name}}")
     return best
@@ -148,7 +148,7 @@ def export(bitmap: BitMap, *, arch: str = "auto", names: Mapping[str, str] | Non
     table = {**K_TYPES, **(types or {})}
     if arch == "auto":
         unnamed = [n for n in bitmap if n not in names]
-        arch = detect_arch(unnamed) if unnamed else "llama"
+        arch = detect_arch(unnamed, strict) if unnamed else "llama"
     if arch not in ARCHS:
         raise ValueError(f"llamacpp: arch must be 'auto' or one of {sorted(ARCHS)}, got {arch!r}")
     lines: list[str] = []

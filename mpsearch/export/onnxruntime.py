@@ -55,11 +55,13 @@ class OrtPlan:
     Attributes:
         overrides: ``TensorQuantOverrides`` with ``quant_type`` as ``QuantType`` names.
         nodes_to_exclude: nodes of layers kept float.
+        nodes_to_quantize: nodes of the quantized layers (nothing else need be touched).
         sites: each layer's weight site(s) in the graph.
     """
 
     overrides: dict[str, list[dict[str, Any]]]
     nodes_to_exclude: list[str]
+    nodes_to_quantize: list[str]
     sites: dict[str, list[WeightSite]] = field(repr=False)
 
     def tensor_quant_overrides(self) -> dict[str, list[dict[str, Any]]]:
@@ -72,11 +74,13 @@ class OrtPlan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready kwargs of ``quantize_static`` (``QuantType`` as names)."""
         return {"extra_options": {"TensorQuantOverrides": self.overrides},
-                "nodes_to_exclude": list(self.nodes_to_exclude)}
+                "nodes_to_exclude": list(self.nodes_to_exclude),
+                "nodes_to_quantize": list(self.nodes_to_quantize)}
 
 
 def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
-         tensor_names: Mapping[str, str] | None = None, strict: bool = True) -> OrtPlan:
+         tensor_names: Mapping[str, str] | None = None, strict: bool = True,
+         float_activation_bits: int | None = 16) -> OrtPlan:
     """Overrides and exclusions applying ``bitmap`` to ``onnx_model``.
 
     Args:
@@ -87,6 +91,11 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
             (a naming the matcher did not understand); ``False`` warns. Layers simply
             absent from the graph (e.g. a pooler the exported output does not use) only
             warn.
+        float_activation_bits: static quantization quantizes the inputs and outputs of
+            the nodes it touches; where the map keeps activations float (``a_bits`` None),
+            those tensors get this many bits (16: ``QUInt16``, the closest ORT comes to
+            float). ``None`` leaves them to ORT's ``activation_type`` (8 bits by default,
+            which costs transformers dearly: outliers).
 
     Raises:
         ValueError: unmatched layers and nodes (with ``strict``), or a weight whose
@@ -103,8 +112,10 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
          "to quantize")
     overrides: dict[str, list[dict[str, Any]]] = {}
     excluded: list[str] = []
+    quantized: list[str] = []
     widened, grouped, half = [], [], []
-    act_bits: dict[str, tuple[int, str]] = {}
+    act_bits: dict[str, int] = {}  # the map's own a_bits, per input tensor
+    float_bits: dict[str, int] = {}  # everything else a quantized node reads or writes
     for fqn, layer_sites in sites.items():
         entry = bitmap[fqn]
         if is_float(entry.w_bits):
@@ -125,21 +136,24 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
             if qc.granularity != "tensor":
                 override["axis"] = site.axis
             overrides[site.tensor] = [override]
+            quantized.append(site.node)
             if entry.a_bits is not None and not is_float(entry.a_bits):
-                prev = act_bits.get(site.activation)
-                if prev is None or prev[0] < entry.a_bits:
-                    act_bits[site.activation] = (entry.a_bits, fqn)
-    for tensor, (bits, _) in act_bits.items():
+                act_bits[site.activation] = max(act_bits.get(site.activation, 0), entry.a_bits)
+            if float_activation_bits is not None:
+                float_bits[site.activation] = float_bits[site.output] = float_activation_bits
+    for tensor, bits in {**float_bits, **act_bits}.items():
         overrides[tensor] = [{"quant_type": quant_type_name(bits, False)}]
     warn(FORMAT, widened, "bits held in the nearest QDQ type")
     warn(FORMAT, grouped, "per-group scales not offered per tensor; per-channel used")
     warn(FORMAT, half, "float16 weights kept float32 (node excluded from quantization)")
-    return OrtPlan({k: overrides[k] for k in sorted(overrides)}, sorted(set(excluded)), sites)
+    return OrtPlan({k: overrides[k] for k in sorted(overrides)}, sorted(set(excluded)),
+                   sorted(set(quantized)), sites)
 
 
 def export(bitmap: BitMap, *, onnx_model: OnnxModel,
            tensor_names: Mapping[str, str] | None = None, strict: bool = True,
-           with_excludes: bool = False, as_names: bool | None = None) -> dict[str, Any]:
+           float_activation_bits: int | None = 16, with_excludes: bool = False,
+           as_names: bool | None = None) -> dict[str, Any]:
     """The ``TensorQuantOverrides`` dict: ``extra_options={"TensorQuantOverrides": export}``.
 
     Args:
@@ -147,16 +161,18 @@ def export(bitmap: BitMap, *, onnx_model: OnnxModel,
         onnx_model: path or ``onnx.ModelProto`` of the float model.
         tensor_names: FQN → weight initializer name, for layers not found automatically.
         strict: as for :func:`plan`.
+        float_activation_bits: as for :func:`plan`.
         with_excludes: return ``quantize_static`` keyword arguments instead
-            (``{"extra_options": {...}, "nodes_to_exclude": [...]}``), which also keep
-            float layers float.
+            (``{"extra_options": {...}, "nodes_to_exclude": [...], "nodes_to_quantize":
+            [...]}``), which also keep float layers and other nodes float.
         as_names: ``quant_type`` as ``QuantType`` names (JSON-ready) rather than members;
             default: members when onnxruntime is importable.
 
     Raises:
         ValueError: as :func:`plan`.
     """
-    p = plan(bitmap, onnx_model, tensor_names=tensor_names, strict=strict)
+    p = plan(bitmap, onnx_model, tensor_names=tensor_names, strict=strict,
+             float_activation_bits=float_activation_bits)
     if as_names is None:
         try:
             import onnxruntime.quantization  # noqa: F401
@@ -167,7 +183,7 @@ def export(bitmap: BitMap, *, onnx_model: OnnxModel,
     overrides = p.overrides if as_names else p.tensor_quant_overrides()
     if with_excludes:
         return {"extra_options": {"TensorQuantOverrides": overrides},
-                "nodes_to_exclude": p.nodes_to_exclude}
+                "nodes_to_exclude": p.nodes_to_exclude, "nodes_to_quantize": p.nodes_to_quantize}
     warn(FORMAT, [f"{n} (node)" for n in p.nodes_to_exclude],
          "float layers are quantized unless their nodes are excluded: pass "
          "nodes_to_exclude (with_excludes=True) or use quantize_static()")
@@ -177,11 +193,13 @@ def export(bitmap: BitMap, *, onnx_model: OnnxModel,
 def quantize_static(onnx_in: OnnxModel, onnx_out: str | os.PathLike[str], bitmap: BitMap,
                     calibration_data_reader: Any, *,
                     tensor_names: Mapping[str, str] | None = None, strict: bool = True,
-                    **ort_kwargs: Any) -> OrtPlan:
+                    float_activation_bits: int | None = 16, **ort_kwargs: Any) -> OrtPlan:
     """Run ORT's own ``quantize_static`` (QDQ format) with the bit map's overrides.
 
-    ``ort_kwargs`` go to ORT (``activation_type`` defaults to ``QUInt8``;
-    ``extra_options`` and ``nodes_to_exclude`` are merged with ours).
+    Only the bit map's quantized layers are quantized (``nodes_to_quantize``) unless
+    ``ort_kwargs`` names ``nodes_to_quantize`` or ``op_types_to_quantize``; other
+    ``ort_kwargs`` go to ORT (``activation_type`` defaults to ``QUInt8``; ``extra_options``
+    and ``nodes_to_exclude`` are merged with ours).
 
     Returns:
         The plan that was applied (see :func:`weight_bits` to read back what ORT wrote).
@@ -189,7 +207,10 @@ def quantize_static(onnx_in: OnnxModel, onnx_out: str | os.PathLike[str], bitmap
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    p = plan(bitmap, onnx_in, tensor_names=tensor_names, strict=strict)
+    p = plan(bitmap, onnx_in, tensor_names=tensor_names, strict=strict,
+             float_activation_bits=float_activation_bits)
+    if "nodes_to_quantize" not in ort_kwargs and "op_types_to_quantize" not in ort_kwargs:
+        ort_kwargs["nodes_to_quantize"] = p.nodes_to_quantize
     extra = dict(ort_kwargs.pop("extra_options", None) or {})
     extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}),
                                      **p.tensor_quant_overrides()}
