@@ -51,8 +51,8 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
     """Call ``package.module:function`` with the JSON object ``kwargs`` as keyword arguments.
 
     Raises:
-        ValueError: a malformed spec, a module that does not import, a missing or
-            non-callable attribute, or kwargs that are not a JSON object.
+        ValueError: a malformed spec or JSON, or a module that does not import.
+        TypeError: a missing or non-callable attribute, or kwargs not a JSON object.
     """
     if ":" not in spec:
         raise ValueError(f"{what} must look like package.module:function (or one of "
@@ -63,7 +63,7 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
         raise ValueError(f"{what} arguments must be a JSON object, got {kwargs!r}: {exc}") \
             from None
     if not isinstance(params, dict):
-        raise ValueError(f"{what} arguments must be a JSON object, got {kwargs!r}")
+        raise TypeError(f"{what} arguments must be a JSON object, got {kwargs!r}")
     module_name, func_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
@@ -71,7 +71,7 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
         raise ValueError(f"cannot import {module_name!r} for {what}: {exc}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise ValueError(f"{module_name} has no callable {func_name!r} for {what}")
+        raise TypeError(f"{module_name} has no callable {func_name!r} for {what}")
     return func(**params)
 
 
@@ -86,7 +86,7 @@ def load_model(args: argparse.Namespace) -> Any:
     if isinstance(obj, tuple) and obj and isinstance(obj[0], nn.Module):
         obj = obj[0]
     if not isinstance(obj, nn.Module):
-        raise ValueError(f"--model {spec} returned a {type(obj).__name__}, not an nn.Module")
+        raise TypeError(f"--model {spec} returned a {type(obj).__name__}, not an nn.Module")
     return obj
 
 
