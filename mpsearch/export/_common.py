@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,8 +30,13 @@ def warn(fmt: str, problems: Sequence[str], what: str) -> None:
         return
     shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6
                                        else "")
+    # point at the caller's line, not at mpsearch's own frames
+    level, frame = 1, sys._getframe(0)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+            "mpsearch."):
+        frame, level = frame.f_back, level + 1
     warnings.warn(f"{fmt}: {what} for {len(problems)} layer(s): {shown}", ExportWarning,
-                  stacklevel=3)
+                  stacklevel=level)
 
 
 def widen(bits: int, offered: Iterable[int]) -> int:
