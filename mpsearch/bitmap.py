@@ -77,7 +77,7 @@ class LayerEntry:
     def from_dict(cls, d: Mapping[str, Any]) -> LayerEntry:
         """Validate and build an entry from its JSON dict."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"a layer entry must be an object, got {type(d).__name__}")
+            raise TypeError(f"a layer entry must be an object, got {type(d).__name__}")
         unknown = set(d) - _ENTRY_KEYS
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)}; known: {sorted(_ENTRY_KEYS)}")
@@ -292,6 +292,27 @@ class BitMap(Mapping[str, LayerEntry]):
             raise BitMapError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: "
                               f"{exc.msg}") from None
         return cls.from_dict(doc)
+
+    # -- other tools' formats ----------------------------------------------------------------
+
+    def export(self, fmt: str, **options: Any) -> Any:
+        """This bit map in another tool's format (see :mod:`mpsearch.export` for the list).
+
+        Example: ``bitmap.export("onnxruntime", onnx_model="model.onnx")``.
+        """
+        from mpsearch.export import export
+
+        return export(self, fmt, **options)
+
+    @classmethod
+    def from_format(cls, fmt: str, obj: Any, **options: Any) -> BitMap:
+        """Read a bit map from another tool's format (``model=`` fills shapes, resolves patterns).
+
+        Example: ``BitMap.from_format("hawq", bit_config, model=model)``.
+        """
+        from mpsearch.export import import_bitmap
+
+        return import_bitmap(fmt, obj, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BitMap:

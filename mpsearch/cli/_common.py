@@ -1,0 +1,163 @@
+"""What every subcommand shares: loading models and data, output, progress, warnings."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# Real models and data that ship with mpsearch's extras, by short name.
+ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm")
+ZOO_DATA = ("zoo:mnist-calib", "zoo:mnist-eval", "zoo:text-calib", "zoo:text-eval")
+_cache: dict[str, Any] = {}
+
+
+def _minilm() -> tuple[Any, Any]:
+    if "minilm" not in _cache:
+        from mpsearch.zoo.minilm import load_minilm
+
+        _cache["minilm"] = load_minilm()
+    model, tok = _cache["minilm"]
+    return model, tok
+
+
+def _zoo_model(name: str, seed: int) -> Any:
+    if name in ("cnn", "dwsep"):
+        from mpsearch.zoo.mnist import pretrained_mnist
+
+        return pretrained_mnist(name, seed=seed)  # type: ignore[arg-type]
+    return _minilm()[0]
+
+
+def _zoo_data(name: str, seed: int) -> Any:
+    source, split = name.split("-")
+    if source == "mnist":
+        from mpsearch.zoo.mnist import mnist_batches
+
+        return mnist_batches(split, batch_size=100 if split == "calib" else 250, seed=seed)
+    from mpsearch.zoo.minilm import text_batches
+
+    return text_batches(_minilm()[1], split, n_batches=4, batch_size=8, seed=seed)
+
+
+def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
+    """Call ``package.module:function`` with the JSON object ``kwargs`` as keyword arguments.
+
+    Raises:
+        ValueError: a malformed spec or JSON, or a module that does not import.
+        TypeError: a missing or non-callable attribute, or kwargs not a JSON object.
+    """
+    if ":" not in spec:
+        raise ValueError(f"{what} must look like package.module:function (or one of "
+                         f"{', '.join(ZOO_MODELS + ZOO_DATA)}), got {spec!r}")
+    try:
+        params = json.loads(kwargs) if kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} arguments must be a JSON object, got {kwargs!r}: {exc}") \
+            from None
+    if not isinstance(params, dict):
+        raise TypeError(f"{what} arguments must be a JSON object, got {kwargs!r}")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r} for {what}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise TypeError(f"{module_name} has no callable {func_name!r} for {what}")
+    return func(**params)
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model of ``--model`` (a factory returning ``(model, …)`` gives its first item)."""
+    from torch import nn
+
+    spec = args.model
+    if spec in ZOO_MODELS:
+        return _zoo_model(spec.removeprefix("zoo:"), args.seed)
+    obj = load_object(spec, "--model", getattr(args, "model_args", None))
+    if isinstance(obj, tuple) and obj and isinstance(obj[0], nn.Module):
+        obj = obj[0]
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"--model {spec} returned a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def load_data(args: argparse.Namespace, option: str = "data") -> Any:
+    """The batches of ``--data``."""
+    spec = getattr(args, option)
+    if spec in ZOO_DATA:
+        return _zoo_data(spec.removeprefix("zoo:"), args.seed)
+    return load_object(spec, f"--{option}", getattr(args, f"{option}_args", None))
+
+
+def add_model_args(p: argparse.ArgumentParser, *, data: str | None = "calibration") -> None:
+    """``--model`` (+ ``--model-args``) and, unless ``data`` is None, ``--data``."""
+    p.add_argument("--model", required=True,
+                   help=f"package.module:factory returning the model, or {'|'.join(ZOO_MODELS)}")
+    p.add_argument("--model-args", metavar="JSON", help="keyword arguments of the factory")
+    if data is not None:
+        p.add_argument("--data", required=True,
+                       help=f"package.module:loader returning a list of {data} batches, or "
+                            f"{'|'.join(ZOO_DATA)}")
+        p.add_argument("--data-args", metavar="JSON", help="keyword arguments of the loader")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--json``, ``-q``: on every subcommand."""
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str | None = None) -> None:
+    """Print the result: JSON with ``--json``, else ``text`` (or the payload, readably)."""
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    elif text is not None:
+        print(text)
+    else:
+        for key, value in payload.items():
+            print(f"{key}: {value}")
+
+
+@contextmanager
+def steps(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[str], None]]:
+    """A progress bar over named steps (hidden with ``-q`` or ``--json``)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+               disable=args.quiet or args.json, file=sys.stderr)
+
+    def advance(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    try:
+        yield advance
+    finally:
+        bar.close()
+
+
+@contextmanager
+def collected_warnings(args: argparse.Namespace, into: list[str]) -> Iterator[None]:
+    """Collect the export warnings into ``into`` and, without ``--json``, print them."""
+    from mpsearch.export import ExportWarning
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", ExportWarning)
+        yield
+    for w in record:
+        if issubclass(w.category, ExportWarning):
+            into.append(str(w.message))
+            if not args.json:
+                print(f"mpsearch: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -1,0 +1,160 @@
+"""The command line: every subcommand end to end on the real MNIST CNN, exit codes, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpsearch import BitMap, quantize
+from mpsearch.cli import build_parser, main
+
+MODEL = ["--model", "mpsearch.zoo.mnist:pretrained_mnist", "--model-args", '{"arch": "cnn"}']
+CALIB = ["--data", "mpsearch.zoo.mnist:mnist_batches",
+         "--data-args", '{"split": "calib", "n_batches": 2}']
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """One real search through the CLI (few probes: the CLI is under test, not the search)."""
+    import os
+
+    os.environ.setdefault("MPSEARCH_CACHE", str(model_cache))
+    path = tmp_path_factory.mktemp("cli") / "bitmap.json"
+    code = main(["search", *MODEL, *CALIB, "--avg-bits", "4", "--max-probes", "4",
+                 "--out", str(path), "--json", "-q"])
+    assert code == 0
+    return path
+
+
+@pytest.mark.parametrize("command", ["search", "apply", "validate", "export", "import", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: mpsearch {command}")
+    assert "--json" in out and "--quiet" in out
+
+
+def test_usage_errors_exit_2_and_errors_exit_1(capsys, tmp_path):
+    assert run(capsys, "bogus")[0] == 2
+    assert run(capsys, "search", "--avg-bits", "4")[0] == 2  # --model/--data missing
+    code, _, err = run(capsys, "validate", "--model", "no_colon", "--data", "x:y",
+                       "--bitmap", "b.json")
+    assert code == 1 and "package.module:function" in err
+    code, _, err = run(capsys, "export", "--bitmap", str(tmp_path / "none.json"), "--to", "hawq")
+    assert code == 1 and "none.json" in err
+    code, _, err = run(capsys, "export", "--bitmap", str(tmp_path / "none.json"))
+    assert code == 1 and "--to" in err
+
+
+def test_infeasible_budget_is_an_error_stating_the_minimum(capsys):
+    code, _, err = run(capsys, "search", *MODEL, *CALIB, "--avg-bits", "1.5", "-q")
+    assert code == 1
+    assert "infeasible budget" in err and "2" in err
+
+
+def test_search_writes_the_map_it_reports(searched):
+    bitmap = BitMap.load(searched)
+    assert bitmap.avg_bits() <= 4.0 + 1e-9
+    assert set(bitmap) == {"features.0", "features.3", "classifier.0", "classifier.2"}
+
+
+def test_search_json_is_one_object(capsys, tmp_path, model_cache):
+    out_path = tmp_path / "b.json"
+    code, out, _ = run(capsys, "search", "--model", "zoo:cnn", *CALIB, "--avg-bits", "5",
+                       "--max-probes", "2", "--out", str(out_path), "--json", "-q")
+    doc = json.loads(out)
+    assert code == 0 and doc["bitmap"] == str(out_path) and doc["status"] == "optimal"
+    assert doc["bits"] == BitMap.load(out_path).bits()
+
+
+@pytest.mark.parametrize("fmt", ["mpsearch", "hawq", "gptqmodel", "compressed-tensors",
+                                 "torchao", "hqq"])
+def test_export_then_import_round_trips(fmt, searched, capsys, tmp_path):
+    out = tmp_path / f"map.{fmt}"
+    code, stdout, _ = run(capsys, "export", "--bitmap", str(searched), "--to", fmt,
+                            "--out", str(out), "-q")
+    assert code == 0 and out.exists() and "wrote" in stdout
+    bitmap = BitMap.load(searched)
+    if fmt in ("mpsearch", "hawq", "gptqmodel"):
+        back = tmp_path / "back.json"
+        code, stdout, _ = run(capsys, "import", "--from", fmt, "--input", str(out), *MODEL,
+                              "--out", str(back), "--json", "-q")
+        assert code == 0
+        assert json.loads(stdout)["bits"] == {n: {5: 8, 6: 8, 7: 8}.get(b, b)
+                                              for n, b in bitmap.bits().items()}
+
+
+def test_export_to_stdout_and_json_carry_warnings(searched, capsys, tmp_path):
+    code, out, _ = run(capsys, "export", "--bitmap", str(searched), "--to", "hawq", "-q")
+    assert code == 0 and json.loads(out) == BitMap.load(searched).bits()
+    code, out, _ = run(capsys, "export", "--bitmap", str(searched), "--to", "torchao",
+                       "--json", "-q")
+    doc = json.loads(out)
+    assert doc["format"] == "torchao" and any("Linear only" in w for w in doc["warnings"])
+    code, _, err = run(capsys, "export", "--bitmap", str(searched), "--to", "llamacpp",
+                       "--set", "names={\"features.0\": \"blk.0.attn_q\"}", "strict=false",
+                       "-q")
+    assert code == 0 and "no GGUF name" in err
+
+
+def test_apply_state_dict_is_the_quantized_model(searched, capsys, tmp_path, mnist_cnn):
+    out = tmp_path / "q.pt"
+    code, _, _ = run(capsys, "apply", *MODEL, "--bitmap", str(searched), "--out", str(out),
+                     "-q")
+    assert code == 0
+    saved = torch.load(out, weights_only=True)
+    want = quantize(mnist_cnn, BitMap.load(searched)).state_dict()
+    assert saved.keys() == want.keys()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+
+
+def test_apply_onnx_qdq_stores_the_maps_bits_and_exports_overrides(searched, capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "q.onnx"
+    code, stdout, _ = run(capsys, "apply", *MODEL, *CALIB, "--bitmap", str(searched),
+                          "--format", "onnx-qdq", "--calib-batches", "1", "--out", str(out),
+                          "--json", "-q")
+    doc = json.loads(stdout)
+    bitmap = BitMap.load(searched)
+    assert code == 0 and out.exists()
+    assert {n: s["bits"] for n, s in doc["stored"].items()} == {
+        n: 4 if b <= 4 else 8 for n, b in bitmap.bits().items()}
+    overrides = tmp_path / "ort.json"
+    code, _, _ = run(capsys, "export", "--bitmap", str(searched), "--to", "onnxruntime",
+                     "--onnx-model", doc["float_onnx"], "--out", str(overrides), "-q")
+    kwargs = json.loads(overrides.read_text())
+    assert code == 0 and set(kwargs) == {"extra_options", "nodes_to_exclude", "nodes_to_quantize"}
+    weights = [t for t in kwargs["extra_options"]["TensorQuantOverrides"] if t.endswith("weight")]
+    assert len(weights) == 4
+
+
+def test_validate_json(searched, capsys):
+    evals = ["--data", "mpsearch.zoo.mnist:mnist_batches", "--data-args",
+             '{"split": "eval", "n_batches": 1}']
+    code, out, _ = run(capsys, "validate", *MODEL, *evals, "--bitmap", str(searched),
+                       "--json", "-q")
+    doc = json.loads(out)
+    assert code == 0 and 0.5 < doc["accuracy_quantized"] <= 1.0
+
+
+def test_parser_lists_the_commands():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"search", "demo", "apply", "validate", "export", "import"}
+
+
+def test_module_entry_point_runs_as_a_process():
+    proc = subprocess.run([sys.executable, "-m", "mpsearch.cli", "export", "--list", "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" in json.loads(proc.stdout)
