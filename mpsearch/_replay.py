@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -226,7 +226,7 @@ class PrefixReplay:
         total = max(self._end.values(), default=0) + 1
         return self._start[layer] / total if total else math.nan
 
-    def __enter__(self) -> PrefixReplay:
+    def __enter__(self) -> Self:
         self._trace()
         self._wanted = set().union(*(self._plan(self._start[n]) for n in self.layers))
         self._patched = []
@@ -243,7 +243,7 @@ class PrefixReplay:
             self._patched.append(module)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for module in self._patched:
             del module.forward
         self._patched = []

@@ -10,8 +10,8 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -174,9 +174,8 @@ def _from_json_numbers(values: Any) -> np.ndarray:
     def conv(v: Any) -> Any:
         if isinstance(v, list):
             return [conv(x) for x in v]
-        if isinstance(v, str):
-            if v not in ("inf", "-inf", "nan"):
-                raise ValueError(f"not a number: {v!r}")
+        if isinstance(v, str) and v not in ("inf", "-inf", "nan"):
+            raise ValueError(f"not a number: {v!r}")
         return float(v)
     return np.asarray(conv(values), dtype=np.float64)
 

@@ -167,7 +167,7 @@ class Fisher:
         if objective.kind not in ("custom", "hf_loss") and s1 - s0 > 1:
             try:
                 return _vmap_grads(model, weights, split, probe, s1 - s0)
-            except Exception as exc:  # ops without batching rules: fall back to a loop
+            except Exception as exc:  # noqa: BLE001 (ops without batching rules: loop instead)
                 log.debug("per-sample gradients by vmap failed (%s); looping", exc)
         rows = [_grad(model, weights, to_device(split_batch(slice_batch(batch, r, r + 1)),
                                                 device), probe.row(r))

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpsearch._replay import PrefixReplay
 from mpsearch.batches import batch_rows, rechunk, split_batch
 from mpsearch.layers import layer_weight
 from mpsearch.losses import Objective
-from mpsearch._replay import PrefixReplay
 from mpsearch.sensitivity.base import SensitivityTable
 
 if TYPE_CHECKING:
