@@ -1,6 +1,6 @@
 """The ``mpsearch`` command line.
 
-``mpsearch search | apply | validate | export | import | demo`` — each with ``--help``,
+``mpsearch search | profile | apply | validate | export | import | demo`` — each with ``--help``,
 progress bars on stderr (``-q`` hides them), ``--json`` for scripts, and exit codes
 0 (done), 1 (an error, one line on stderr saying what and what would work) and 2 (bad
 usage). Models are given as ``package.module:factory`` (``--model-args`` JSON for its
@@ -8,7 +8,7 @@ keyword arguments) and data as ``package.module:loader``; ``zoo:…`` names the 
 and data that ship with mpsearch.
 
 Each subcommand lives in a module with ``add_parsers(sub)``; :data:`COMMAND_MODULES` lists
-them in ``--help`` order (``profile`` goes here when the hardware profile lands).
+them in ``--help`` order (search, profile, apply, export).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 from mpsearch.cli._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
-COMMAND_MODULES = ("mpsearch.cli.search", "mpsearch.cli.apply", "mpsearch.cli.export")
-"""Modules registering subcommands (``add_parsers(sub)``); add ``profile``'s here."""
+COMMAND_MODULES = ("mpsearch.cli.search", "mpsearch.cli.profile", "mpsearch.cli.apply",
+                   "mpsearch.cli.export")
+"""Modules registering subcommands (``add_parsers(sub)``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from mpsearch.cli._common import EXIT_OK, add_common, add_model_args, emit, load_data, load_model
 
@@ -19,13 +19,18 @@ def _pins(items: Sequence[str] | None) -> dict[str, int]:
     return out
 
 
+_REFINE: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
+
+
 def _budget(args: argparse.Namespace) -> Any:
     from mpsearch import Budget
 
-    limits = {k: getattr(args, k) for k in ("avg_bits", "size_bytes", "bops")
+    limits = {k: getattr(args, k) for k in ("avg_bits", "size_bytes", "bops", "latency_us",
+                                            "latency_ratio")
               if getattr(args, k) is not None}
     if not limits:
-        raise ValueError("give a budget: --avg-bits, --size-bytes and/or --bops")
+        raise ValueError("give a budget: --avg-bits, --size-bytes, --bops, --latency-us "
+                         "and/or --latency-ratio")
     return Budget(**limits)
 
 
@@ -35,12 +40,21 @@ def run_search(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     data = load_data(args)
-    estimator = mpsearch.Hutchinson(tol=args.tol, max_probes=args.max_probes,
-                                     min_probes=min(8, args.max_probes))
+    estimator: Any = args.sensitivity
+    if args.sensitivity == "hutchinson":
+        estimator = mpsearch.Hutchinson(tol=args.tol, max_probes=args.max_probes,
+                                         min_probes=min(8, args.max_probes))
+    elif args.sensitivity.endswith(".json"):
+        estimator = mpsearch.SensitivityTable.load(args.sensitivity)
+    profile = mpsearch.HardwareProfile.load(args.profile) if args.profile else None
     res = mpsearch.search(model, _budget(args), data=data, bits=args.bits, seed=args.seed,
-                          sensitivity=estimator, include=args.include, exclude=args.exclude,
-                          pin=_pins(args.pin), tie="fused" if args.tie_fused else None,
-                          a_bits=args.a_bits, progress=not (args.quiet or args.json))
+                          sensitivity=estimator, solver=args.solver, include=args.include,
+                          exclude=args.exclude, pin=_pins(args.pin),
+                          tie="fused" if args.tie_fused else None, a_bits=args.a_bits,
+                          refine=_REFINE[args.refine],
+                          profile=profile, progress=not (args.quiet or args.json))
+    if args.save_sensitivity:
+        res.sensitivity.save(args.save_sensitivity)
     path = res.bitmap.save(args.out)
     payload = {"bitmap": str(path), "avg_bits": res.bitmap.avg_bits(),
                "bits": res.bitmap.bits(), "predicted": res.bitmap.predicted,
@@ -84,7 +98,21 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--avg-bits", type=float, help="average weight bits budget")
     s.add_argument("--size-bytes", type=float, help="weight bytes budget (scales included)")
     s.add_argument("--bops", type=float, help="bit operations per sample budget")
-    s.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="candidate bits")
+    s.add_argument("--latency-us", type=float, help="latency budget (needs --profile)")
+    s.add_argument("--latency-ratio", type=float,
+                   help="latency budget as a fraction of the all-INT8 latency (needs --profile)")
+    s.add_argument("--profile", help="HardwareProfile JSON from `mpsearch profile`")
+    s.add_argument("--bits", type=int, nargs="+", default=None,
+                   help="candidate bits (default 2 3 4 8; with --profile also 32)")
+    s.add_argument("--sensitivity", default="qerror",
+                   help="fisher | hutchinson | qerror (default), or a table JSON saved "
+                        "with --save-sensitivity (then only the solve runs)")
+    s.add_argument("--save-sensitivity", metavar="JSON",
+                   help="write the sensitivity table, to reuse at other budgets")
+    s.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "nsga2"],
+                   help="allocation solver (default ilp)")
+    s.add_argument("--refine", default="auto", choices=["auto", "on", "off"],
+                   help="measured refinement of the solved map (default auto: up to 30 s)")
     s.add_argument("--a-bits", type=int, default=None, help="activation bits (default: float)")
     s.add_argument("--include", nargs="*", help="glob patterns of layers to search")
     s.add_argument("--exclude", nargs="*", help="glob patterns of layers to keep float")
