@@ -150,7 +150,8 @@ def test_validate_json(searched, capsys):
 
 def test_parser_lists_the_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"search", "demo", "apply", "validate", "export", "import"}
+    assert set(sub.choices) == {"search", "demo", "profile", "apply", "validate", "export",
+                                "import"}
 
 
 def test_module_entry_point_runs_as_a_process():
@@ -158,3 +159,25 @@ def test_module_entry_point_runs_as_a_process():
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime" in json.loads(proc.stdout)
+
+
+def test_profile_then_latency_budgeted_search(tmp_path):  # type: ignore[no-untyped-def]
+    prof = tmp_path / "prof.json"
+    assert main(["profile", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--rounds", "1",
+                 "--out", str(prof), "-q"]) == 0
+    doc = json.loads(prof.read_text())
+    assert doc and prof.stat().st_size > 100
+    out = tmp_path / "bm.json"
+    assert main(["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--profile",
+                 str(prof), "--latency-ratio", "1.5", "--sensitivity", "fisher",
+                 "--save-sensitivity", str(tmp_path / "t.json"), "--refine", "off",
+                 "--out", str(out), "-q"]) == 0
+    import mpsearch
+
+    bm = mpsearch.BitMap.load(out)
+    assert "latency_us" in bm.predicted
+    # the saved table is reused: only the solve runs
+    assert main(["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits",
+                 "3", "--sensitivity", str(tmp_path / "t.json"), "--refine", "off",
+                 "--out", str(out), "-q"]) == 0
+    assert mpsearch.BitMap.load(out).avg_bits() <= 3.0
