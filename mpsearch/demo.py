@@ -20,7 +20,7 @@ from torch import nn
 
 from mpsearch._report import markdown_table
 from mpsearch.bitmap import BitMap
-from mpsearch.search import SearchResult, search
+from mpsearch.search import DEFAULT_SENSITIVITY, SearchResult, search
 from mpsearch.sensitivity import SensitivityTable
 from mpsearch.validate import validate
 
@@ -85,7 +85,7 @@ def run_demo(model_name: str = "dwsep", budgets: Sequence[float] = DEFAULT_BUDGE
     sens: SensitivityTable | None = None
     for budget in budgets:
         t = time.perf_counter()
-        res = search(model, budget, data=calib, sensitivity=sens or "hutchinson", seed=seed,
+        res = search(model, budget, data=calib, sensitivity=sens or DEFAULT_SENSITIVITY, seed=seed,
                      progress=progress)
         sens = res.sensitivity
         results[budget] = res

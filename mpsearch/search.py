@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 Ties = Sequence[Sequence[str]] | Literal["fused"] | None
 
+DEFAULT_SENSITIVITY = "qerror"
+"""The estimator ``search`` uses unless told otherwise (chosen by the fidelity benchmark)."""
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -152,7 +155,7 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
 
 def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
            loss_fn: LossFn | None = None, bits: Sequence[int] | None = None,
-           sensitivity: str | Estimator | SensitivityTable = "hutchinson",
+           sensitivity: str | Estimator | SensitivityTable = DEFAULT_SENSITIVITY,
            solver: str | Solver = "ilp", seed: int = 0, include: Patterns = None,
            exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
            a_bits: int | None = None, qconfig: QuantConfig | None = None,
@@ -169,8 +172,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             output's ``.loss``) with targets, else divergence from the float model's output.
         bits: candidate weight bit-widths (2–8, 16 half precision, 32 float); default
             (2, 3, 4, 8), and 32 too when a ``profile`` is given.
-        sensitivity: ``"hutchinson"``, an estimator object, or a table from an earlier
-            search (then only the solve runs).
+        sensitivity: ``"qerror"`` (measured single-layer loss increase: the most faithful
+            in ``results/sensitivity_fidelity.md``), ``"fisher"``, ``"hutchinson"``, an
+            estimator object (e.g. ``Fisher(block=True)``, the fast choice for large
+            models), or a table from an earlier search (then only the solve runs).
         solver: ``"ilp"`` (exact), ``"greedy"``, ``"nsga2"`` (a whole front: see
             :attr:`SearchResult.front`), or a solver object.
         seed: seeds every random choice.
