@@ -6,14 +6,18 @@ From a uniform map (every unit at the same bits where it can take them):
    adds the least loss per unit of over-spent budget freed;
 2. **up**: while moves fit, take the one that saves the most loss per unit of budget
    used (each unit climbs its loss/cost hull);
-3. **swap**: take the best loss-reducing move that fits, else the best pair (one unit
-   up, another down to pay for it), until neither improves.
+3. **swap**: take the loss-reducing moves that fit, else the best pairs (one unit up,
+   another down to pay for it), until neither improves;
+4. **exchange** (on the best answer): one unit up, paid for by greedy downgrades of any
+   number of others, then swaps again, until that does not improve either.
 
-Budgets are combined by the Lagrangian prices of the relaxation (what a unit of each is
-worth at its optimum), which also give a lower bound: the reported gap is proved. Two
-starts are tried by default, the uniform maps either side of the budget, and the better
-answer kept. Options are pruned first exactly as for the ILP (dominated or alone over
-budget), so ties, pins and ``allowed`` hold by construction.
+Three starts are tried: the uniform maps either side of the budget (the most bits that
+fit, and the next up) and the ILP's start (the Lagrangian choice made feasible, which
+also covers budgets pulling apart, where descending from uniform can fail). Budgets are
+combined by the Lagrangian prices of the relaxation (what a unit of each is worth at its
+optimum), which also give a lower bound: the reported gap is proved. Options are pruned
+first exactly as for the ILP (dominated or alone over budget), so ties, pins and
+``allowed`` hold by construction.
 """
 
 from __future__ import annotations
