@@ -227,7 +227,10 @@ def report(frame: pd.DataFrame, hv: pd.DataFrame, quick: bool) -> str:
         ("greedy within 2 % of the optimum (worst case, every problem)",
          float(frame["greedy_gap"].max()), TARGETS["greedy_gap"]),
     ]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+               f"load average {load} when written (above the CPU count, wall times are "
+               f"inflated: read the CPU seconds), "
                f"Python {platform.python_version()}. One run each; every ILP answer below was "
                f"proved optimal unless its status says otherwise "
                f"({int((frame['ilp_status'] == 'optimal').sum())} of {len(frame)} proved).")
