@@ -164,6 +164,8 @@ def test_start_and_swap_options() -> None:
         ({"start_bits": 2.5}, "start_bits must be an int or None"),
         ({"swap_candidates": 0}, "swap_candidates must be an int >= 1"),
         ({"max_swaps": -1}, "max_swaps must be an int >= 0"),
+        ({"gap_tol": 1.0}, r"gap_tol must be in \[0, 1\)"),
+        ({"polish_all_max_units": -1}, "polish_all_max_units must be an int >= 0"),
     ],
 )
 def test_parameters_validate(kwargs: dict[str, Any], message: str) -> None:

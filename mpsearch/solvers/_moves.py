@@ -23,6 +23,7 @@ __all__ = [
     "budget_weight",
     "descend",
     "eject",
+    "eject_down",
     "improve",
     "reduce_excess",
     "upgrade",
@@ -244,22 +245,21 @@ def reduce_excess(
     return None
 
 
-def _accept(moves: list[list[int]], choice: IntArray, delta_share: FloatArray,
-            slack: FloatArray, n_options: int) -> int:
+def _accept(moves: IntArray, choice: IntArray, delta_share: FloatArray, slack: FloatArray,
+            n_options: int) -> int:
     """Take improving moves in the order given while they touch distinct units and fit
-    the slack together; each entry is one or more flat (unit, option) indices."""
-    left = slack.copy()
-    touched: set[int] = set()
+    the slack together. ``moves`` is ``G x M``: each row one or more flat (unit, option)
+    indices taken together."""
     flat_share = delta_share.reshape(len(slack), -1)
+    needs = flat_share[:, moves].sum(axis=2).T.tolist()  # G x K
+    left = slack.tolist()
+    touched: set[int] = set()
     taken = 0
-    for group in moves:
+    for group, need in zip(moves.tolist(), needs):
         units = [move // n_options for move in group]
-        if touched.intersection(units):
+        if touched.intersection(units) or any(n > room for n, room in zip(need, left)):
             continue
-        need = flat_share[:, group].sum(axis=1)
-        if (need > left).any():
-            continue
-        left -= need
+        left = [room - n for room, n in zip(left, need)]
         touched.update(units)
         for move, unit in zip(group, units):
             choice[unit] = move % n_options
@@ -276,6 +276,7 @@ def improve(
     *,
     candidates: int = 32,
     max_rounds: int = 10_000,
+    pairs: bool = True,
 ) -> tuple[IntArray, int]:
     """Local search from a feasible choice: take loss-reducing moves that fit, else pairs
     (one unit up, another down to pay for it), until none improves.
@@ -283,7 +284,7 @@ def improve(
     Each round takes the best moves (or pairs) first, then any others on distinct units
     that still fit together. Pairs are searched between every move that frees budget
     and the ``candidates`` up moves saving the most loss plus the ``candidates`` saving
-    the most per budget used.
+    the most per budget used; ``pairs=False`` takes single moves only (a cheap fill).
 
     Returns:
         The improved choice (new array) and the number of moves taken.
@@ -306,10 +307,10 @@ def improve(
         if len(single):
             order = single[_smallest(delta_loss.flat[single], 4 * candidates)]
             order = order[np.argsort(delta_loss.flat[order], kind="stable")]
-            taken += _accept([[int(m)] for m in order], choice, delta_share, slack, n_options)
+            taken += _accept(order[:, None], choice, delta_share, slack, n_options)
             continue
         up = np.flatnonzero(better)  # none fits alone
-        if not len(up) or not len(shares):
+        if not (pairs and len(up) and len(shares)):
             break
         up_loss = delta_loss.flat[up]
         up_share = delta_share.reshape(len(shares), -1)[:, up]
@@ -335,8 +336,8 @@ def improve(
         if not len(found):
             break
         found = found[np.argsort(best[found], kind="stable")]
-        pairs = [[int(up[i]), int(down[partner[i]])] for i in found]
-        taken += _accept(pairs, choice, delta_share, slack, n_options)
+        chosen = np.column_stack([up[found], down[partner[found]]])
+        taken += _accept(chosen, choice, delta_share, slack, n_options)
     return choice, taken
 
 
@@ -351,7 +352,8 @@ def eject(
     candidates: int = 8,
 ) -> IntArray | None:
     """One move up that does not fit, paid for by greedy downgrades of the other units
-    (:func:`descend` with the moved unit held): an exchange of any number of units.
+    (:func:`descend` with the moved unit held), any room left over filled by single
+    loss-reducing moves: an exchange of any number of units.
 
     Tries the ``candidates`` up moves saving the most loss; returns the best resulting
     choice if it has less loss than ``choice``, else ``None``.
@@ -377,6 +379,49 @@ def eject(
         held[unit] = allowed[unit]
         if result is None:
             continue
+        result, _ = improve(result, loss, allowed, shares, limits, pairs=False)
+        value = float(masked[rows, result].sum())
+        if value < best_loss:
+            best, best_loss = result, value
+    return best
+
+
+def eject_down(
+    choice: IntArray,
+    loss: FloatArray,
+    allowed: BoolArray,
+    weight: FloatArray,
+    shares: Sequence[FloatArray],
+    limits: Sequence[float],
+    *,
+    candidates: int = 8,
+) -> IntArray | None:
+    """The mirror of :func:`eject`: one move down that frees budget, the room it leaves
+    filled by single loss-reducing moves of the other units (moved unit held).
+
+    Tries the ``candidates`` down moves adding the least loss per weight freed; returns
+    the best resulting choice if it has less loss than ``choice``, else ``None``.
+    """
+    rows = np.arange(len(choice))
+    masked = np.where(allowed, loss, np.inf)
+    current = masked[rows, choice]
+    freed = weight[rows, choice][:, None] - weight
+    added = masked - current[:, None]
+    down = np.flatnonzero((freed > 0) & np.isfinite(added))
+    if not len(down):
+        return None
+    down = down[_smallest(added.flat[down] / freed.flat[down], candidates)]
+    total = float(current.sum())
+    best, best_loss = None, total - 1e-12 * max(abs(total), 1e-300)
+    held = allowed.copy()
+    for move in down.tolist():
+        unit, to = divmod(move, loss.shape[1])
+        trial = choice.copy()
+        trial[unit] = to
+        held[unit] = False
+        held[unit, to] = True
+        result, _ = improve(trial, loss, held, shares, limits, pairs=False)
+        held[unit] = allowed[unit]
         value = float(masked[rows, result].sum())
         if value < best_loss:
             best, best_loss = result, value

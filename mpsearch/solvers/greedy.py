@@ -6,14 +6,19 @@ From a uniform map (every unit at the same bits where it can take them):
    adds the least loss per unit of over-spent budget freed;
 2. **up**: while moves fit, take the one that saves the most loss per unit of budget
    used (each unit climbs its loss/cost hull);
-3. **swap**: take the best loss-reducing move that fits, else the best pair (one unit
-   up, another down to pay for it), until neither improves.
+3. **swap**: take the loss-reducing moves that fit, else the best pairs (one unit up,
+   another down to pay for it), until neither improves;
+4. **exchange** (on the best answer): one unit up, paid for by greedy downgrades of any
+   number of others (or one unit down, the room filled by greedy upgrades), then swaps
+   again, until that does not improve either.
 
-Budgets are combined by the Lagrangian prices of the relaxation (what a unit of each is
-worth at its optimum), which also give a lower bound: the reported gap is proved. Two
-starts are tried by default, the uniform maps either side of the budget, and the better
-answer kept. Options are pruned first exactly as for the ILP (dominated or alone over
-budget), so ties, pins and ``allowed`` hold by construction.
+Three starts are tried: the uniform maps either side of the budget (the most bits that
+fit, and the next up) and the ILP's start (the Lagrangian choice made feasible, which
+also covers budgets pulling apart, where descending from uniform can fail). Budgets are
+combined by the Lagrangian prices of the relaxation (what a unit of each is worth at its
+optimum), which also give a lower bound: the reported gap is proved. Options are pruned
+first exactly as for the ILP (dominated or alone over budget), so ties, pins and
+``allowed`` hold by construction.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mpsearch.solvers._moves import (
     budget_weight,
     descend,
     eject,
+    eject_down,
     improve,
     reduce_excess,
     upgrade,
@@ -67,6 +73,10 @@ class GreedySolver:
         swap_candidates: up moves paired with every freeing move in the swap pass: this
             many saving the most loss, and this many saving the most per budget used.
         max_swaps: cap on moves taken by the swap pass.
+        gap_tol: the exchanges stop once the loss is provably within this relative gap
+            of the optimum (of the Lagrangian bound); 0 to run them until none helps.
+        polish_all_max_units: up to this many units every start's climb gets the swaps
+            and exchanges; above it only the best climb does.
     """
 
     name: ClassVar[str] = "greedy"
@@ -74,14 +84,21 @@ class GreedySolver:
     swaps: bool = True
     swap_candidates: int = 32
     max_swaps: int = 100_000
+    gap_tol: float = 1e-6
+    polish_all_max_units: int = 500
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.gap_tol < 1.0:
+            raise ValueError(f"gap_tol must be in [0, 1), got {self.gap_tol!r}")
         if self.start_bits is not None and (
             isinstance(self.start_bits, bool) or not isinstance(self.start_bits, int)
         ):
             raise ValueError(f"start_bits must be an int or None, got {self.start_bits!r}")
         if not (isinstance(self.swap_candidates, int) and self.swap_candidates >= 1):
             raise ValueError(f"swap_candidates must be an int >= 1, got {self.swap_candidates!r}")
+        if not (isinstance(self.polish_all_max_units, int) and self.polish_all_max_units >= 0):
+            raise ValueError("polish_all_max_units must be an int >= 0, got "
+                             f"{self.polish_all_max_units!r}")
         if not (isinstance(self.max_swaps, int) and self.max_swaps >= 0):
             raise ValueError(f"max_swaps must be an int >= 0, got {self.max_swaps!r}")
 
@@ -114,9 +131,9 @@ class GreedySolver:
         # Budgets exactly at a reachable total are common (a limit set to a uniform map's
         # cost), and normalised sums are off by rounding: search with limits a hair
         # loose, check exactly, and search again a hair tight if an answer slipped over.
-        best, slipped = self._search(problem, model, prices.tolist(), margin=-1e-9)
+        best, slipped = self._search(problem, model, prices.tolist(), bound, margin=-1e-9)
         if slipped or best is None:
-            strict, _ = self._search(problem, model, prices.tolist(), margin=1e-9)
+            strict, _ = self._search(problem, model, prices.tolist(), bound, margin=1e-9)
             if strict is not None and (best is None or strict[0] < best[0]):
                 best = strict
         if best is None:
@@ -141,8 +158,9 @@ class GreedySolver:
         return Front.build([solution], objectives=list(problem.budgets), solver=self.name,
                            status=status, time_s=elapsed, gap=gap)
 
-    def _search(self, problem: AllocationProblem, model: Model, prices: list[float], *,
-                margin: float) -> tuple[tuple[float, IntArray] | None, bool]:
+    def _search(self, problem: AllocationProblem, model: Model, prices: list[float],
+                bound: float, *, margin: float
+                ) -> tuple[tuple[float, IntArray] | None, bool]:
         """The best feasible answer over the starts (or None), and whether any answer
         was dropped for slipping over a budget by rounding."""
         limits = [c * (1.0 - margin) + (1e-12 if margin < 0 else 0.0) for c in model.capacity]
@@ -157,21 +175,28 @@ class GreedySolver:
             if choice is None:
                 choice = reduce_excess(start, model.loss, model.allowed, model.shares, limits)
             if choice is not None:
-                candidates.append(self._finish(choice, model, weight, limits))
+                candidates.append(upgrade(choice, model.loss, model.allowed, weight,
+                                          model.shares, limits))
         # The Lagrangian choice made feasible (the ILP's start) is a third start: it
         # also covers budgets pulling apart, where descending from uniform can fail.
         lagrange = lagrangian_greedy(model, np.asarray(prices))
         if lagrange is not None:
-            candidates.append(self._finish(lagrange, model, weight, limits))
+            candidates.append(upgrade(lagrange, model.loss, model.allowed, weight,
+                                      model.shares, limits))
         best: tuple[float, IntArray] | None = None
         slipped = False
         for choice in candidates:
             best, dropped = _better(problem, model, best, choice)
             slipped |= dropped
         if best is not None and self.swaps and self.max_swaps:
-            best, dropped = _better(problem, model, best,
-                                    self._exchange(best[1], model, limits, prices))
-            slipped |= dropped
+            # Each start's climb is polished on small models (different starts end in
+            # different local optima); on large ones only the best climb, as polishing
+            # the others costs many times the climbs and gains nothing measurable.
+            polish = candidates if problem.n_units <= self.polish_all_max_units else [best[1]]
+            for choice in polish:
+                best, dropped = _better(problem, model, best, self._polish(
+                    choice, model, weight, limits, prices, bound))
+                slipped |= dropped
         return best, slipped
 
     def _starts(self, problem: AllocationProblem, model: Model, limits: list[float]
@@ -186,23 +211,33 @@ class GreedySolver:
         top = max(i for i, ok in enumerate(fits) if ok)
         return maps[top:top + 2]
 
-    def _finish(self, choice: IntArray, model: Model, weight: np.ndarray,
-                limits: list[float]) -> IntArray:
-        """Climb, then single and paired swaps."""
-        choice = upgrade(choice, model.loss, model.allowed, weight, model.shares, limits)
-        if self.swaps and self.max_swaps:
-            choice, _ = improve(choice, model.loss, model.allowed, model.shares, limits,
-                                candidates=self.swap_candidates, max_rounds=self.max_swaps)
-        return choice
+    def _polish(self, choice: IntArray, model: Model, weight: np.ndarray,
+                limits: list[float], prices: list[float], bound: float) -> IntArray:
+        """Swaps, then exchanges, unless the climb is already provably within
+        ``gap_tol`` of the optimum (common on large models: the swaps cost more than
+        the climb there)."""
+        loss = float(model.loss[np.arange(len(choice)), choice].sum())
+        if loss - bound <= self.gap_tol * abs(loss):
+            return choice
+        choice, _ = improve(choice, model.loss, model.allowed, model.shares, limits,
+                            candidates=self.swap_candidates, max_rounds=self.max_swaps)
+        return self._exchange(choice, model, weight, limits, prices, bound)
 
-    def _exchange(self, choice: IntArray, model: Model, limits: list[float],
-                  prices: list[float]) -> IntArray:
+    def _exchange(self, choice: IntArray, model: Model, weight: np.ndarray,
+                  limits: list[float], prices: list[float], bound: float) -> IntArray:
         """Exchanges of any number of units (one up, greedy downgrades to pay for it),
-        each followed by the swap pass, until none helps."""
+        each followed by the swap pass, until none helps or the gap is proved small."""
+        rows = np.arange(len(choice))
         taken = 0
         while taken < self.max_swaps:
+            loss = float(model.loss[rows, choice].sum())
+            if loss - bound <= self.gap_tol * abs(loss):
+                break
             ejected = eject(choice, model.loss, model.allowed, model.shares, limits, prices,
                             candidates=self.swap_candidates)
+            if ejected is None:  # the mirror: one unit down, any number up into the room
+                ejected = eject_down(choice, model.loss, model.allowed, weight, model.shares,
+                                     limits, candidates=self.swap_candidates)
             if ejected is None:
                 break
             choice, count = improve(ejected, model.loss, model.allowed, model.shares, limits,

@@ -197,6 +197,12 @@ class NSGA2Solver:
         front = Front.build(solutions, objectives=objectives, solver=self.name,
                             status="feasible", time_s=0.0)
         kept = _thin(list(front.solutions), self.max_solutions)
+        if not kept:
+            raise InfeasibleBudget(
+                f"nsga2 found no allocation meeting all of {dict(problem.budgets)} together; "
+                "they may be jointly infeasible: the ILP solver ('ilp') decides exactly",
+                {name: problem.min_cost(name) for name in problem.budgets},
+            )
         best = min(kept, key=lambda s: s.loss)
         gap: float | None = None
         if proved is not None and best.loss >= proved.loss:
@@ -223,14 +229,19 @@ class NSGA2Solver:
                     front = ilp.solve(problem.with_budgets({**problem.budgets, first: level}),
                                       seed=seed)
                 except InfeasibleBudget:
+                    if level == high:  # proved: the budgets cannot be met together
+                        raise
                     continue
                 if not len(front):
                     continue
                 if level == high and front.status == "optimal":
                     proved = front.best
                 seeds.append(_unit_choice(problem, front.best.choice))
-        greedy = GreedySolver().solve(problem)
-        seeds.append(_unit_choice(problem, greedy.best.choice))
+        try:
+            greedy = GreedySolver().solve(problem)
+            seeds.append(_unit_choice(problem, greedy.best.choice))
+        except InfeasibleBudget:  # it can miss budgets pulling apart; evolution may not
+            logger.info("nsga2: the greedy seed found no allocation within the budgets")
         # The greedy climb from the cheapest allocation: each step is near the front.
         cheapest = np.where(model.allowed, weight, np.inf).argmin(axis=1).astype(np.int64)
         trail: list[tuple[int, int]] = []
