@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 Ties = Sequence[Sequence[str]] | Literal["fused"] | None
 
-DEFAULT_SENSITIVITY = "qerror"
+DEFAULT_SENSITIVITY = "fisher_block"
 """The estimator ``search`` uses unless told otherwise (chosen by the fidelity benchmark)."""
 
 
@@ -172,10 +172,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             output's ``.loss``) with targets, else divergence from the float model's output.
         bits: candidate weight bit-widths (2–8, 16 half precision, 32 float); default
             (2, 3, 4, 8), and 32 too when a ``profile`` is given.
-        sensitivity: ``"qerror"`` (measured single-layer loss increase: the most faithful
-            in ``results/sensitivity_fidelity.md``), ``"fisher"``, ``"hutchinson"``, an
-            estimator object (e.g. ``Fisher(block=True)``, the fast choice for large
-            models), or a table from an earlier search (then only the solve runs).
+        sensitivity: ``"fisher_block"`` (default: per-sample Fisher along each layer's
+            quantization error, near the measured ranking at a fraction of its cost in
+            ``results/sensitivity_fidelity.md``), ``"qerror"`` (measured single-layer loss
+            increase), ``"fisher"`` (diagonal), ``"hutchinson"``, an estimator object, or a
+            table from an earlier search (then only the solve runs).
         solver: ``"ilp"`` (exact), ``"greedy"``, ``"nsga2"`` (a whole front: see
             :attr:`SearchResult.front`), or a solver object.
         seed: seeds every random choice.

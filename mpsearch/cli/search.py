@@ -104,9 +104,9 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--profile", help="HardwareProfile JSON from `mpsearch profile`")
     s.add_argument("--bits", type=int, nargs="+", default=None,
                    help="candidate bits (default 2 3 4 8; with --profile also 32)")
-    s.add_argument("--sensitivity", default="qerror",
-                   help="fisher | hutchinson | qerror (default), or a table JSON saved "
-                        "with --save-sensitivity (then only the solve runs)")
+    s.add_argument("--sensitivity", default="fisher_block",
+                   help="fisher_block (default) | fisher | qerror | hutchinson, or a table "
+                        "JSON saved with --save-sensitivity (then only the solve runs)")
     s.add_argument("--save-sensitivity", metavar="JSON",
                    help="write the sensitivity table, to reuse at other budgets")
     s.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "nsga2"],
