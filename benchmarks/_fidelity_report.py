@@ -185,18 +185,46 @@ def _plot(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
     return path
 
 
+def _speed_parts(speed: pd.DataFrame) -> list[str]:
+    sp = speed.copy()
+    naive = sp[sp["variant"].str.contains("naive")]["time_all_probes_s"]
+    if len(naive):
+        sp["speedup_vs_naive"] = float(naive.iloc[0]) / sp["time_all_probes_s"]
+    full = sp[~sp["extrapolated"]]
+    target = (f"All {int(full['probes_all'].iloc[0])} probes with `QError()`: "
+              f"{float(full['time_all_probes_s'].iloc[0]):.1f} s measured (target ≤ 60 s on a "
+              "quiet 2-core CPU). " if len(full) else "")
+    return [
+        ("## qerror speed on MobileNetV2 (32 calibration crops given as one batch of 32, "
+         "bits 2/3/4/8)"), "",
+        target + "Variants with prefix replay run every probe; the others cost the same for "
+        "every probe and time only every 8th layer's probes (with `--quick`, every variant "
+        "every 16th layer); rows with `extrapolated = True` scale the measured time by "
+        "(all probes + 1) / (measured probes + 1), the +1 being the reference pass: "
+        "**extrapolated, not measured**. The naive baseline recomputes the whole network on "
+        "the whole batch of 32 for every probe. One warm-up forward pass precedes the "
+        "timings.", "",
+        _fmt_table(sp, ["variant", "layers_measured", "probes_measured", "time_measured_s",
+                        "per_probe_s", "probes_all", "time_all_probes_s", "extrapolated",
+                        "speedup_vs_naive"]),
+    ]
+
+
 def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Path, stem: str,
           *, command: str, total_s: float, threads: int, reused: bool,
           load_before: tuple[float, ...] = ()) -> list[Path]:
-    """Write ``<stem>.md``, ``<stem>.csv``, ``<stem>_points.csv`` and ``<stem>.png``."""
+    """Write ``<stem>.md`` and ``<stem>.csv``, and where there are fidelity rows
+    ``<stem>_points.csv`` and ``<stem>.png``."""
     single, maps = frames["single"], frames["maps"]
-    quality, speed = quality_ratios(frames["quality"]), frames.get("speed", pd.DataFrame())
-    summ = summary(single, maps, quality)
+    quality, speed = quality_ratios(frames["quality"]), frames["speed"]
+    summ = summary(single, maps, quality) if not single.empty else pd.DataFrame()
     load = os.getloadavg()
     parts = [
-        "# Sensitivity fidelity: predicted against measured",
+        "# Sensitivity fidelity: predicted against measured" if not single.empty
+        else "# qerror speed",
         "",
-        f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {total_s / 60:.1f} min in all; "
+        f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {total_s / 60:.1f} min in all "
+        f"({time.process_time() / 60:.1f} CPU-min, all threads); "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {threads} torch threads; load average "
         + (f"{load_before[0]:.1f} at the start, " if load_before else "")
@@ -204,86 +232,73 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
           "work)." + (" Sensitivity tables reused from the cache where present: their "
                       "times are those of the run that made them." if reused else ""),
         "",
-        "Models: " + "; ".join(f"`{k}`: {v}" for k, v in cases.items()) + ". Candidate bits "
-        "2/3/4/8, per-channel asymmetric MSE-range weight quantizer (the library default) for "
-        "every map. **Measured** single-layer damage = each layer quantized alone, loss "
-        "increase on the held-out evaluation data (`QError().estimate` over the evaluation "
-        "batches); the `qerror` estimator measures the same on the calibration data.",
-        "",
-        "## Summary per estimator (mean over models)",
-        "",
-        _fmt_table(summ, list(summ.columns)),
-        "",
-        "## Which estimator should be the default",
-        "",
-        verdict(summ),
-        "",
-        "## 1. Single-layer fidelity and cost",
-        "",
-        ("Spearman / Kendall over all (layer, bits) entries; `spearman_within_bits`: mean "
-        "over bit-widths of the Spearman correlation across layers (the trade the solver "
-        "makes); ratios predicted/measured over entries where both are positive; "
-        "`measured_nonpositive`: entries where quantizing the layer alone did not raise the "
-        "held-out loss. Time: the estimator's own `time_s` on the calibration data."),
-        "",
-        _fmt_table(single, ["model", "estimator", "spearman", "kendall", "spearman_within_bits",
-                            "ratio_median", "ratio_p90", "abs_log10_ratio_median", "points",
-                            "measured_nonpositive", "time_s", "work", "note"]),
-        "",
-        "## 2. Summed prediction against whole mixed maps",
-        "",
-        ("The map each estimator's search picks (ILP, refinement off) at each budget: "
-        "`predicted` = Σ Ω of the chosen options, `measured` = held-out loss increase of the "
-        "whole map (`validate`), `rel_error` = (predicted − measured) / |measured|. "
-        "`sum_single_measured`: the sum of the measured single-layer increases of the same "
-        "map — its error is what interactions between layers alone cost."),
-        "",
-        _fmt_table(maps, ["model", "estimator", "budget", "avg_bits", "predicted", "measured",
-                          "rel_error", "sum_single_measured", "sum_single_rel_error"]),
-        "",
-        "## 3. Search quality at equal average bits",
-        "",
-        ("Held-out output divergence (KL of logits; MSE of hidden states for MiniLM), top-1 "
-        "agreement with the float model and accuracy where there are labels. `+refine`: the "
-        "same table with the measured refinement (`refine=\"auto\"`, ≤ 30 s; `--quick`: "
-        "10 s). `random`: mean ± std of random allocations meeting the same budget, each "
-        "the ILP solved with a random sensitivity table Ω[l, b] = r_l·4^(−b), r_l "
-        "log-uniform over 4 decades (seeds 0…n−1). `uniform_ratio` = uniform divergence / "
-        "this divergence (> 1: better than uniform); `random_ratio` likewise."),
-        "",
-        _fmt_table(quality, ["model", "budget", "method", "avg_bits", "divergence",
-                             "divergence_std", "uniform_ratio", "random_ratio", "agreement",
-                             "agreement_std", "accuracy", "accuracy_std", "refine_moves",
-                             "refine_s"]),
     ]
-    if not speed.empty:
-        naive = speed[speed["variant"].str.contains("naive")]["time_all_probes_s"]
-        sp = speed.copy()
-        if len(naive):
-            sp["speedup_vs_naive"] = float(naive.iloc[0]) / sp["time_all_probes_s"]
-        full = sp[~sp["extrapolated"]]
-        target = (f"All {int(full['probes_all'].iloc[0])} probes with `QError()`: "
-                  f"{float(full['time_all_probes_s'].iloc[0]):.1f} s measured (target ≤ 60 s "
-                  "on a quiet 2-core CPU). " if len(full) else "")
+    if not single.empty:
         parts += [
-            "", ("## 4. qerror speed on MobileNetV2 (32 calibration crops given as one batch "
-            "of 32, bits 2/3/4/8)"), "",
-            target + "Rows with `extrapolated = True` timed only every 8th layer's probes "
-            "(every 16th with `--quick`) and scale the measured time by (all probes + 1) / "
-            "(measured probes + 1), the +1 being the reference pass: **extrapolated, not "
-            "measured**. The naive baseline recomputes the whole network on the whole "
-            "batch for every probe.", "",
-            _fmt_table(sp, ["variant", "layers_measured", "probes_measured", "time_measured_s",
-                            "per_probe_s", "probes_all", "time_all_probes_s", "extrapolated",
-                            "speedup_vs_naive"]),
+            "Models: " + "; ".join(f"`{k}`: {v}" for k, v in cases.items()) + ". Candidate bits "
+            "2/3/4/8, per-channel asymmetric MSE-range weight quantizer (the library default) for "
+            "every map. **Measured** single-layer damage = each layer quantized alone, loss "
+            "increase on the held-out evaluation data (`QError().estimate` over the evaluation "
+            "batches); the `qerror` estimator measures the same on the calibration data.",
+            "",
+            "## Summary per estimator (mean over models)",
+            "",
+            _fmt_table(summ, list(summ.columns)),
+            "",
+            "## Which estimator should be the default",
+            "",
+            verdict(summ),
+            "",
+            "## 1. Single-layer fidelity and cost",
+            "",
+            ("Spearman / Kendall over all (layer, bits) entries; `spearman_within_bits`: mean "
+            "over bit-widths of the Spearman correlation across layers (the trade the solver "
+            "makes); ratios predicted/measured over entries where both are positive; "
+            "`measured_nonpositive`: entries where quantizing the layer alone did not raise the "
+            "held-out loss. Time: the estimator's own `time_s` on the calibration data."),
+            "",
+            _fmt_table(single, ["model", "estimator", "spearman", "kendall", "spearman_within_bits",
+                                "ratio_median", "ratio_p90", "abs_log10_ratio_median", "points",
+                                "measured_nonpositive", "time_s", "work", "note"]),
+            "",
+            "## 2. Summed prediction against whole mixed maps",
+            "",
+            ("The map each estimator's search picks (ILP, refinement off) at each budget: "
+            "`predicted` = Σ Ω of the chosen options, `measured` = held-out loss increase of the "
+            "whole map (`validate`), `rel_error` = (predicted − measured) / |measured|. "
+            "`sum_single_measured`: the sum of the measured single-layer increases of the same "
+            "map — its error is what interactions between layers alone cost."),
+            "",
+            _fmt_table(maps, ["model", "estimator", "budget", "avg_bits", "predicted", "measured",
+                              "rel_error", "sum_single_measured", "sum_single_rel_error"]),
+            "",
+            "## 3. Search quality at equal average bits",
+            "",
+            ("Held-out output divergence (KL of logits; MSE of hidden states for MiniLM), top-1 "
+            "agreement with the float model and accuracy where there are labels. `+refine`: the "
+            "same table with the measured refinement (`refine=\"auto\"`, ≤ 30 s; `--quick`: "
+            "10 s). `random`: mean ± std of random allocations meeting the same budget, each "
+            "the ILP solved with a random sensitivity table Ω[l, b] = r_l·4^(−b), r_l "
+            "log-uniform over 4 decades (seeds 0…n−1). `uniform_ratio` = uniform divergence / "
+            "this divergence (> 1: better than uniform); `random_ratio` likewise."),
+            "",
+            _fmt_table(quality, ["model", "budget", "method", "avg_bits", "divergence",
+                                 "divergence_std", "uniform_ratio", "random_ratio", "agreement",
+                                 "agreement_std", "accuracy", "accuracy_std", "refine_moves",
+                                 "refine_s"]),
+            "",
         ]
+    if not speed.empty:
+        parts += _speed_parts(speed)
     out.mkdir(parents=True, exist_ok=True)
-    md = write_text_atomic(out / f"{stem}.md", "\n".join(parts) + "\n")
+    paths = [write_text_atomic(out / f"{stem}.md", "\n".join(parts) + "\n")]
     long = pd.concat([f.assign(section=k) for k, f in
                       (("summary", summ), ("single", single), ("maps", maps),
                        ("quality", quality), ("speed", speed)) if not f.empty],
                      ignore_index=True)
-    csv = write_text_atomic(out / f"{stem}.csv", long.to_csv(index=False))
-    pts = write_text_atomic(out / f"{stem}_points.csv", frames["points"].to_csv(index=False))
-    png = _plot(frames, out / f"{stem}.png")
-    return [md, csv, pts, png]
+    paths.append(write_text_atomic(out / f"{stem}.csv", long.to_csv(index=False)))
+    if not single.empty:
+        paths.append(write_text_atomic(out / f"{stem}_points.csv",
+                                       frames["points"].to_csv(index=False)))
+        paths.append(_plot(frames, out / f"{stem}.png"))
+    return paths

@@ -54,7 +54,7 @@ import _fidelity_report as report
 import mpsearch
 from mpsearch import BitMap, QuantConfig, SensitivityTable
 from mpsearch._io import tensor_digest
-from mpsearch.batches import model_device
+from mpsearch.batches import call, model_device, slice_batch, split_batch
 from mpsearch.layers import LayerInfo, discover, layer_weight, quantizable_modules
 from mpsearch.losses import Objective
 from mpsearch.refine import Refine
@@ -232,8 +232,13 @@ class Runner:
                                                      progress=False)
         return self._validated[key]
 
-    def run(self) -> dict[str, list[dict[str, Any]]]:
+    def run(self, speed_only: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """Every measurement (or only the speed one) of this model."""
         name = self.case.name
+        if speed_only:
+            if self.case.speed_calib:
+                self.speed()
+            return self.rows
         gt = self.ground_truth().select(self.names, BITS)
         self.rows["single"].append({"model": name, "estimator": "ground_truth (eval qerror)",
                                     "time_s": gt.diagnostics.get("time_s"),
@@ -319,22 +324,29 @@ class Runner:
         log(f"{self.case.name}: uniform and random baselines measured")
 
     def speed(self) -> None:
-        """qerror speed target: all probes, and each ingredient on a subset of layers."""
+        """qerror speed target: every probe with ``QError()``, and each ingredient alone.
+
+        The variants with prefix replay run every probe (a probe's cost depends on where
+        its layer is); those without cost the same for every probe, so they run every 8th
+        layer and are extrapolated per probe. ``--quick``: every 16th layer for all.
+        """
         objective = Objective(self.case.speed_calib)
         objective.prepare(self.model, self.device)
         n_all = len(self.names) * len(BITS)
-        stride = 16 if self.quick else 8
-        subset = self.layers[::stride]
+        subset = self.layers[::16 if self.quick else 8]
         variants = [
-            ("QError() (prefix replay + micro-batches of 8)", QError(), self.layers),
-            ("QError(micro_batch=0) (replay only)", QError(micro_batch=0), subset),
-            ("QError(replay=False) (micro-batches only)", QError(replay=False), subset),
+            ("QError() (prefix replay + micro-batches of 8)", QError(), True),
+            ("QError(micro_batch=0) (replay only)", QError(micro_batch=0), True),
+            ("QError(replay=False) (micro-batches only)", QError(replay=False), False),
             ("QError(replay=False, micro_batch=0) (naive)",
-             QError(replay=False, micro_batch=0), subset),
+             QError(replay=False, micro_batch=0), False),
         ]
-        if self.quick:
-            variants[0] = (variants[0][0], variants[0][1], subset)
-        for label, est, layers in variants:
+        # First calls pay for allocator growth and oneDNN primitive creation: not a probe's cost.
+        with torch.no_grad():
+            for batch in (self.case.speed_calib[0], slice_batch(self.case.speed_calib[0], 0, 8)):
+                call(self.model, split_batch(batch))
+        for label, est, every in variants:
+            layers = self.layers if every and not self.quick else subset
             log(f"{self.case.name}: speed {label}, {len(layers)} layers")
             table = est.estimate(self.model, self.modules, layers, objective, BITS,
                                  QuantConfig(), device=self.device, seed=0, progress=False)
@@ -345,8 +357,7 @@ class Runner:
             self.rows["speed"].append({
                 "variant": label, "layers_measured": len(layers), "probes_measured": probes,
                 "time_measured_s": seconds, "probes_all": n_all, "time_all_probes_s": total,
-                "extrapolated": probes != n_all,
-                "per_probe_s": seconds / probes})
+                "extrapolated": probes != n_all, "per_probe_s": seconds / probes})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -358,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="MNIST only, Hutchinson capped at 16 probes, budgets 3 and 4, "
                              "short refinement, 4 random maps, speed on every 16th layer; "
                              "writes *_quick files")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the qerror speed measurement (MobileNetV2; a few minutes)")
     parser.add_argument("--reuse", action="store_true",
                         help="load sensitivity tables from (and save them to) --cache")
     parser.add_argument("--random", type=int, default=None,
@@ -371,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.random < 2:
         parser.error(f"--random must be >= 2 (mean ± std), got {args.random}")
     torch.set_num_threads(args.threads)
-    models = args.models or (["mnist_cnn", "mnist_dwsep"] if args.quick else list(MODELS))
+    models = args.models or (["mobilenet_v2"] if args.speed_only else
+                             ["mnist_cnn", "mnist_dwsep"] if args.quick else list(MODELS))
     start, load_before = time.perf_counter(), os.getloadavg()
     rows: dict[str, list[dict[str, Any]]] = {}
     cases = {}
@@ -380,11 +394,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         cases[name] = case.description
         t = time.perf_counter()
         for k, v in Runner(case, quick=args.quick, reuse=args.reuse, n_random=args.random,
-                           cache_dir=args.cache).run().items():
+                           cache_dir=args.cache).run(args.speed_only).items():
             rows.setdefault(k, []).extend(v)
         log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     frames = {k: pd.DataFrame(v) for k, v in rows.items()}
-    stem = "sensitivity_fidelity" + ("_quick" if args.quick else "")
+    stem = ("qerror_speed" if args.speed_only else "sensitivity_fidelity") + (
+        "_quick" if args.quick else "")
     paths = report.write(frames, cases, args.out, stem, command=" ".join(
         ["python", "benchmarks/sensitivity_fidelity.py", *(argv or sys.argv[1:])]),
         total_s=time.perf_counter() - start, threads=args.threads, reused=args.reuse,
