@@ -1,0 +1,85 @@
+"""The fidelity benchmark's own arithmetic: rank metrics, random tables, ratios, verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("scipy")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _load("sensitivity_fidelity")
+report = _load("_fidelity_report")
+
+
+def test_rank_metrics_known_answers() -> None:
+    measured = np.array([[4.0, 2.0, 1.0, 0.1], [40.0, 20.0, 10.0, -0.5], [0.4, 0.2, 0.1, 0.01]])
+    m = fidelity.rank_metrics(2.0 * np.abs(measured), measured)
+    assert m["points"] == 12 and m["measured_nonpositive"] == 1
+    assert m["ratio_median"] == pytest.approx(2.0) and m["ratio_p90"] == pytest.approx(2.0)
+    assert m["abs_log10_ratio_median"] == pytest.approx(np.log10(2.0))
+    # within 8 bits, |−0.5| reorders all three layers (Spearman −0.5); the others are exact
+    assert m["spearman_within_bits"] == pytest.approx((1 + 1 + 1 - 0.5) / 4)
+    # two entries of adjacent rank swapped out of 12: Σd² = 2, one discordant pair of 66
+    truth = np.arange(1.0, 13.0).reshape(3, 4)
+    swapped = truth.copy()
+    swapped[0, 0], swapped[0, 1] = truth[0, 1], truth[0, 0]
+    m = fidelity.rank_metrics(swapped, truth)
+    assert m["spearman"] == pytest.approx(1 - 6 * 2 / (12 * 143))
+    assert m["kendall"] == pytest.approx(1 - 2 / 66)
+    reverse = fidelity.rank_metrics(1.0 / np.abs(measured), np.abs(measured))
+    assert reverse["spearman"] == pytest.approx(-1.0)
+    assert reverse["spearman_within_bits"] == pytest.approx(-1.0)
+
+
+def test_random_table_is_seeded_and_falls_with_bits() -> None:
+    names, bits = ["a", "b", "c"], (2, 3, 4, 8)
+    t0, t0b, t1 = (fidelity.random_table(names, bits, s) for s in (0, 0, 1))
+    assert np.array_equal(t0.omega, t0b.omega) and not np.array_equal(t0.omega, t1.omega)
+    assert (np.diff(t0.omega, axis=1) < 0).all()
+    # each layer's curve is r_l · 4^(−b): the 2→3-bit step divides by 4 exactly
+    assert np.allclose(t0.omega[:, 0] / t0.omega[:, 1], 4.0)
+    assert t0.layers == tuple(names) and t0.bits == bits
+
+
+def test_quality_ratios_against_uniform_and_random() -> None:
+    q = pd.DataFrame({"model": ["m"] * 3, "budget": [4.0] * 3,
+                      "method": ["uniform", "random (n=8)", "qerror"],
+                      "divergence": [0.8, 1.6, 0.2]})
+    r = report.quality_ratios(q).set_index("method")
+    assert r.loc["uniform", "uniform_ratio"] == pytest.approx(1.0)
+    assert r.loc["qerror", "uniform_ratio"] == pytest.approx(4.0)
+    assert r.loc["qerror", "random_ratio"] == pytest.approx(8.0)
+
+
+def _summary(quality: list[float], time_s: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "estimator": ["hutchinson", "fisher", "qerror"], "models": [2] * 3,
+        "spearman_within_bits": [0.5, 0.9, 0.7], "uniform_ratio_geomean": quality,
+        "uniform_ratio_min_at_4": [5.0, 5.0, 3.0], "time_s_total": time_s})
+
+
+def test_verdict_prefers_quality_then_speed() -> None:
+    text = report.verdict(_summary([2.0, 3.0, 6.0], [10.0, 20.0, 30.0]))
+    assert "default should be **qerror**" in text
+    assert "ranking across layers (mean Spearman within each bit-width) is **fisher**" in text
+    assert "qerror (worst 3.00×)" in text and "hutchinson (worst" not in text
+    # fisher within 10 % of the best quality and over 3× faster: it wins
+    text = report.verdict(_summary([2.0, 5.5, 6.0], [10.0, 9.0, 30.0]))
+    assert "default should be **fisher**" in text
