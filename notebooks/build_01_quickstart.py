@@ -71,7 +71,8 @@ pd.DataFrame([{"layer": i.name, "kind": i.kind, "weight shape": i.weight_shape,
 
 One call: discover the layers, estimate each layer's sensitivity Ω[layer, bits] (the
 predicted increase of the calibration loss if that layer alone is quantized to that many
-bits; by default from the Hessian trace, Hutchinson's estimator, with a standard error),
+bits; by default from per-sample Fisher information along each layer's own quantization
+error, `fisher_block`, with a standard error),
 price each option, solve for the allocation with the least predicted loss increase within
 the budget (exact ILP), then refine it by measuring the chosen map and its neighbours on
 the calibration data. Candidate bits are 2, 3, 4 and 8."""),
@@ -80,20 +81,20 @@ res = mpsearch.search(model, 3.0, data=calib, seed=0, progress=False)
 print(res)
 print(f"{time.perf_counter() - start:.0f} s:",
       {stage: round(s, 2) for stage, s in res.timings_s.items()})
-print("sensitivity:", res.sensitivity.diagnostics["probes"], "Hutchinson probes;",
-      "refinement:", res.refinement)"""),
+print("sensitivity:", res.sensitivity.estimator, res.sensitivity.diagnostics["gradients"],
+      "per-sample gradients;", "refinement:", res.refinement)"""),
     ("md", """### Bits per layer
 
-`res.table` has one row per layer: the chosen `w_bits`, the Hessian trace with its standard
-error, and Ω at each candidate bit-width (what the solver traded off against the weights
+`res.table` has one row per layer: the chosen `w_bits`, the layer's Fisher information
+with its standard error, and Ω at each candidate bit-width (what the solver traded off against the weights
 each option costs)."""),
     ("code", """omega = [f"omega_{b}" for b in res.problem.bits]
-res.table[["kind", "params", "w_bits", "trace", "trace_stderr", *omega]]"""),
+res.table[["kind", "params", "w_bits", "fisher", "fisher_stderr", *omega]]"""),
     ("code", """ax = plot_bitmap(res.bitmap, order=list(res.table.index),
                  title=f"dwsep CNN: bits per layer at {res.bitmap.avg_bits():.2f} average bits")"""),
-    ("md", """The early layers (the stem and the first depthwise convolution, a few hundred weights
-each but every pixel passes through them) get 8 bits; the large pointwise layers of the
-later blocks, which hold most of the weights, take 2–3 bits and pay for it.
+    ("md", """The stem (a few hundred weights, but every pixel passes through it) gets 8 bits and the
+early blocks 4; the large pointwise layers of the later blocks, which hold most of the
+weights, take 2–3 bits and pay for it.
 
 ## Validate: searched against uniform
 
