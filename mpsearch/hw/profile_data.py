@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mpsearch._io import write_text_atomic
 from mpsearch.hw.formats import CONV_KINDS
 from mpsearch.hw.kernels_ort import LayerSpec
 
@@ -184,18 +184,8 @@ class HardwareProfile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write sorted JSON atomically (temp file + rename) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, sort_keys=True)
+                                 + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HardwareProfile:
