@@ -74,6 +74,7 @@ class Fisher:
     block: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "name", "fisher_block" if self.block else "fisher")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
 
@@ -257,10 +258,10 @@ def _call(model: nn.Module, params: Mapping[str, Tensor], args: Any, kwargs: Any
 
 
 def _check(grads: Mapping[str, Tensor], probe: _Probe) -> None:
-    for n, g in grads.items():
-        if not torch.isfinite(g).all():
-            raise ValueError(f"non-finite gradient for layer {n!r} on calibration batch "
-                             f"{probe.i}, samples {probe.s0}:{probe.s1}")
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise ValueError(f"NaN/inf gradient on calibration batch {probe.i}, samples "
+                         f"{probe.s0}:{probe.s1}, in layer(s) {bad}")
 
 
 def _grad(model: nn.Module, weights: Mapping[str, Tensor], split: Any,
