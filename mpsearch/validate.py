@@ -133,9 +133,11 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         loss_fn: as for :func:`search`.
         progress: show a progress bar.
         profile: a :class:`~mpsearch.HardwareProfile`: predicts the end-to-end latency.
-        measure_latency: export the mixed-precision model to ONNX with the real kernel of
-            each layer's format, run it in ONNX Runtime on every batch (output error
-            against the float and the simulated model) and time it on the first batch.
+        measure_latency: build the mixed-precision model with the real kernel of each
+            layer's format — exported to ONNX and run in ONNX Runtime, or with PyTorch
+            kernels on the profile's device when ``profile.backend == "torch"`` — run it
+            on every batch (output error against the float and the simulated model) and
+            time it on the first batch.
 
     Raises:
         BitMapError: the bit map does not fit the model.
@@ -203,26 +205,33 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
 
 def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn.Module,
               profile: HardwareProfile | None) -> dict[str, Any]:
-    """Run the exported model in ONNX Runtime: output errors, measured (and predicted) latency."""
+    """Run the deployed model: output errors, measured (and predicted) latency.
+
+    ONNX Runtime by default; PyTorch kernels on the profile's device when ``profile`` was
+    measured with ``backend="torch"``.
+    """
     from mpsearch.hw.cost import predict_latency
-    from mpsearch.hw.runtime import OrtModel
 
     threads = profile.threads if profile is not None else 1
-    ort_model = OrtModel(model, bitmap, batches[0], threads=threads)
+    from mpsearch.hw.runtime import deploy
+
+    device = str(profile.device.get("kind", "cpu")) if profile is not None else "cpu"
+    backend = profile.backend if profile is not None else "onnxruntime"
+    deployed = deploy(model, bitmap, batches[0], device, backend, threads)
     num = {"f": 0.0, "q": 0.0}
     den = {"f": 0.0, "q": 0.0}
     with torch.no_grad():
         for batch in batches:
             split = split_batch(batch)
             try:
-                y = torch.from_numpy(ort_model.run(batch))
+                y = torch.as_tensor(deployed.run(batch))
             except ValueError:
                 continue  # another input shape than the exported graph's
             for key, ref_model in (("f", model), ("q", qmodel)):
                 ref = first_output(call(ref_model, split)).float()
                 num[key] += float((y - ref).pow(2).sum())
                 den[key] += float(ref.pow(2).sum())
-    timing = ort_model.latency_us(batches[0])
+    timing = deployed.latency_us(batches[0])
     out: dict[str, Any] = {
         "latency_us_measured": timing["median_us"], "latency_us_measured_p10": timing["p10_us"],
         "latency_us_measured_p90": timing["p90_us"],

@@ -2,7 +2,9 @@
 
 Predicted end-to-end latency = ``rest_us`` (the model's measured non-quantizable work)
 + Σ over the layers the deployed graph runs of (calls × the layer's latency in its
-format). Each layer latency is float-in, float-out, so precision changes are charged.
+format × the model's in-graph factor for its bit-width,
+:meth:`~mpsearch.HardwareProfile.graph_factor`). Each layer latency is float-in,
+float-out, so precision changes are charged.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class LatencyTable:
 
 
 def _device(profile: HardwareProfile) -> tuple[str, str]:
-    return ("cuda", "torch") if profile.device.get("kind") == "cuda" else ("cpu", "onnxruntime")
+    return str(profile.device.get("kind", "cpu")), profile.backend
 
 
 def deployed_specs(profile: HardwareProfile, model: nn.Module,
@@ -84,6 +86,8 @@ def latency_table(profile: HardwareProfile, model: nn.Module, layers: Sequence[L
     device, backend = _device(profile)
     specs, source = deployed_specs(profile, model, layers)
     modules = quantizable_modules(model)
+    fp = fingerprint(model_shapes(model))
+    factor = lambda b: profile.graph_factor(fp, b, cache) if source == "profile" else 1.0
     n_l, n_b = len(layers), len(bits)
     table, allowed = np.zeros((n_l, n_b)), np.ones((n_l, n_b), dtype=bool)
     reasons: dict[str, str] = {}
@@ -105,10 +109,10 @@ def latency_table(profile: HardwareProfile, model: nn.Module, layers: Sequence[L
                 allowed[i, j] = False
                 reasons[f"{info.name}@{b}"] = look.reason
                 continue
-            table[i, j] = look.latency_us * calls
+            table[i, j] = look.latency_us * calls * factor(b)
             if look.estimated and info.name not in estimated:
                 estimated.append(info.name)
-    rest = profile.rest_us(fingerprint(model_shapes(model)), cache) if source == "profile" else None
+    rest = profile.rest_us(fp, cache) if source == "profile" else None
     if rest is not None and n_l:
         table += rest / n_l
     if estimated:
@@ -132,6 +136,7 @@ def predict_latency(profile: HardwareProfile, model: nn.Module, bitmap: BitMap,
     """
     device, backend = _device(profile)
     specs, source = deployed_specs(profile, model, layers)
+    fp = fingerprint(model_shapes(model))
     per: dict[str, float] = {}
     fmts: dict[str, str] = {}
     estimated = []
@@ -144,10 +149,11 @@ def predict_latency(profile: HardwareProfile, model: nn.Module, bitmap: BitMap,
         look = profile.lookup(spec, choice.name, cache)
         if look.latency_us is None:
             raise ValueError(f"layer {name!r} in {choice.name}: {look.reason}")
-        per[name] = look.latency_us * calls
+        factor = profile.graph_factor(fp, entry.w_bits, cache) if source == "profile" else 1.0
+        per[name] = look.latency_us * calls * factor
         fmts[name] = choice.name
         if look.estimated:
             estimated.append(name)
-    rest = profile.rest_us(fingerprint(model_shapes(model)), cache) if source == "profile" else None
+    rest = profile.rest_us(fp, cache) if source == "profile" else None
     return {"latency_us": float(sum(per.values()) + (rest or 0.0)), "rest_us": rest,
             "layers_us": per, "formats": fmts, "estimated": estimated, "shapes_from": source}

@@ -17,7 +17,10 @@ from mpsearch.quant import QuantConfig
 MATMUL_KINDS = frozenset({"Linear", "Conv1D"})
 CONV_KINDS = frozenset({"Conv1d", "Conv2d"})
 DEVICES = ("cpu", "cuda")
-BACKENDS = {"cpu": ("onnxruntime",), "cuda": ("torch",)}
+#: kernel backends per device; the first is the default. ``torch`` on CPU (``torch._int_mm``,
+#: ``_weight_int4pack_mm_for_cpu``) is a second CPU backend, and runs the CUDA code path on
+#: CPU kernels where no GPU is at hand.
+BACKENDS = {"cpu": ("onnxruntime", "torch"), "cuda": ("torch",)}
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,14 @@ def format_for(kind: str, k: int, bits: int, cfg: QuantConfig, *, device: str = 
         bits: weight bits (32 = float).
         cfg: weight quantizer scheme.
         device: ``"cpu"`` or ``"cuda"``.
-        backend: ``"onnxruntime"`` (CPU) or ``"torch"`` (CUDA).
+        backend: ``"onnxruntime"`` (CPU) or ``"torch"`` (CUDA, or CPU).
     """
     if device not in DEVICES or backend not in BACKENDS[device]:
         raise ValueError(f"device/backend must be one of {BACKENDS}, got {device!r}/{backend!r}")
     if bits == 32:
         return FormatChoice("fp32")
-    if device == "cuda":
-        return _format_cuda(kind, bits, cfg)
+    if backend == "torch":
+        return _format_torch(kind, k, bits, cfg)
     if bits == 16:
         return FormatChoice(None, "no fp16 kernel faster than fp32 in onnxruntime on CPU")
     if bits not in (2, 4, 8):
@@ -79,18 +82,28 @@ def format_for(kind: str, k: int, bits: int, cfg: QuantConfig, *, device: str = 
     return FormatChoice(f"w{bits}b{block}")
 
 
-def _format_cuda(kind: str, bits: int, cfg: QuantConfig) -> FormatChoice:
+def _format_torch(kind: str, k: int, bits: int, cfg: QuantConfig) -> FormatChoice:
+    """PyTorch kernels: fp16, ``torch._int_mm`` (w8a8), ``_weight_int4pack_mm`` (w4)."""
     if bits == 16:
         return FormatChoice("fp16")
     if kind not in MATMUL_KINDS:
-        return FormatChoice(None, "no eager low-bit convolution kernel in PyTorch on CUDA")
-    if bits == 8 and cfg.granularity != "group":
-        return FormatChoice("w8a8")
-    if bits == 4:
-        block = _block_size(1 << 30, cfg)
-        return (FormatChoice(f"w4b{block}") if block in (32, 64, 128, 256)
-                else FormatChoice(None, "_weight_int4pack_mm needs groups of 32–256"))
-    return FormatChoice(None, f"no {bits}-bit kernel in PyTorch on CUDA")
+        return FormatChoice(None, f"no {bits}-bit convolution kernel in PyTorch")
+    if bits == 8:
+        return (FormatChoice("w8a8") if cfg.granularity != "group" else
+                FormatChoice(None, "torch._int_mm takes per-channel weight scales, not groups"))
+    if bits != 4:
+        return FormatChoice(None, f"no {bits}-bit kernel in PyTorch (int8: _int_mm, "
+                                  "int4: _weight_int4pack_mm)")
+    if cfg.granularity == "group":
+        block = int(cfg.group_size or 0)
+        if block not in (32, 64, 128, 256) or k % block:
+            return FormatChoice(None, f"_weight_int4pack_mm needs groups of 32, 64, 128 or 256 "
+                                      f"dividing K={k}, got group_size={cfg.group_size}")
+        return FormatChoice(f"w4b{block}")
+    for block in (128, 64, 32):  # per-channel scales repeat in every group
+        if k % block == 0:
+            return FormatChoice(f"w4b{block}")
+    return FormatChoice(None, f"_weight_int4pack_mm needs K divisible by 32, got K={k}")
 
 
 def parse_weight_only(name: str) -> tuple[int, int] | None:

@@ -64,7 +64,9 @@ class HardwareProfile:
         shapes: layer key → ``{"spec", "macs", "formats": {fmt: {cache: stats}},
             "unsupported": {fmt: reason}, "overhead_us", "qdq_us"}``.
         models: bit map fingerprint → ``{"class", "inputs", "layers": {fqn: {"key",
-            "calls"}}, "e2e_fp32_us": {cache: stats}, "rest_us": {cache: float}}``.
+            "calls"}}, "e2e_fp32_us": {cache: stats}, "rest_us": {cache: float},
+            "graph_factor": {bits: {cache: float}}, "e2e_bits_us": {bits: {cache: stats}}}``
+            (see :meth:`graph_factor`).
     """
 
     def __init__(self, *, device: Mapping[str, Any], backend: str, threads: int,
@@ -136,6 +138,20 @@ class HardwareProfile:
             return None
         value = rec.get("rest_us", {}).get(cache, rec.get("rest_us", {}).get("warm"))
         return None if value is None else float(value)
+
+    def graph_factor(self, fingerprint: str, bits: int, cache: str = "warm") -> float:
+        """How much slower ``bits``-bit kernels run in this model's whole graph than alone.
+
+        Measured by :func:`mpsearch.profile` (``end_to_end``) from the model deployed with
+        every layer that has a ``bits``-bit kernel at ``bits``; 1.0 for float layers and for
+        models or bit-widths never measured.
+        """
+        rec = self.models.get(fingerprint)
+        if rec is None or bits >= 32:
+            return 1.0
+        by_cache = rec.get("graph_factor", {}).get(str(int(bits)), {})
+        value = by_cache.get(cache, by_cache.get("warm"))
+        return 1.0 if value is None else float(value)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (shape, format): median/p10/p90 µs, or the reason there is no kernel."""

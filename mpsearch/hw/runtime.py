@@ -1,4 +1,8 @@
-"""Run an exported model in ONNX Runtime: outputs and measured end-to-end latency."""
+"""Run a deployed mixed-precision model: outputs and measured end-to-end latency.
+
+:class:`OrtModel` (ONNX Runtime) here, :class:`~mpsearch.hw.kernels_torch.TorchModel`
+(PyTorch kernels), and :func:`deploy` to pick one by backend.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from mpsearch.bitmap import BitMap
 from mpsearch.hw import kernels_ort as ko
 from mpsearch.hw.onnx_export import build_onnx
 from mpsearch.hw.specs import model_inputs
-from mpsearch.hw.timing import stats_us, time_interleaved
+from mpsearch.hw.timing import WARMUP_E2E_S, stats_us, time_interleaved
 
 
 class OrtModel:
@@ -53,5 +57,19 @@ class OrtModel:
         """Measured end-to-end latency on ``batch``: median, p10, p90 (µs) and count."""
         feed = self.feed(batch)
         samples = time_interleaved({"e2e": lambda: self.session.run(None, feed)},
-                                   rounds=rounds, warmup=warmup, round_s=0.1, cold=cold, seed=seed)
+                                   rounds=rounds, warmup=warmup, round_s=0.1, cold=cold, seed=seed,
+                                   warmup_s=WARMUP_E2E_S)
         return stats_us(samples["e2e"])
+
+
+def deploy(model: nn.Module, bitmap: BitMap, sample_batch: Batch, device: str = "cpu",
+           backend: str = "onnxruntime", threads: int = 1) -> Any:
+    """The model deployed as ``bitmap`` with real kernels: an :class:`OrtModel` or a
+    :class:`~mpsearch.hw.kernels_torch.TorchModel` (both have ``run`` and ``latency_us``)."""
+    if backend == "torch":
+        from mpsearch.hw.kernels_torch import TorchModel
+
+        return TorchModel(model, bitmap, device, threads)
+    if device != "cpu":
+        raise ValueError(f"backend 'onnxruntime' runs on cpu here, got device={device!r}")
+    return OrtModel(model, bitmap, sample_batch, threads=threads)

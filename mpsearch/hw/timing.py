@@ -17,6 +17,9 @@ import numpy as np
 KERNEL_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                 "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx512_fp16")
 CACHE_MODES = ("warm", "cold")
+#: least warm-up time per kernel (s); whole models take :data:`WARMUP_E2E_S`
+WARMUP_S = 0.1
+WARMUP_E2E_S = 0.5
 
 
 def stats_us(samples_us: np.ndarray) -> dict[str, float]:
@@ -54,13 +57,17 @@ class CacheFlusher:
 
 def time_interleaved(runs: Mapping[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 3,
                      round_s: float = 0.02, max_calls: int = 50, cold: bool = False,
-                     seed: int = 0, tick: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+                     seed: int = 0, tick: Callable[[], None] | None = None,
+                     warmup_s: float = WARMUP_S) -> dict[str, np.ndarray]:
     """Per-call times (µs) of several callables, interleaved round by round.
 
-    Each callable is warmed up, then called ``rounds`` times in blocks of ``n`` calls, with
-    ``n`` sized from the warm-up to take about ``round_s`` (1 to ``max_calls``); the order of
-    the callables is shuffled every round (seeded), so drifting machine load spreads evenly.
-    With ``cold`` the caches are flushed before every timed call (the flush is not timed).
+    Each callable is warmed up (``warmup`` calls and at least ``warmup_s`` seconds: a
+    fresh ONNX Runtime session of integer kernels runs ~1.6× slower for its first few
+    hundred milliseconds, measured here), then called ``rounds`` times in blocks of ``n``
+    calls, with ``n`` sized from the warm-up to take about ``round_s`` (1 to
+    ``max_calls``); the order of the callables is shuffled every round (seeded), so drifting
+    machine load spreads evenly. With ``cold`` the caches are flushed before every timed
+    call (the flush is not timed).
     """
     rng = np.random.default_rng(seed)
     flush = CacheFlusher() if cold else None
@@ -68,9 +75,11 @@ def time_interleaved(runs: Mapping[str, Callable[[], Any]], *, rounds: int = 5, 
     calls: dict[str, int] = {}
     for name in names:
         t0 = time.perf_counter()
-        for _ in range(warmup):
+        n_warm = 0
+        while n_warm < warmup or time.perf_counter() - t0 < warmup_s:
             runs[name]()
-        per = (time.perf_counter() - t0) / max(warmup, 1)
+            n_warm += 1
+        per = (time.perf_counter() - t0) / max(n_warm, 1)
         calls[name] = int(np.clip(round_s / max(per, 1e-7), 1, max_calls if not cold else 5))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
