@@ -45,6 +45,7 @@ from mpsearch._report import markdown_table
 from mpsearch.hw.cost import predict_latency
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.runtime import deploy
+from mpsearch.hw.timing import central
 from mpsearch.layers import quantizable_modules
 
 log = logging.getLogger("latency_model")
@@ -158,16 +159,16 @@ def run(args: argparse.Namespace) -> None:
             meas = ort.latency_us(sample, rounds=rounds)
             pred = predict_latency(prof, model, bm)
             q = _quality(kind, model, ort, evals)
-            measured[label] = (meas["median_us"], q)
+            measured[label] = (central(meas), q)
             rows.append({"model": name, "map": label, "avg_bits": round(bm.avg_bits(), 3),
                          "predicted_us": round(pred["latency_us"], 1),
-                         "measured_us": round(meas["median_us"], 1),
+                         "measured_us": round(central(meas), 1),
                          "measured_p10_us": round(meas["p10_us"], 1),
                          "measured_p90_us": round(meas["p90_us"], 1),
-                         "error_pct": round(100 * (pred["latency_us"] / meas["median_us"] - 1), 1),
+                         "error_pct": round(100 * (pred["latency_us"] / central(meas) - 1), 1),
                          "fit_point": bm.bits() in fits, "quality": round(q, 4)})
             log.info("%s %s: predicted %.0f, measured %.0f µs", name, label,
-                     pred["latency_us"], meas["median_us"])
+                     pred["latency_us"], central(meas))
         int8 = predict_latency(prof, model, _maps(model, args.backend)["all-INT8"])["latency_us"]
         fp32 = predict_latency(prof, model, BitMap.uniform(model, 32))["latency_us"]
         sens = None
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> None:
                                                                  max_probes=12))
             sens = res.sensitivity
             ort = deploy(model, res.bitmap, sample, args.device, args.backend, args.threads)
-            meas = ort.latency_us(sample, rounds=rounds)["median_us"]
+            meas = central(ort.latency_us(sample, rounds=rounds))
             q = _quality(kind, model, ort, evals)
             faster_uniform = {k: v for k, v in measured.items()
                               if k.startswith("all-") and v[0] <= meas}
@@ -248,7 +249,7 @@ def _decode(prof: HardwareProfile, args: argparse.Namespace, rounds: int) -> pd.
                 continue
             for cache in ("warm", "cold"):
                 st = rec["formats"].get(fmt, {}).get(cache)
-                row[f"{fmt} {cache}"] = round(st["median_us"], 1) if st else None
+                row[f"{fmt} {cache}"] = round(central(st), 1) if st else None
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -53,8 +53,10 @@ class ValidationReport:
         n_samples: evaluation samples.
         predicted: every figure the bit map predicted (costs included).
         latency_us_predicted: end-to-end latency predicted from ``profile`` (µs).
-        latency_us_measured: median end-to-end latency of the exported mixed-precision ONNX
-            model in ONNX Runtime on the first evaluation batch (µs).
+        latency_us_measured: end-to-end latency (lower quartile of interleaved calls, see
+            :func:`~mpsearch.hw.timing.central`) of the deployed mixed-precision model —
+            ONNX Runtime, or PyTorch kernels for a ``torch`` profile — on the first
+            evaluation batch (µs).
         latency_us_measured_p10: its 10th percentile; ``..._p90`` its 90th.
         latency_error: ``predicted / measured − 1``.
         deployed_rel_error: ‖y_ort − y_float‖ / ‖y_float‖ over the evaluation batches.
@@ -214,6 +216,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
 
     threads = profile.threads if profile is not None else 1
     from mpsearch.hw.runtime import deploy
+    from mpsearch.hw.timing import central
 
     device = str(profile.device.get("kind", "cpu")) if profile is not None else "cpu"
     backend = profile.backend if profile is not None else "onnxruntime"
@@ -233,12 +236,12 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
                 den[key] += float(ref.pow(2).sum())
     timing = deployed.latency_us(batches[0])
     out: dict[str, Any] = {
-        "latency_us_measured": timing["median_us"], "latency_us_measured_p10": timing["p10_us"],
+        "latency_us_measured": central(timing), "latency_us_measured_p10": timing["p10_us"],
         "latency_us_measured_p90": timing["p90_us"],
         "deployed_rel_error": (num["f"] / den["f"]) ** 0.5 if den["f"] else None,
         "deployed_vs_simulated_rel_error": (num["q"] / den["q"]) ** 0.5 if den["q"] else None}
     if profile is not None:
         pred = predict_latency(profile, model, bitmap, layers=discover(model, batches[0]))
         out["latency_us_predicted"] = pred["latency_us"]
-        out["latency_error"] = pred["latency_us"] / timing["median_us"] - 1.0
+        out["latency_error"] = pred["latency_us"] / central(timing) - 1.0
     return out

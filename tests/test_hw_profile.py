@@ -92,6 +92,19 @@ def test_latency_table_masks_missing_kernels(cnn_profile: HardwareProfile,
     # rows sum to the predicted end-to-end latency
     pred = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 32))
     assert lat.table[:, -1].sum() == pytest.approx(pred["latency_us"], rel=1e-9)
+    # ... with each bit-width's in-graph factor, measured by profile on the deployed model
+    rec = next(iter(cnn_profile.models.values()))
+    assert set(rec["graph_factor"]) == {"2", "4", "8"}
+    assert set(rec["e2e_bits_us"]["8"]) == {"warm"}
+    f8 = cnn_profile.graph_factor(next(iter(cnn_profile.models)), 8)
+    assert 0.25 <= f8 <= 4.0 and f8 == rec["graph_factor"]["8"]["warm"]
+    pred8 = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 8))
+    assert lat.table[:, 3].sum() == pytest.approx(pred8["latency_us"], rel=1e-9)
+    raw = sum(cnn_profile.lookup(LayerSpec.from_dict(cnn_profile.shapes[v["key"]]["spec"]),
+                                 pred8["formats"][n]).latency_us * v["calls"]
+              for n, v in rec["layers"].items())
+    assert pred8["latency_us"] == pytest.approx(raw * f8 + pred8["rest_us"], rel=1e-9)
+    assert cnn_profile.graph_factor("no such model", 8) == 1.0
 
 
 def test_search_respects_latency_budgets(cnn_profile: HardwareProfile,

@@ -23,6 +23,7 @@ from mpsearch.hw.specs import input_spec, model_inputs, model_specs
 from mpsearch.hw.timing import (
     CACHE_MODES,
     WARMUP_E2E_S,
+    central,
     cpu_fingerprint,
     library_versions,
     now_iso,
@@ -237,6 +238,8 @@ def _end_to_end(prof: HardwareProfile, proto: Any, batch: Batch,
 #: in-graph factors outside this range are clipped (and logged): a kernel that runs 4×
 #: slower or faster in the whole graph than alone means the single-layer timing is broken
 GRAPH_FACTOR_RANGE = (0.25, 4.0)
+#: below this share of the end-to-end time the factor is not resolved from timing noise: 1.0
+GRAPH_FACTOR_MIN_SHARE = 0.1
 
 
 def _graph_factors(prof: HardwareProfile, record: dict[str, Any], model: nn.Module,
@@ -250,8 +253,9 @@ def _graph_factors(prof: HardwareProfile, record: dict[str, Any], model: nn.Modu
     kernel at ``b`` (the rest in float) and timed end to end; the factor is (measured −
     ``rest_us`` − the float layers) / the summed single-layer latencies of the ``b``-bit
     layers. It captures what single-layer graphs cannot see — layout changes between
-    consecutive integer kernels, fusions that only float graphs get — and scales those
-    layers' latencies in every later prediction for this model.
+    consecutive integer kernels, fusions that only float graphs get, a session's memory
+    traffic — and scales those layers' latencies in every later prediction for this model.
+    Where the ``b``-bit layers take under 10 % of the end-to-end time the factor is 1.
     """
     factors: dict[str, dict[str, float]] = {}
     e2e_at: dict[str, dict[str, Any]] = {}
@@ -274,12 +278,14 @@ def _graph_factors(prof: HardwareProfile, record: dict[str, Any], model: nn.Modu
             for name, (spec, calls) in specs.items():
                 fmts = prof.shapes[spec.key()]["formats"]
                 if name in chosen:
-                    quant += fmts[chosen[name]][mode]["median_us"] * calls
+                    quant += central(fmts[chosen[name]][mode]) * calls
                 else:
-                    alone += fmts["fp32"][mode]["median_us"] * calls
-            raw = (st["median_us"] - record["rest_us"][mode] - alone) / max(quant, 1e-9)
+                    alone += central(fmts["fp32"][mode]) * calls
+            raw = (central(st) - record["rest_us"][mode] - alone) / max(quant, 1e-9)
             factor = float(np.clip(raw, *GRAPH_FACTOR_RANGE))
-            if factor != raw:
+            if quant < GRAPH_FACTOR_MIN_SHARE * central(st):
+                factor = 1.0  # those layers are too small a part of the model to resolve
+            elif factor != raw:
                 log.warning("profile: %d-bit kernels run %.2f× their single-layer latency in "
                             "the whole graph; clipped to %.2f", b, raw, factor)
             factors.setdefault(str(b), {})[mode] = factor
@@ -291,9 +297,9 @@ def _rest(prof: HardwareProfile, specs: dict[str, tuple[ko.LayerSpec, int]], e2e
     """Per cache mode: end-to-end float latency minus the summed float layers."""
     rest = {}
     for mode, st in e2e.items():
-        layers = sum(prof.shapes[s.key()]["formats"]["fp32"][mode]["median_us"] * c
+        layers = sum(central(prof.shapes[s.key()]["formats"]["fp32"][mode]) * c
                      for s, c in specs.values())
-        rest[mode] = st["median_us"] - layers
+        rest[mode] = central(st) - layers
     return rest
 
 

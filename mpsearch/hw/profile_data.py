@@ -27,6 +27,7 @@ import numpy as np
 from mpsearch._io import write_text_atomic
 from mpsearch.hw.formats import CONV_KINDS
 from mpsearch.hw.kernels_ort import LayerSpec
+from mpsearch.hw.timing import central
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Lookup:
     """One layer's latency in one format.
 
     Attributes:
-        latency_us: median latency (µs) per call, or None when the format has no kernel.
+        latency_us: latency (µs) per call (:func:`~mpsearch.hw.timing.central`), or None when the format has no kernel.
         estimated: True when the shape was not measured and the value comes from a fit.
         reason: why there is no kernel, or how the value was estimated.
     """
@@ -97,7 +98,7 @@ class HardwareProfile:
                 return Lookup(None, reason=rec["unsupported"][fmt])
             stats = rec.get("formats", {}).get(fmt, {}).get(cache)
             if stats is not None:
-                return Lookup(float(stats["median_us"]))
+                return Lookup(central(stats))
         return self._estimate(spec, fmt, cache)
 
     def _estimate(self, spec: LayerSpec, fmt: str, cache: str) -> Lookup:
@@ -108,7 +109,7 @@ class HardwareProfile:
             if stats is None or (rec["spec"]["kind"] in CONV_KINDS) != family:
                 continue
             xs.append(float(rec["macs"]))
-            ys.append(float(stats["median_us"]))
+            ys.append(central(stats))
         what = "convolution" if family else "matmul"
         if not xs:
             raise KeyError(f"the profile has no measured {what} layer in format {fmt!r} "

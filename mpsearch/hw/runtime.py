@@ -54,7 +54,7 @@ class OrtModel:
 
     def latency_us(self, batch: Batch, *, rounds: int = 5, warmup: int = 3,
                    cold: bool = False, seed: int = 0) -> dict[str, Any]:
-        """Measured end-to-end latency on ``batch``: median, p10, p90 (µs) and count."""
+        """Measured end-to-end latency on ``batch``: median, p10, p25, p90 (µs) and count."""
         feed = self.feed(batch)
         samples = time_interleaved({"e2e": lambda: self.session.run(None, feed)},
                                    rounds=rounds, warmup=warmup, round_s=0.1, cold=cold, seed=seed,
