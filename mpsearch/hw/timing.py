@@ -19,7 +19,7 @@ KERNEL_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
 CACHE_MODES = ("warm", "cold")
 #: least warm-up time per kernel (s); whole models take :data:`WARMUP_E2E_S`
 WARMUP_S = 0.1
-WARMUP_E2E_S = 0.5
+WARMUP_E2E_S = 1.0
 
 
 def stats_us(samples_us: np.ndarray) -> dict[str, float]:
