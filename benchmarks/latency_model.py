@@ -44,7 +44,7 @@ from mpsearch import BitMap, Budget, HardwareProfile, Hutchinson
 from mpsearch._report import markdown_table
 from mpsearch.hw.cost import predict_latency
 from mpsearch.hw.formats import format_for
-from mpsearch.hw.runtime import deploy
+from mpsearch.hw.runtime import deploy, deployed_latency
 from mpsearch.hw.timing import central
 from mpsearch.layers import quantizable_modules
 
@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> None:
         fits = _fit_maps(prof, model, sample)
         for label, bm in _maps(model, args.backend).items():
             ort = deploy(model, bm, sample, args.device, args.backend, args.threads)
-            meas = ort.latency_us(sample, rounds=rounds)
+            meas = deployed_latency(model, bm, sample, args.device, args.backend, args.threads,
+                                    first=ort, rounds=rounds)
             pred = predict_latency(prof, model, bm)
             q = _quality(kind, model, ort, evals)
             measured[label] = (central(meas), q)
@@ -180,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
                                                                  max_probes=12))
             sens = res.sensitivity
             ort = deploy(model, res.bitmap, sample, args.device, args.backend, args.threads)
-            meas = central(ort.latency_us(sample, rounds=rounds))
+            meas = central(deployed_latency(model, res.bitmap, sample, args.device, args.backend,
+                                            args.threads, first=ort, rounds=rounds))
             q = _quality(kind, model, ort, evals)
             faster_uniform = {k: v for k, v in measured.items()
                               if k.startswith("all-") and v[0] <= meas}
@@ -216,6 +218,9 @@ def run(args: argparse.Namespace) -> None:
     fitted = maps_df[~maps_df["fit_point"]]["error_pct"].abs().max()
     text = [f"# Latency model: predicted vs measured ({'quick' if args.quick else 'full'} run)",
             "", device_line,
+            "", ("Latencies are the lower quartile of interleaved calls "
+                 "(`mpsearch.hw.timing.central`); each measured map is the faster of two fresh "
+                 "deployments (`mpsearch.hw.runtime.deployed_latency`)."),
             "", "## Bit maps: predicted vs measured end-to-end latency", "",
             markdown_table(maps_df), "",
             (f"Max |error|: {maps_df['error_pct'].abs().max():.1f} % over every map, "

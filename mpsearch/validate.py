@@ -139,7 +139,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
             layer's format — exported to ONNX and run in ONNX Runtime, or with PyTorch
             kernels on the profile's device when ``profile.backend == "torch"`` — run it
             on every batch (output error against the float and the simulated model) and
-            time it on the first batch.
+            time it on the first batch (the faster of two fresh deployments,
+            :func:`~mpsearch.hw.runtime.deployed_latency`).
 
     Raises:
         BitMapError: the bit map does not fit the model.
@@ -215,7 +216,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
     from mpsearch.hw.cost import predict_latency
 
     threads = profile.threads if profile is not None else 1
-    from mpsearch.hw.runtime import deploy
+    from mpsearch.hw.runtime import deploy, deployed_latency
     from mpsearch.hw.timing import central
 
     device = str(profile.device.get("kind", "cpu")) if profile is not None else "cpu"
@@ -234,7 +235,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
                 ref = first_output(call(ref_model, split)).float()
                 num[key] += float((y - ref).pow(2).sum())
                 den[key] += float(ref.pow(2).sum())
-    timing = deployed.latency_us(batches[0])
+    timing = deployed_latency(model, bitmap, batches[0], device, backend, threads, first=deployed)
     out: dict[str, Any] = {
         "latency_us_measured": central(timing), "latency_us_measured_p10": timing["p10_us"],
         "latency_us_measured_p90": timing["p90_us"],

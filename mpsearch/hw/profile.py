@@ -18,7 +18,7 @@ from mpsearch.hw import kernels_ort as ko
 from mpsearch.hw.formats import BACKENDS, format_for
 from mpsearch.hw.onnx_export import build_onnx, graph_layers
 from mpsearch.hw.profile_data import HardwareProfile
-from mpsearch.hw.runtime import deploy
+from mpsearch.hw.runtime import deployed_latency
 from mpsearch.hw.specs import input_spec, model_inputs, model_specs
 from mpsearch.hw.timing import (
     CACHE_MODES,
@@ -163,6 +163,9 @@ def profile(model: nn.Module, sample_batch: Batch, device: str = "cpu",
         if end_to_end:
             record.update(_graph_factors(prof, record, model, sample_batch, specs, bits, cfg,
                                          device, backend, threads, cache, rounds, warmup, seed))
+        old = prof.models.get(fp, {})
+        if old.get("inputs") == record["inputs"]:  # keep end-to-end figures not re-measured
+            record = {**old, **record}
         prof.models[fp] = record
     torch.set_num_threads(torch_threads)
     log.info("profile: %s", prof)
@@ -269,12 +272,9 @@ def _graph_factors(prof: HardwareProfile, record: dict[str, Any], model: nn.Modu
         if not chosen:
             continue
         bitmap = BitMap.from_bits(model, dict.fromkeys(chosen, b), default=32, qconfig=cfg)
-        # two fresh deployments, the faster kept: a new session now and then runs ~1.4×
-        # slower for its first seconds (seen with ONNX Runtime's integer kernels here)
-        sessions = [deploy(model, bitmap, batch, device, backend, threads) for _ in range(2)]
         for mode in cache:
-            st = min((d.latency_us(batch, rounds=rounds, warmup=warmup, cold=mode == "cold",
-                                   seed=seed) for d in sessions), key=central)
+            st = deployed_latency(model, bitmap, batch, device, backend, threads, rounds=rounds,
+                                  warmup=warmup, cold=mode == "cold", seed=seed)
             e2e_at.setdefault(str(b), {})[mode] = st
             alone = quant = 0.0
             for name, (spec, calls) in specs.items():
