@@ -94,3 +94,23 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
         other.classifier[0].weight.mul_(1.01)
     with pytest.raises(ValueError, match="other weights"):
         mpsearch.search(other, 4.0, data=calib, sensitivity=res.sensitivity, progress=False)
+
+
+def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    # One FC layer holds most weights: the ratings prefer it at 3 bits with the small
+    # layers at 8, which measures worse than uniform 4 bits; no pair move reaches uniform.
+    from mpsearch import BitMap
+
+    solved = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, seed=0, progress=False,
+                             refine=False)
+    assert solved.bitmap["classifier.0"].w_bits == 3  # the ratings' mix
+    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=solved.sensitivity,
+                          progress=False)
+    uniform = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 4), data=mnist_calib,
+                                progress=False).loss_increase
+    assert res.refinement is not None
+    assert res.refinement.measured_after <= uniform * (1 + 1e-6) + 1e-9
+    assert res.refinement.measured_after <= res.refinement.measured_before
+    assert res.bitmap.avg_bits() <= 4.0 + 1e-9
+    assert res.refinement.moves[-1].get("uniform") == 4
+    assert set(res.bitmap.bits().values()) == {4}

@@ -17,7 +17,8 @@ def run_profile(args: argparse.Namespace) -> int:
     batches = load_data(args)
     sample = next(iter(batches))
     reuse = mpsearch.HardwareProfile.load(args.reuse) if args.reuse else None
-    prof = mpsearch.profile(model, sample, device=args.device, bits=args.bits,
+    prof = mpsearch.profile(model, sample, device=args.device, backend=args.backend,
+                            bits=args.bits,
                             threads=args.threads, cache=tuple(args.cache), rounds=args.rounds,
                             reuse=reuse, seed=args.seed, progress=not (args.quiet or args.json))
     path = prof.save(args.out)
@@ -35,10 +36,14 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("profile", help="measure real kernel latencies of a model's layers",
                        description="Time every distinct layer shape of the model in every "
                                    "format that has a real kernel on the device (FP32, INT8 "
-                                   "W8A8, INT4/INT2 weight-only); writes a HardwareProfile "
+                                   "W8A8, INT4/INT2 weight-only; FP16 on the torch backend); writes a HardwareProfile "
                                    "JSON for `search --profile`.")
     add_model_args(p, data="sample")
-    p.add_argument("--device", default="cpu", help="cpu (ONNX Runtime) or cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (default) or cuda")
+    p.add_argument("--backend", default=None, choices=["onnxruntime", "torch"],
+                   help="kernels: onnxruntime (CPU default) or torch (CUDA default; on CPU "
+                        "PyTorch's _int_mm / int4pack kernels)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8, 32],
                    help="bit-widths to measure (default 2 4 8 32)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")

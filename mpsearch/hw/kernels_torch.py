@@ -77,7 +77,7 @@ class TorchKernel(nn.Module):
     weight: Tensor
     bias: Tensor | None
     bias_c: Tensor | None
-    w_t: Tensor
+    w_nk: Tensor
     w_scale: Tensor
     w_zero: Tensor
     w_colsum: Tensor
@@ -151,7 +151,9 @@ class TorchKernel(nn.Module):
         zp = _per_row(qt.zero_point, n).to(torch.int16)
         if not cfg.symmetric:  # uint8 grid → int8 by an exact shift of −128
             q, zp = q - 128, zp - 128
-        self.register_buffer("w_t", q.to(torch.int8).t().contiguous().to(dev))  # (K, N)
+        # (N, K) row-major, passed transposed: the column-major B that cuBLASLt's int8
+        # GEMM takes (torchao calls _int_mm the same way)
+        self.register_buffer("w_nk", q.to(torch.int8).contiguous().to(dev))
         self.register_buffer("w_scale", _per_row(qt.scale.float(), n).contiguous().to(dev))
         self.register_buffer("w_zero", zp.float().to(dev))
         self.register_buffer("w_colsum", q.sum(1).float().to(dev))  # Σ_k q[n, k]
@@ -243,7 +245,7 @@ class TorchKernel(nn.Module):
         xi = xq.to(torch.int8)
         if pad or self.k_pad:  # padded K columns add k_pad·zx·zw to two terms below, which cancel
             xi = F.pad(xi, (0, self.k_pad, 0, pad), value=0)
-        acc = torch._int_mm(xi, self.w_t)[:m].float()
+        acc = torch._int_mm(xi, self.w_nk.t())[:m].float()
         # Σ_k (xq − zx)(wq − zw) = xq·wq − zw Σ xq − zx Σ wq + K zx zw
         rows = xq.sum(1, keepdim=True)
         acc = acc - rows * self.w_zero - zx8 * self.w_colsum + self.k * zx8 * self.w_zero
