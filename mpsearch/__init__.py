@@ -10,12 +10,12 @@ from mpsearch.budget import Budget
 from mpsearch.errors import BitMapError, InfeasibleBudget
 from mpsearch.hw import HardwareProfile, export_onnx, profile
 from mpsearch.layers import LayerInfo, discover
-from mpsearch.plot import plot_front, plot_sensitivity
+from mpsearch.plot import plot_bitmap, plot_front, plot_sensitivity
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
 from mpsearch.search import SearchResult, search
-from mpsearch.sensitivity import Hutchinson, SensitivityTable
+from mpsearch.sensitivity import Fisher, Hutchinson, QError, SensitivityTable
 from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver, solve
 from mpsearch.validate import ValidationReport, validate
 
@@ -24,6 +24,7 @@ __all__ = [
     "BitMap",
     "BitMapError",
     "Budget",
+    "Fisher",
     "Front",
     "GreedySolver",
     "HardwareProfile",
@@ -33,6 +34,7 @@ __all__ = [
     "LayerEntry",
     "LayerInfo",
     "NSGA2Solver",
+    "QError",
     "QuantConfig",
     "SearchResult",
     "SensitivityTable",
@@ -41,6 +43,7 @@ __all__ = [
     "__version__",
     "discover",
     "export_onnx",
+    "plot_bitmap",
     "plot_front",
     "plot_sensitivity",
     "profile",

@@ -231,7 +231,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         with weight_cache():
             t = time.perf_counter()
             if isinstance(sensitivity, SensitivityTable):
-                _check_table(sensitivity, weights_id)
+                _check_table(sensitivity, weights_id, qconfig)
                 table = sensitivity.select(names, bits)
             else:
                 assert objective is not None
@@ -240,6 +240,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                                            device=device, seed=seed, progress=progress)
                 table = dataclasses.replace(
                     table, model_fingerprint=weights_id,
+                    settings={**table.settings, "qconfig": dataclasses.asdict(qconfig)},
                     data_fingerprint=tensor_digest(batch_tensors(batches)) + ":" + objective.kind)
             timings["sensitivity"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -283,7 +284,13 @@ def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine 
     return settings
 
 
-def _check_table(table: SensitivityTable, weights_id: str) -> None:
+def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig) -> None:
+    made = table.settings.get("qconfig")
+    if made is not None and dict(made) != dataclasses.asdict(qconfig):
+        raise ValueError(
+            f"the sensitivity table was measured with qconfig={made}, but this search "
+            f"quantizes with {dataclasses.asdict(qconfig)}: its Ω would describe another "
+            "quantizer; pass the same qconfig= or recompute the table")
     if table.model_fingerprint and table.model_fingerprint != weights_id:
         raise ValueError(
             "the sensitivity table was measured on other weights (its model_fingerprint "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -72,6 +73,15 @@ def test_reproducible_and_table_reuse(mnist_cnn, mnist_calib) -> None:  # type: 
     assert c.timings_s["sensitivity"] < 0.5 * a.timings_s["sensitivity"]
     np.testing.assert_array_equal(c.sensitivity.omega, a.sensitivity.omega)
     assert c.bitmap.predicted["loss_increase"] <= a.bitmap.predicted["loss_increase"]
+    # a table describes one quantizer: another qconfig is refused, also after a JSON trip
+    from mpsearch import QuantConfig
+    from mpsearch.sensitivity import SensitivityTable
+
+    back = SensitivityTable.from_dict(json.loads(json.dumps(a.sensitivity.to_dict())))
+    for table in (a.sensitivity, back):
+        with pytest.raises(ValueError, match="qconfig"):
+            mpsearch.search(mnist_cnn, 5.0, data=mnist_calib, sensitivity=table,
+                            qconfig=QuantConfig(symmetric=True), progress=False)
 
 
 def test_budgets_pins_and_ties(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
