@@ -29,7 +29,7 @@ from mpsearch.layers import (
     layer_weight,
     quantizable_modules,
 )
-from mpsearch.losses import LossFn, Objective
+from mpsearch.losses import LossSpec, Objective
 from mpsearch.problem import AllocationProblem, Front, Solution
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
 from mpsearch.quant.apply import weight_cache
@@ -47,6 +47,13 @@ Ties = Sequence[Sequence[str]] | Literal["fused"] | None
 
 DEFAULT_SENSITIVITY = "fisher_block"
 """The estimator ``search`` uses unless told otherwise (chosen by the fidelity benchmark)."""
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+"""Candidate bit-widths for size budgets: llama.cpp's k-quant widths. Finer steps than
+(2, 3, 4, 8) let the solver trade a bit between layers without jumping to 8."""
+
+DEFAULT_BITS_PROFILE = (2, 3, 4, 8, 32)
+"""Candidate bit-widths with a hardware profile (each only where a kernel exists)."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,7 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
 
 
 def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
-           loss_fn: LossFn | None = None, bits: Sequence[int] | None = None,
+           loss_fn: LossSpec = None, bits: Sequence[int] | None = None,
            sensitivity: str | Estimator | SensitivityTable = DEFAULT_SENSITIVITY,
            solver: str | Solver = "ilp", seed: int = 0, include: Patterns = None,
            exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
@@ -168,10 +175,18 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         budget: average weight bits (a number), or a :class:`Budget` of one or more limits.
         data: re-iterable calibration batches (tensors, ``(inputs, targets)`` pairs, or
             dicts of keyword tensors such as a tokenizer's output).
-        loss_fn: ``loss_fn(output, batch) -> scalar``; default: cross-entropy (or the
-            output's ``.loss``) with targets, else divergence from the float model's output.
+        loss_fn: what "loss" means. Default (``None`` or ``"divergence"``): divergence of
+            the output from the float model's (KL for logits, MSE for hidden states or
+            regression), targets unused — quantization should keep the float model's
+            function, and this loss is free of the label loss's first-order noise (see
+            :mod:`mpsearch.losses`). ``"task"``: cross-entropy (or the output's ``.loss``)
+            on the batches' targets. Or a callable ``loss_fn(output, batch) -> scalar``.
         bits: candidate weight bit-widths (2–8, 16 half precision, 32 float); default
-            (2, 3, 4, 8), and 32 too when a ``profile`` is given.
+            :data:`DEFAULT_BITS` (2, 3, 4, 5, 6, 8: the widths of llama.cpp's k-quants,
+            which compressed-tensors and HQQ store too; exporters to formats with fewer
+            widen a layer to the next one they hold, with a warning); with a ``profile``,
+            :data:`DEFAULT_BITS_PROFILE` (2, 3, 4, 8, 32: each offered where the device
+            has a kernel for it); with a reused sensitivity table, the table's bits.
         sensitivity: ``"fisher_block"`` (default: per-sample Fisher along each layer's
             quantization error, near the measured ranking at a fraction of its cost in
             ``results/sensitivity_fidelity.md``), ``"qerror"`` (measured single-layer loss
@@ -204,8 +219,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     """
     timings: dict[str, float] = {}
     budget = Budget.coerce(budget)
-    bits = _check_bits(bits if bits is not None
-                       else (2, 3, 4, 8) if profile is None else (2, 3, 4, 8, 32))
+    if bits is None:
+        # a reused table brings its own candidates; otherwise the defaults
+        bits = (sensitivity.bits if isinstance(sensitivity, SensitivityTable)
+                else DEFAULT_BITS if profile is None else DEFAULT_BITS_PROFILE)
+    bits = _check_bits(bits)
     qconfig = qconfig or QuantConfig()
     batches = materialize(data, "data")
     device = model_device(model)

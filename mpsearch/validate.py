@@ -24,7 +24,7 @@ from mpsearch.batches import (
 from mpsearch.bitmap import BitMap
 from mpsearch.costs import weight_bytes
 from mpsearch.layers import discover
-from mpsearch.losses import LossFn, Objective, kl_divergence, mse_divergence
+from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class ValidationReport:
 
 
 def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
-             loss_fn: LossFn | None = None, progress: bool = True,
+             loss_fn: LossSpec = None, progress: bool = True,
              profile: HardwareProfile | None = None,
              measure_latency: bool = False) -> ValidationReport:
     """Quantize a copy of ``model`` as ``bitmap`` says and compare it with the float model.

@@ -63,7 +63,7 @@ def test_validate_known_figures(mnist_cnn, mnist_eval) -> None:  # type: ignore[
     from mpsearch.zoo.mnist import accuracy
 
     r32 = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 32), data=mnist_eval,
-                            progress=False)
+                            loss_fn="task", progress=False)
     assert r32.accuracy_float == pytest.approx(accuracy(mnist_cnn, mnist_eval), abs=1e-6)
     assert r32.accuracy_quantized == r32.accuracy_float and r32.output_divergence == 0.0
     assert r32.agreement == 1.0 and r32.loss_kind == "cross_entropy"

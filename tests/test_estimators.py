@@ -84,7 +84,7 @@ def test_empirical_fisher_is_mean_of_per_sample_squares(monkeypatch: pytest.Monk
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(n, 6, generator=gen), torch.randint(0, 4, (n,), generator=gen))
                for n in (7, 12)]
-    table = _estimate(model, batches, Fisher())
+    table = _estimate(model, batches, Fisher(), loss_fn="task")
     w = model[0].weight.detach()
     fisher = torch.zeros_like(w)
     for xb, yb in batches:
@@ -100,16 +100,17 @@ def test_empirical_fisher_is_mean_of_per_sample_squares(monkeypatch: pytest.Monk
         raise RuntimeError("no batching rule")
 
     monkeypatch.setattr("mpsearch.sensitivity.fisher._vmap_grads", broken)
-    looped = _estimate(model, batches, Fisher())
+    looped = _estimate(model, batches, Fisher(), loss_fn="task")
     np.testing.assert_allclose(looped.omega, table.omega, rtol=1e-5)
 
 
-def test_fisher_rejects_nan_gradients() -> None:
+@pytest.mark.parametrize("loss_fn", ["task", None])
+def test_fisher_rejects_nan_gradients(loss_fn: str | None) -> None:
     model = _softmax_linear()
     x = torch.randn(4, 6)
     x[1, 2] = float("inf")
     with pytest.raises(ValueError, match="non-finite|NaN/inf"):
-        _estimate(model, [(x, torch.zeros(4, dtype=torch.long))], Fisher())
+        _estimate(model, [(x, torch.zeros(4, dtype=torch.long))], Fisher(), loss_fn=loss_fn)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
@@ -148,3 +149,34 @@ def test_table_save_load_and_errors(tmp_path) -> None:  # type: ignore[no-untype
     (tmp_path / "other.json").write_text('{"format": "mpsearch.bitmap"}')
     with pytest.raises(ValueError, match="not an mpsearch sensitivity table"):
         SensitivityTable.load(tmp_path / "other.json")
+
+
+def test_default_loss_is_the_divergence_even_with_labels() -> None:
+    model = _softmax_linear()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=gen)
+    y = torch.randint(0, 4, (16,), generator=gen)
+    labelled = Objective([(x, y)])
+    labelled.prepare(model, CPU)
+    assert labelled.kind == "kl" and float(labelled.loss(model, 0, CPU)) == 0.0
+    task = Objective([(x, y)], "task")
+    task.prepare(model, CPU)
+    assert task.kind == "cross_entropy"
+    assert float(task.loss(model, 0, CPU)) == pytest.approx(
+        float(F.cross_entropy(model(x), y)), rel=1e-6)
+    # the labels change nothing of the default ratings
+    with_labels = _estimate(model, [(x, y)], QError())
+    without = _estimate(model, [x], QError())
+    np.testing.assert_array_equal(with_labels.omega, without.omega)
+    # real-valued targets: a regression, the divergence is the MSE
+    regression = Objective([(x, torch.randn(16, 4))])
+    regression.prepare(model, CPU)
+    assert regression.kind == "mse"
+
+
+def test_loss_fn_names_are_checked() -> None:
+    model = _softmax_linear()
+    with pytest.raises(ValueError, match="'divergence' or 'task'"):
+        Objective([torch.randn(2, 6)], "kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs targets"):
+        Objective([torch.randn(2, 6)], "task").prepare(model, CPU)

@@ -101,11 +101,12 @@ def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:
     # layers at 8, which measures worse than uniform 4 bits; no pair move reaches uniform.
     from mpsearch import BitMap
 
+    # (Ratings on the label loss with bits 2/3/4/8 make that mix.)
     solved = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, seed=0, progress=False,
-                             refine=False)
+                             refine=False, loss_fn="task", bits=(2, 3, 4, 8))
     assert solved.bitmap["classifier.0"].w_bits == 3  # the ratings' mix
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=solved.sensitivity,
-                          progress=False)
+                          loss_fn="task", progress=False)
     uniform = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 4), data=mnist_calib,
                                 progress=False).loss_increase
     assert res.refinement is not None
