@@ -72,14 +72,15 @@ def _summary(quality: list[float], time_s: list[float]) -> pd.DataFrame:
     return pd.DataFrame({
         "estimator": ["hutchinson", "fisher", "qerror"], "models": [2] * 3,
         "spearman_within_bits": [0.5, 0.9, 0.7], "uniform_ratio_geomean": quality,
-        "uniform_ratio_min_at_4": [5.0, 5.0, 3.0], "time_s_total": time_s})
+        "uniform_ratio_min_at_4": [5.0, 5.0, 3.0],
+        "refined_uniform_ratio_min_at_4": [5.0, 4.5, 3.5], "time_s_total": time_s})
 
 
 def test_verdict_prefers_quality_then_speed() -> None:
     text = report.verdict(_summary([2.0, 3.0, 6.0], [10.0, 20.0, 30.0]))
     assert "default should be **qerror**" in text
     assert "ranking across layers (mean Spearman within each bit-width) is **fisher**" in text
-    assert "qerror (worst 3.00×)" in text and "hutchinson (worst" not in text
+    assert "qerror (3.00× / 3.50×)" in text and "hutchinson (" not in text
     # fisher within 10 % of the best quality and over 3× faster: it wins
     text = report.verdict(_summary([2.0, 5.5, 6.0], [10.0, 9.0, 30.0]))
     assert "default should be **fisher**" in text
