@@ -181,3 +181,16 @@ def test_profile_then_latency_budgeted_search(tmp_path):  # type: ignore[no-unty
                  "3", "--sensitivity", str(tmp_path / "t.json"), "--refine", "off",
                  "--out", str(out), "-q"]) == 0
     assert mpsearch.BitMap.load(out).avg_bits() <= 3.0
+
+
+def test_search_loss_option(tmp_path):  # type: ignore[no-untyped-def]
+    import mpsearch
+
+    table = tmp_path / "t.json"
+    base = ["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits", "4",
+            "--sensitivity", "fisher", "--refine", "off", "--out", str(tmp_path / "bm.json"),
+            "--save-sensitivity", str(table), "-q"]
+    assert main(base) == 0
+    assert mpsearch.SensitivityTable.load(table).data_fingerprint.endswith(":kl")
+    assert main([*base, "--loss", "task"]) == 0
+    assert mpsearch.SensitivityTable.load(table).data_fingerprint.endswith(":cross_entropy")

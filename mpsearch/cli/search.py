@@ -51,7 +51,7 @@ def run_search(args: argparse.Namespace) -> int:
                           sensitivity=estimator, solver=args.solver, include=args.include,
                           exclude=args.exclude, pin=_pins(args.pin),
                           tie="fused" if args.tie_fused else None, a_bits=args.a_bits,
-                          refine=_REFINE[args.refine],
+                          refine=_REFINE[args.refine], loss_fn=args.loss,
                           profile=profile, progress=not (args.quiet or args.json))
     if args.save_sensitivity:
         res.sensitivity.save(args.save_sensitivity)
@@ -103,7 +103,11 @@ def add_parsers(sub: Any) -> None:
                    help="latency budget as a fraction of the all-INT8 latency (needs --profile)")
     s.add_argument("--profile", help="HardwareProfile JSON from `mpsearch profile`")
     s.add_argument("--bits", type=int, nargs="+", default=None,
-                   help="candidate bits (default 2 3 4 8; with --profile also 32)")
+                   help="candidate bits (default 2 3 4 5 6 8; with --profile 2 3 4 8 32; "
+                        "with a saved --sensitivity table, its bits)")
+    s.add_argument("--loss", default="divergence", choices=["divergence", "task"],
+                   help="divergence from the float model's output (default; labels unused) "
+                        "or the task loss on the data's targets")
     s.add_argument("--sensitivity", default="fisher_block",
                    help="fisher_block (default) | fisher | qerror | hutchinson, or a table "
                         "JSON saved with --save-sensitivity (then only the solve runs)")
