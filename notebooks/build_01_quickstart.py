@@ -94,9 +94,9 @@ each option costs)."""),
 res.table[["kind", "params", "w_bits", "fisher", "fisher_stderr", *omega]]"""),
     ("code", """ax = plot_bitmap(res.bitmap, order=list(res.table.index),
                  title=f"dwsep CNN: bits per layer at {res.bitmap.avg_bits():.2f} average bits")"""),
-    ("md", """The stem (a few hundred weights, but every pixel passes through it) gets 8 bits and the
-early blocks 4; the large pointwise layers of the later blocks, which hold most of the
-weights, take 2–3 bits and pay for it.
+    ("md", """The first layers (a few hundred weights each, but every pixel passes through them) get
+the most bits: the first depthwise conv 8, the stem 5, the early blocks 4; the large layers
+of the later blocks, which hold most of the weights, take 2–3 bits and pay for it.
 
 ## Validate: searched against uniform
 
