@@ -30,6 +30,16 @@ DEFAULT_BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 UNIFORM_BITS = (2, 3, 4, 8)
 
 
+def _method(res: SearchResult) -> str:
+    """One line on how the searched maps were made, read off the search itself."""
+    table, d = res.sensitivity, res.sensitivity.diagnostics
+    work = (f"{d['gradients']} per-sample gradients" if "gradients" in d
+            else f"{d['probes']} probes" if "probes" in d else "")
+    refined = "" if res.refinement is None else ", measured refinement"
+    return (f"`{table.estimator}` sensitivity ({work}; loss: {d.get('loss', '?')}) + exact ILP"
+            f"{refined}; candidate bits {', '.join(map(str, table.bits))}")
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """What the demo produced.
@@ -110,8 +120,8 @@ def run_demo(model_name: str = "dwsep", budgets: Sequence[float] = DEFAULT_BUDGE
     best.table.to_csv(files["layers_csv"])
     summary.to_csv(files["summary_csv"], index=False)
     files["summary_md"].write_text(
-        f"# mpsearch demo: {title}\n\nHutchinson sensitivity ({best.sensitivity.diagnostics.get('probes')}"
-        f" probes) + exact ILP; evaluated on {float_report.n_samples} held-out samples.\n\n"
+        f"# mpsearch demo: {title}\n\n{_method(best)}; evaluated on "
+        f"{float_report.n_samples} held-out samples.\n\n"
         + markdown_table(summary) + "\n", encoding="utf-8")
     if plot:
         from mpsearch.plot import plot_demo
