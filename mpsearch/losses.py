@@ -18,10 +18,10 @@ the loss increase of a quantized layer is its pure second-order term, never nega
 its Hessian there is the Gauss-Newton matrix (positive semi-definite, which suits the
 Hutchinson estimator). A task loss has a non-zero gradient at a trained model's weights on
 finite calibration data, and its first-order term is noise of either sign that swamps
-small damage: on the MNIST CNN, quantizing a layer alone to 4 bits *lowered* the label
+small damage: on the MNIST CNN, quantizing a layer alone *lowered* the held-out label
 loss for 5 of 16 (layer, bits) entries, and single-layer ratings measured on the labels
-made a searched map 2.9× worse in output KL than uniform INT4 where the divergence made it
-1.1× better (``results/sensitivity_fidelity.md``).
+(``qerror``) made a searched map 2.9× worse in output KL than uniform INT4 where the
+divergence made it 1.09× better (``results/sensitivity_fidelity.md``, section 4).
 """
 
 from __future__ import annotations
