@@ -261,9 +261,7 @@ and are not offered. The quantizer here is the default per-channel one: with 8-b
 there is no integer GEMM, only weight-only kernels. Only 3 rounds per kernel, to keep the
 notebook quick.
 
-**Latency numbers depend on the machine, its load and library versions.** The ones below
-were measured on a shared 2-core CPU while other work was running; run the notebook to see
-your own."""),
+**Latency numbers depend on the machine, its load and library versions.** The ones below come from one quick run (3 rounds per kernel) on a 2-core CPU; run the notebook to see your own."""),
     ("code", """deploy = [{k: v for k, v in tok([s], padding="max_length", truncation=True, max_length=64,
                                return_tensors="pt").items()}
           for s in text_sentences("eval")[:4]]
