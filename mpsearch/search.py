@@ -270,9 +270,12 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             if settings is not None:
                 assert objective is not None
                 t = time.perf_counter()
+                # A measured table (qerror) would only measure itself again in the check.
+                resolve = (None if table.estimator == "qerror"
+                           else lambda p: solve(p, solver, seed=seed).best)
                 best, refinement = refine_map(model, modules, layers, objective, problem, best,
                                               qconfig, settings, device=device,
-                                              progress=progress)
+                                              resolve=resolve, progress=progress)
                 timings["refine"] = time.perf_counter() - t
     bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
                      refinement)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -98,7 +100,9 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
 
 def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     # One FC layer holds most weights: the ratings prefer it at 3 bits with the small
-    # layers at 8, which measures worse than uniform 4 bits; no pair move reaches uniform.
+    # layers at 8, which measures worse than uniform 4 bits; no pair move reaches uniform
+    # (the FC layer up needs all three small layers down: a compound move, or the
+    # uniform fallback, gets there).
     from mpsearch import BitMap
 
     # (Ratings on the label loss with bits 2/3/4/8 make that mix.)
@@ -113,5 +117,43 @@ def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:
     assert res.refinement.measured_after <= uniform * (1 + 1e-6) + 1e-9
     assert res.refinement.measured_after <= res.refinement.measured_before
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9
-    assert res.refinement.moves[-1].get("uniform") == 4
     assert set(res.bitmap.bits().values()) == {4}
+    assert res.refinement.moves  # measured its way there
+
+
+def test_check_corrects_a_table_that_rates_a_large_layer_too_cheap(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    # A table that rates the FC layer (most of the weights) nearly free: the solver puts
+    # it at 3 bits and everything else at 8. The check measures it alone at 3 bits,
+    # corrects its row, solves again, and must lift it.
+    from mpsearch import SensitivityTable
+
+    calib = mnist_calib[:2]
+    measured = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="qerror",
+                               refine=False, progress=False).sensitivity
+    omega = measured.omega.copy()
+    fc = measured.layers.index("classifier.0")
+    omega[fc] *= 1e-4
+    wrong = dataclasses.replace(measured, omega=omega, omega_stderr=measured.omega_stderr * 0,
+                                estimator="fisher")
+    plain = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong, refine=False,
+                            progress=False)
+    assert plain.bitmap["classifier.0"].w_bits == 3
+    res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong,
+                          refine=Refine(max_evals=40), progress=False)
+    r = res.refinement
+    assert r is not None
+    assert r.checked["classifier.0"][3][1] > 100 * r.checked["classifier.0"][3][0]
+    assert r.moves[0].get("check") is True
+    assert res.bitmap["classifier.0"].w_bits >= 4
+    assert r.measured_after < 0.8 * r.measured_before
+    assert res.bitmap.avg_bits() <= 4.0 + 1e-9
+    # Off: no probe is spent on the check.
+    off = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong,
+                          refine=Refine(max_evals=40, check_rounds=0), progress=False)
+    assert off.refinement is not None and off.refinement.checked == {}
+
+
+def test_check_is_skipped_for_a_measured_table(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="qerror",
+                          refine=Refine(max_evals=10), progress=False)
+    assert res.refinement is not None and res.refinement.checked == {}
