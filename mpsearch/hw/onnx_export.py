@@ -55,7 +55,11 @@ class _Marker(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, bias: Any, fqn: str) -> Any:
-        return g.op(f"{_MARKER_DOMAIN}::Layer", x, fqn_s=fqn)
+        out = g.op(f"{_MARKER_DOMAIN}::Layer", x, fqn_s=fqn)
+        # Give the marker its output type, or ONNX shape inference warns once per layer.
+        if fqn in _SHAPES and x.type().scalarType() is not None:
+            out.setType(x.type().with_sizes(list(_SHAPES[fqn])))
+        return out
 
 
 def _functional(module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
