@@ -280,17 +280,19 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             unit_loss = problem.unit_table(corrected)
             if check_choice is not None:
                 check_choice = np.array([check_choice[first[u]] for u in range(problem.n_units)])
-        current = float(replay.record(weights_of(unit_choice, everything)).mean()) - float_loss
+        current_split = replay.record(weights_of(unit_choice, everything))
+        current = float(current_split.mean()) - float_loss
         before = current
         if check_choice is not None and not np.array_equal(check_choice, unit_choice):
-            measured = float(replay.record(weights_of(check_choice, everything)).mean()) - float_loss
+            check_split = replay.record(weights_of(check_choice, everything))
+            measured = float(check_split.mean()) - float_loss
             evaluations += 1
-            if measured < current:
+            if _clear_gain(check_split - current_split, current, settings.min_gain):
                 moves.append({"bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
                                        for u, o in enumerate(check_choice)
                                        if o != unit_choice[u] for n in problem.units[u]},
                               "measured": measured, "check": True})
-                unit_choice, current = check_choice, measured
+                unit_choice, current, current_split = check_choice, measured, check_split
             else:
                 replay.record(weights_of(unit_choice, everything))
         # The uniform maps within every budget are measured too, and taken at the end if
@@ -321,24 +323,34 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             # next ones (interactions are what the ratings miss), up to `patience` batches.
             ranked = _neighbours(problem, unit_choice, unit_loss, unit_costs, slack,
                                  settings.candidates * settings.patience)
+            # Only a gain clear of the batch-to-batch noise counts: small calibration sets
+            # otherwise reward moves that fit them and lose on held-out data.
             best: tuple[float, dict[int, int]] | None = None
+            out_of_time = False
             for rank, (_, move) in enumerate(ranked):
                 if evaluations >= settings.max_evals:
                     break
-                if (rank and rank % settings.candidates == 0 and best is not None
-                        and best[0] < current - settings.min_gain * abs(current)):
+                if time.perf_counter() - t0 > settings.time_budget_s:
+                    out_of_time = True
+                    break
+                if rank and rank % settings.candidates == 0 and best is not None:
                     break
                 trial = unit_choice.copy()
                 for u, o in move.items():
                     trial[u] = o
                 if not problem.is_feasible(problem.expand(trial)):
                     continue
-                measured = float(replay.losses(weights_of(trial, list(move))).mean()) - float_loss
+                trial_split = replay.losses(weights_of(trial, list(move)))
+                measured = float(trial_split.mean()) - float_loss
                 evaluations += 1
                 bar.update(1)
-                if best is None or measured < best[0]:
+                if (_clear_gain(trial_split - current_split, current, settings.min_gain)
+                        and (best is None or measured < best[0])):
                     best = (measured, move)
-            if best is None or best[0] >= current - settings.min_gain * abs(current):
+            if best is None:
+                if out_of_time:
+                    log.info("refinement stopped at its time budget (%.0f s)",
+                             settings.time_budget_s)
                 break
             moves.append({
                 "bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
@@ -346,7 +358,8 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                 "measured": best[0]})
             for u, o in best[1].items():
                 unit_choice[u] = o
-            current = float(replay.record(weights_of(unit_choice, everything)).mean()) - float_loss
+            current_split = replay.record(weights_of(unit_choice, everything))
+            current = float(current_split.mean()) - float_loss
             bar.set_postfix(measured=f"{current:.4g}")
         bar.close()
         if uniform is not None and uniform[0] < current - settings.min_gain * abs(current):
@@ -422,3 +435,15 @@ def _corrected_row(predicted: np.ndarray, measured: Mapping[int, float],
         if ref > 0 and measured[near] > 0:
             row[o] = predicted[o] * float(np.clip(measured[near] / ref, 1e-3, 1e3))
     return row
+
+
+def _clear_gain(diff: np.ndarray, current: float, min_gain: float) -> bool:
+    """Whether per-batch loss differences (trial − current) show a real improvement: a
+    mean gain of at least ``min_gain`` of the current loss increase and, with three or
+    more batches, more than one standard error of the paired differences."""
+    mean = float(diff.mean())
+    if mean >= -min_gain * abs(current):
+        return False
+    if diff.size < 3:
+        return True
+    return mean + float(diff.std(ddof=1)) / math.sqrt(diff.size) < 0

