@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 Ties = Sequence[Sequence[str]] | Literal["fused"] | None
 
-DEFAULT_SENSITIVITY = "fisher_block"
+DEFAULT_SENSITIVITY = "qerror"
 """The estimator ``search`` uses unless told otherwise (chosen by the fidelity benchmark)."""
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -187,10 +187,12 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             widen a layer to the next one they hold, with a warning); with a ``profile``,
             :data:`DEFAULT_BITS_PROFILE` (2, 3, 4, 8, 32: each offered where the device
             has a kernel for it); with a reused sensitivity table, the table's bits.
-        sensitivity: ``"fisher_block"`` (default: per-sample Fisher along each layer's
-            quantization error, near the measured ranking at a fraction of its cost in
-            ``results/sensitivity_fidelity.md``), ``"qerror"`` (measured single-layer loss
-            increase), ``"fisher"`` (diagonal), ``"hutchinson"``, an estimator object, or a
+        sensitivity: ``"qerror"`` (default: each layer quantized alone at each width and
+            the loss increase measured; the best search quality over the five models of
+            ``results/sensitivity_fidelity.md``; L × B probes, each replaying the network
+            only from the probed layer on), ``"fisher_block"`` (per-sample Fisher along
+            each layer's quantization error: a few times cheaper, the choice for large
+            models), ``"fisher"`` (diagonal), ``"hutchinson"``, an estimator object, or a
             table from an earlier search (then only the solve runs).
         solver: ``"ilp"`` (exact), ``"greedy"``, ``"nsga2"`` (a whole front: see
             :attr:`SearchResult.front`), or a solver object.

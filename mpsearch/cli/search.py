@@ -108,8 +108,8 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--loss", default="divergence", choices=["divergence", "task"],
                    help="divergence from the float model's output (default; labels unused) "
                         "or the task loss on the data's targets")
-    s.add_argument("--sensitivity", default="fisher_block",
-                   help="fisher_block (default) | fisher | qerror | hutchinson, or a table "
+    s.add_argument("--sensitivity", default="qerror",
+                   help="qerror (default) | fisher_block | fisher | hutchinson, or a table "
                         "JSON saved with --save-sensitivity (then only the solve runs)")
     s.add_argument("--save-sensitivity", metavar="JSON",
                    help="write the sensitivity table, to reuse at other budgets")
