@@ -70,9 +70,9 @@ pd.DataFrame([{"layer": i.name, "kind": i.kind, "weight shape": i.weight_shape,
     ("md", """## Search at 3.0 average bits
 
 One call: discover the layers, estimate each layer's sensitivity Ω[layer, bits] (the
-predicted increase of the calibration loss if that layer alone is quantized to that many
-bits; by default from per-sample Fisher information along each layer's own quantization
-error, `fisher_block`, with a standard error),
+increase of the calibration loss if that layer alone is quantized to that many bits; by
+default measured, `qerror`: each layer quantized alone at each width and the calibration
+data run again from that layer on, with a standard error over the batches),
 price each option, solve for the allocation with the least predicted loss increase within
 the budget (exact ILP), then refine it by measuring the chosen map and its neighbours on
 the calibration data. The defaults: candidate bits 2, 3, 4, 5, 6 and 8, and as "the loss"
@@ -83,20 +83,21 @@ res = mpsearch.search(model, 3.0, data=calib, seed=0, progress=False)
 print(res)
 print(f"{time.perf_counter() - start:.0f} s:",
       {stage: round(s, 2) for stage, s in res.timings_s.items()})
-print("sensitivity:", res.sensitivity.estimator, res.sensitivity.diagnostics["gradients"],
-      "per-sample gradients;", "refinement:", res.refinement)"""),
+print("sensitivity:", res.sensitivity.estimator, res.sensitivity.diagnostics["probes"],
+      "probes (layer x bits, each measured);", "refinement:", res.refinement)"""),
     ("md", """### Bits per layer
 
-`res.table` has one row per layer: the chosen `w_bits`, the layer's Fisher information
-with its standard error, and Ω at each candidate bit-width (what the solver traded off against the weights
-each option costs)."""),
+`res.table` has one row per layer: the chosen `w_bits`, the share of the network that each
+probe of the layer could replay instead of recomputing (`skipped_fraction`), and Ω at each
+candidate bit-width (what the solver traded off against the weights each option costs),
+with standard errors (`omega_3_stderr` shown)."""),
     ("code", """omega = [f"omega_{b}" for b in res.problem.bits]
-res.table[["kind", "params", "w_bits", "fisher", "fisher_stderr", *omega]]"""),
+res.table[["kind", "params", "w_bits", "skipped_fraction", *omega, "omega_3_stderr"]]"""),
     ("code", """ax = plot_bitmap(res.bitmap, order=list(res.table.index),
                  title=f"dwsep CNN: bits per layer at {res.bitmap.avg_bits():.2f} average bits")"""),
     ("md", """The first layers (a few hundred weights each, but every pixel passes through them) get
-the most bits: the first depthwise conv 8, the stem 5, the early blocks 4; the large layers
-of the later blocks, which hold most of the weights, take 2–3 bits and pay for it.
+the most bits: the stem 6, the early blocks 4 to 5; the large layers of the later blocks,
+which hold most of the weights, take 2–3 bits and pay for it.
 
 ## Validate: searched against uniform
 
@@ -172,9 +173,9 @@ already close to lossless.
 
 The prediction ranks the maps well, but underestimates the damage at low bits: it adds up
 single-layer effects, and quantizing several layers at once hurts more than the sum of each
-alone. That is what the refinement step measures and corrects (it moved the 3.0-bit map
-to a neighbour with a lower measured calibration loss), and why every point here is also
-measured:"""),
+alone. That is what the refinement step measures (it tries the chosen map's neighbours on
+the calibration data and takes one only if it is clearly better), and why every point here
+is also measured:"""),
     ("code", """both = measured[(measured["measured_loss"] > 0) & (measured["predicted_loss"] > 0)]
 rank = both[["predicted_loss", "measured_loss"]].rank().corr().iloc[0, 1]
 fig, ax = plt.subplots(figsize=(5, 4.2))
