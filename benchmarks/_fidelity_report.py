@@ -120,9 +120,9 @@ def bar_verdict(ceil: pd.DataFrame) -> str:
         lines.append(
             "On " + ", ".join(f"`{m}` (oracle {r:.2f}×)" for m, r in zip(
                 unreachable["model"], unreachable["oracle_uniform_ratio"]))
-            + f" the bar is out of reach of any estimator rated layer by layer: the exact "
-            "measured single-layer damage, summed by the ILP, picks a map only that much "
-            f"better than uniform INT4, far below {BAR:g}× (the estimators reach "
+            + f" the bar is out of reach of per-layer allocation: the exact measured "
+            "single-layer damage, summed by the ILP, picks a map only that much better than "
+            f"uniform INT4, far below {BAR:g}× (the estimators reach "
             + ", ".join(f"{lo:.2f}–{hi:.2f}×" for lo, hi in zip(
                 unreachable["estimators_min"], unreachable["estimators_max"]))
             + "; with the measured refinement " + ", ".join(
@@ -317,10 +317,12 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
             "",
             ("`oracle`: the ILP solved on the *measured* held-out single-layer damage (the "
              "ground truth of section 1) — the best map any estimator rating layers one at a "
-             "time can hand the ILP. `oracle_uniform_ratio` is therefore the ceiling of "
-             "estimator + ILP on that model (interactions between layers, which only the "
-             "measured refinement sees, can add a little). `worst_share_of_oracle`: the worst "
-             "estimator's ratio as a fraction of the oracle's."),
+             "time can hand the ILP. `oracle_uniform_ratio` is therefore roughly the ceiling "
+             "of estimator + ILP on that model — roughly, because layers interact: a whole "
+             "map's damage is not the sum of its layers' (section 2), so another map can "
+             "measure better than the oracle's, and the measured refinement, which sees "
+             "interactions, can go past it. `worst_share_of_oracle`: the worst estimator's "
+             "ratio as a fraction of the oracle's."),
             "",
             _fmt_table(ceil, list(ceil.columns)),
             "",

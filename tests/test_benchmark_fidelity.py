@@ -84,3 +84,25 @@ def test_verdict_prefers_quality_then_speed() -> None:
     # fisher within 10 % of the best quality and over 3× faster: it wins
     text = report.verdict(_summary([2.0, 5.5, 6.0], [10.0, 9.0, 30.0]))
     assert "default should be **fisher**" in text
+
+
+def test_ceilings_and_bar_verdict_known_answers() -> None:
+    rows = []
+    for model, uniform, oracle, plain, refined in (("easy", 1.0, 0.05, (0.2, 0.1), (0.06, 0.05)),
+                                                   ("flat", 1.0, 0.8, (0.9, 1.0), (0.7, 0.8))):
+        rows.append({"model": model, "budget": 4.0, "method": "uniform", "divergence": uniform})
+        rows.append({"model": model, "budget": 4.0, "method": report.ORACLE, "divergence": oracle})
+        for est, p, r in zip(("fisher", "qerror"), plain, refined):
+            rows.append({"model": model, "budget": 4.0, "method": est, "divergence": p})
+            rows.append({"model": model, "budget": 4.0, "method": f"{est}+refine",
+                         "divergence": r})
+    ceil = report.ceilings(pd.DataFrame(rows)).set_index("model")
+    assert ceil.loc["easy", "oracle_uniform_ratio"] == pytest.approx(20.0)
+    assert ceil.loc["easy", "estimators_min"] == pytest.approx(5.0)
+    assert ceil.loc["easy", "estimators_max"] == pytest.approx(10.0)
+    assert ceil.loc["easy", "refined_max"] == pytest.approx(20.0)
+    assert ceil.loc["easy", "worst_share_of_oracle"] == pytest.approx(0.25)
+    assert ceil.loc["flat", "oracle_uniform_ratio"] == pytest.approx(1.25)
+    text = report.bar_verdict(ceil.reset_index())
+    assert "reaches the 4× bar at 4.0 bits on `easy` (20.0×); there every estimator + ILP meets it" in text
+    assert "On `flat` (oracle 1.25×) the bar is out of reach of per-layer allocation" in text
