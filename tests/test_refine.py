@@ -107,7 +107,8 @@ def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:
 
     # (Ratings on the label loss with bits 2/3/4/8 make that mix.)
     solved = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, seed=0, progress=False,
-                             refine=False, loss_fn="task", bits=(2, 3, 4, 8))
+                             sensitivity="fisher_block", refine=False, loss_fn="task",
+                             bits=(2, 3, 4, 8))
     assert solved.bitmap["classifier.0"].w_bits == 3  # the ratings' mix
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=solved.sensitivity,
                           loss_fn="task", progress=False)
