@@ -126,7 +126,6 @@ def test_check_corrects_a_table_that_rates_a_large_layer_too_cheap(mnist_cnn, mn
     # A table that rates the FC layer (most of the weights) nearly free: the solver puts
     # it at 3 bits and everything else at 8. The check measures it alone at 3 bits,
     # corrects its row, solves again, and must lift it.
-    from mpsearch import SensitivityTable
 
     calib = mnist_calib[:2]
     measured = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="qerror",
