@@ -39,10 +39,13 @@ def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConf
     layers is the model's average weight bits.
     """
     total = sum(info.params for info in layers)
-    act = 32 if a_bits is None else a_bits
     avg = np.array([[info.params * b / total for b in bits] for info in layers], dtype=float)
     size = np.array([[weight_bytes(info, b, cfg) for b in bits] for info in layers], dtype=float)
-    bops = np.array([[float(info.macs) * b * act for b in bits] for info in layers], dtype=float)
+    # a layer whose weight its parent reads directly keeps float inputs (see search)
+    act = [32 if a_bits is None or info.read_by else a_bits for info in layers]
+    bops = np.array([[float(info.macs) * b * a for b in bits] for info, a in zip(layers, act,
+                                                                                 strict=True)],
+                    dtype=float)
     return {"avg_bits": avg, "size_bytes": size, "bops": bops}
 
 

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,10 @@ class LayerInfo:
         input_shape: shape of the layer's input on the first call (with the batch dim).
         output_shape: shape of the layer's output on the first call.
         fused_group: name of the group of layers that read the same input tensor, or None.
+        read_by: for a layer whose own ``forward`` never ran but whose weight an enclosing
+            module reads directly (``nn.MultiheadAttention.out_proj``, PyTorch's fused
+            transformer fast path), that module's FQN; ``calls``, MACs and shapes are then
+            inferred from its input. None for layers that run themselves.
     """
 
     name: str
@@ -57,6 +61,7 @@ class LayerInfo:
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     fused_group: str | None = None
+    read_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -209,18 +214,40 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
             module.register_forward_pre_hook(pre)
             module.register_forward_hook(post)
 
+        # Enclosing modules' inputs: a layer whose weight its parent reads directly
+        # (nn.MultiheadAttention.out_proj) never runs its own forward.
+        named = dict(model.named_modules())
+        ancestors = {".".join(n.split(".")[:k])
+                     for n in modules for k in range(1, n.count(".") + 1)}
+        seen: dict[str, list[tuple[int, ...]]] = {a: [] for a in ancestors if a in named}
+
+        def watch(name: str) -> Callable[..., None]:
+            def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(first, Tensor):
+                    seen[name].append(tuple(first.shape))
+            return pre
+
+        handles = [named[a].register_forward_pre_hook(watch(a), with_kwargs=True) for a in seen]
         with preserved(model), torch.no_grad():
             model.eval()
             for name, module in modules.items():
                 kind = layer_kind(module)
                 assert kind is not None
                 make_hooks(name, kind, module)
-            call(model, split)
+            try:
+                call(model, split)
+            finally:
+                for h in handles:
+                    h.remove()
         keep_alive.clear()
         never = [n for n, s in stats.items() if s["calls"] == 0]
-        if never:
+        for name in never:
+            _infer_from_reader(name, modules[name], stats[name], seen)
+        unknown = [n for n in never if "read_by" not in stats[n]]
+        if unknown:
             log.warning("%d layer(s) did not run in the sample forward pass (MACs unknown): %s",
-                        len(never), ", ".join(never[:5]))
+                        len(unknown), ", ".join(unknown[:5]))
     groups = _fusion_groups(list(modules), list(edges.values()))
     infos = []
     for name, module in modules.items():
@@ -235,9 +262,31 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
             groups=int(getattr(module, "groups", 1)),
             macs=round(s["macs"] / batch_size), calls=int(s["calls"]),
             input_shape=s.get("input_shape"), output_shape=s.get("output_shape"),
-            fused_group=groups.get(name),
+            fused_group=groups.get(name), read_by=s.get("read_by"),
         ))
     return infos
+
+
+def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
+                       seen: Mapping[str, list[tuple[int, ...]]]) -> None:
+    """A Linear that never ran: its weight read by the nearest enclosing module that ran
+    on inputs whose last dimension is its ``in_features`` (MultiheadAttention's query)."""
+    if not isinstance(module, nn.Linear):
+        return
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        reader = ".".join(parts[:k])
+        shapes = seen.get(reader)
+        if not shapes:
+            continue
+        if shapes[0] and shapes[0][-1] == module.in_features:
+            stats["read_by"] = reader
+            stats["calls"] = len(shapes)
+            stats["input_shape"] = shapes[0]
+            stats["output_shape"] = (*shapes[0][:-1], module.out_features)
+            stats["macs"] = sum(math.prod(s[:-1]) for s in shapes) * module.in_features * (
+                module.out_features)
+        return
 
 
 def _fusion_groups(names: list[str], readers: list[list[str]]) -> dict[str, str]:

@@ -111,3 +111,17 @@ def test_fingerprint_depends_on_names_and_shapes() -> None:
     assert a == fingerprint({"y": (4,), "x": (2, 3)})
     assert a != fingerprint({"x": (3, 2), "y": (4,)})
     assert a.startswith("sha256:")
+
+
+def test_weight_read_by_its_parent_gets_shapes_and_macs() -> None:
+    """MultiheadAttention's out_proj never runs its own forward: discover infers its calls,
+    shapes and MACs from the attention's query, and names the reader."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    infos = {i.name: i for i in discover(model, torch.randn(3, 5, 16))}
+    out = infos["layers.1.self_attn.out_proj"]
+    assert out.read_by == "layers.1.self_attn"
+    assert (out.calls, out.input_shape, out.output_shape) == (1, (3, 5, 16), (3, 5, 16))
+    assert out.macs == 5 * 16 * 16  # per sample: 5 tokens x 16 in x 16 out
+    assert infos["layers.1.linear1"].read_by is None
+    assert infos["layers.1.linear1"].macs == 5 * 16 * 32

@@ -204,3 +204,33 @@ def test_minilm_tokenizer_batches(minilm) -> None:  # type: ignore[no-untyped-de
     assert bm[q + "query"].tie is not None
     report = mpsearch.validate(model, bm, data=calib, progress=False)
     assert report.divergence_kind == "mse" and report.output_divergence > 0
+
+
+@pytest.mark.parametrize("estimator", ["qerror", "fisher", "hutchinson"])
+def test_torch_transformer_out_proj_is_searched(estimator: str) -> None:
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: every
+    estimator still rates it, the quantizer quantizes it, and its activations (it has no
+    input of its own) stay float rather than claiming an a_bits nothing applies."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Linear(16, 5)).eval()
+    data = [torch.randn(4, 6, 16) for _ in range(3)]
+    before = _state(model)
+    sens = (Hutchinson(tol=0.5, min_probes=3, max_probes=6) if estimator == "hutchinson"
+            else estimator)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False)
+    _assert_same(before, model)
+    name = "0.layers.0.self_attn.out_proj"
+    row = res.table.loc[name]
+    assert row["macs"] == 6 * 16 * 16
+    omega = [row[f"omega_{b}"] for b in res.problem.bits]
+    assert omega[0] > omega[-1] >= 0  # rated, and 2 bits worse than 8
+    q = mpsearch.quantize(model, mpsearch.BitMap.uniform(model, 2))
+    assert not torch.equal(q[0].layers[0].self_attn.out_proj.weight,
+                           model[0].layers[0].self_attn.out_proj.weight)
+    if estimator == "qerror":
+        act = mpsearch.search(model, 4.0, data=data, sensitivity="qerror", a_bits=8,
+                              progress=False)
+        assert act.bitmap[name].a_bits is None
+        assert act.bitmap["0.layers.0.linear1"].a_bits == 8

@@ -94,6 +94,10 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """
     bitmap.check_model(model)
     modules = quantizable_modules(model)
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj
+    unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                if isinstance(m, nn.MultiheadAttention)}
+    skipped = []
     with torch.no_grad():
         for name, entry in bitmap.items():
             module = modules[name]
@@ -102,7 +106,13 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
                 weight.copy_(quantize_weight(weight, entry.kind or layer_kind(module),
                                              entry.w_bits, entry.qconfig))
             if entry.a_bits is not None and entry.a_bits < 32:
+                if name in unhooked:
+                    skipped.append(name)
+                    continue
                 module.register_forward_pre_hook(ActivationQuantizer(entry.a_bits))
+    if skipped:
+        log.warning("a_bits not applied to %s: nn.MultiheadAttention reads their weight "
+                    "without calling them, so their inputs stay float", ", ".join(skipped[:5]))
     return model
 
 
