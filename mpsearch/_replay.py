@@ -126,6 +126,15 @@ class PrefixReplay:
         finally:
             for h in handles:
                 h.remove()
+        # A layer whose weight an enclosing module reads directly (MultiheadAttention's
+        # out_proj) never runs itself: a change to it can act from that module's start.
+        for n in self.layers:
+            if n not in self._start:
+                parts = n.split(".")
+                reader = next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
+                               if ".".join(parts[:k]) in self._start), None)
+                if reader is not None:
+                    self._start[n], self._end[n] = self._start[reader], self._end[reader]
         missing = [n for n in self.layers if n not in self._start]
         if missing:
             raise ValueError(f"layer(s) {missing[:5]} did not run on the calibration data")
