@@ -355,8 +355,9 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
             "",
             ("Held-out output divergence (KL of logits; MSE of hidden states for MiniLM), top-1 "
             "agreement with the float model and accuracy where there are labels. `+refine`: the "
-            "same table with the measured refinement (`refine=\"auto\"`, ≤ 30 s; `--quick`: "
-            "10 s). `random`: mean ± std of random allocations meeting the same budget, each "
+            "same table with the measured refinement (`refine=\"auto\"`: at most 64 passes over the "
+            "calibration data, the same map on every run, and 120 s; `--quick`: 24 maps, "
+            "10 s); `refine_passes`: the passes it used, `refine_s` its seconds. `random`: mean ± std of random allocations meeting the same budget, each "
             "the ILP solved with a random sensitivity table Ω[l, b] = r_l·4^(−b), r_l "
             "log-uniform over 4 decades (seeds 0…n−1). `oracle`: the ILP on the measured "
             "held-out single-layer damage (see above). `uniform_ratio` = uniform divergence / "
@@ -365,7 +366,7 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
             _fmt_table(quality, ["model", "budget", "method", "avg_bits", "divergence",
                                  "divergence_std", "uniform_ratio", "random_ratio", "agreement",
                                  "agreement_std", "accuracy", "accuracy_std", "refine_moves",
-                                 "refine_s"]),
+                                 "refine_passes", "refine_s"]),
             "",
         ]
     ablation = frames.get("ablation", pd.DataFrame())

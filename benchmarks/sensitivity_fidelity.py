@@ -317,10 +317,12 @@ class Runner:
                 refined = mpsearch.search(self.model, budget, data=self.case.calib,
                                           sensitivity=table, bits=BITS, refine=self.refine,
                                           progress=False)
-                moves = len(refined.refinement.moves) if refined.refinement else 0
+                done = refined.refinement
                 self.rows["quality"].append({
                     "model": self.case.name, "budget": budget, "method": f"{key}+refine",
-                    **_quality(self.validate(refined.bitmap)), "refine_moves": moves,
+                    **_quality(self.validate(refined.bitmap)),
+                    "refine_moves": len(done.moves) if done else 0,
+                    "refine_passes": done.passes if done else 0.0,
                     "refine_s": time.perf_counter() - t})
         log(f"{self.case.name}: {key} maps measured")
 

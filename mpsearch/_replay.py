@@ -95,6 +95,9 @@ class PrefixReplay:
         self._shared: set[str] = set()
         self._patched: list[nn.Module] = []
         self.reference_losses = np.zeros(len(self._splits))
+        #: work done so far, in whole passes over the calibration data (a replayed pass
+        #: counts the share of module calls it recomputes): a deterministic clock
+        self.passes = 0.0
 
     # -- tracing -------------------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class PrefixReplay:
                 h.remove()
         self._store = store
         self.reference_losses = losses
+        self.passes += 1.0
         size_mb = sum(_nbytes(v) for outs in store.values() for v in outs) / 2**20
         log.debug("replay store: %d submodules, %.1f MiB", len(store), size_mb)
         return losses
@@ -215,6 +219,7 @@ class PrefixReplay:
         if unknown:
             raise ValueError(f"cannot change layer(s) {unknown[:5]}: not traced")
         first = min(0 if n in self._shared else self._start[n] for n in changes)
+        self.passes += self._work(first) if replay else 1.0
         weights = {**self._reference, **changes}
         out = np.zeros(len(self._splits))
         self._active = self._plan(first) & self._store.keys() if replay else frozenset()
@@ -232,8 +237,12 @@ class PrefixReplay:
 
     def skipped_fraction(self, layer: str) -> float:
         """Share of the traced module events that precede ``layer`` (work a probe skips)."""
+        return 1.0 - self._work(0 if layer in self._shared else self._start[layer])
+
+    def _work(self, first: int) -> float:
+        """Share of a pass recomputed when the first change is at event ``first``."""
         total = max(self._end.values(), default=0) + 1
-        return self._start[layer] / total if total else math.nan
+        return 1.0 - first / total if total else math.nan
 
     def __enter__(self) -> Self:
         self._trace()

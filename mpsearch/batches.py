@@ -117,7 +117,8 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
     if data is None:
         raise ValueError(f"{what} is required: pass a list (or DataLoader) of batches")
     if isinstance(data, (Tensor, Mapping)):
-        raise ValueError(
+        # ValueError like every other bad `data` (callers catch one kind of error)
+        raise ValueError(  # noqa: TRY004
             f"{what} must be a re-iterable of batches (e.g. [batch] or a DataLoader), "
             f"got a single {type(data).__name__}; wrap it in a list"
         )

@@ -186,7 +186,12 @@ class BitMap(Mapping[str, LayerEntry]):
         return {n: e.w_bits for n, e in self._layers.items()}
 
     def avg_bits(self) -> float:
-        """Average weight bits weighted by parameter count (needs every entry's shape)."""
+        """Average weight bits weighted by parameter count (needs every entry's shape).
+
+        Every entry counts, layers kept float (32) included: a search with ``exclude=``
+        meets its ``avg_bits`` budget over the searched layers (``predicted["avg_bits"]``),
+        which this whole-map figure then exceeds.
+        """
         total = weighted = 0
         for n, e in self._layers.items():
             if e.shape is None:

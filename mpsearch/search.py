@@ -154,8 +154,8 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
             if info.fused_group is not None:
                 groups.setdefault(info.fused_group, []).append(info.name)
         return list(groups.values())
-    if isinstance(tie, str):
-        raise ValueError(f"tie must be 'fused', None or a list of lists of layer names, "
+    if isinstance(tie, str):  # a string other than "fused": a bad value, not a bad type
+        raise ValueError(f"tie must be 'fused', None or a list of lists of layer names, "  # noqa: TRY004
                          f"got {tie!r}")
     return [list(g) for g in tie]
 
@@ -206,9 +206,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         qconfig: weight quantizer scheme (default :class:`QuantConfig()`).
         refine: after the solve, measure the chosen map and its neighbours on the
             calibration data and keep the best within the budget (interactions between
-            layers are real; see :mod:`mpsearch.refine`). ``"auto"``: up to 30 s of it;
-            ``True``: :class:`Refine` defaults; a :class:`Refine` to set limits; ``False``:
-            off. Skipped when activations are quantized (``a_bits``).
+            layers are real; see :mod:`mpsearch.refine`). ``"auto"`` or ``True``:
+            :class:`Refine` defaults (at most 64 passes over the calibration data — the same
+            map on every run — and 120 s); a :class:`Refine` to set limits; ``False``: off.
+            Skipped when activations are quantized (``a_bits``).
         progress: show progress bars.
         profile: a measured :class:`~mpsearch.HardwareProfile`: adds the ``latency_us``
             cost (for ``Budget(latency_us=)`` / ``Budget(latency_ratio=)``) and offers a
@@ -236,6 +237,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         modules = quantizable_modules(model, include, exclude)
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
+        if a_bits is not None and any(i.read_by for i in layers):
+            log.warning("activations stay float for %s: an enclosing module reads their "
+                        "weights directly, so they have no input of their own to quantize",
+                        ", ".join(i.name for i in layers if i.read_by)[:300])
         costs = cost_tables(layers, bits, qconfig, a_bits)
         allowed, limits = _hardware_costs(profile, model, layers, bits, qconfig, costs, budget)
         ties, pinned = _resolve_ties(tie, layers), _resolve_pins(pin, names, bits)
@@ -292,9 +297,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
 def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine | None:
     if isinstance(refine, Refine):
         settings: Refine | None = refine
-    elif refine == "auto":
-        settings = Refine(time_budget_s=30.0)
-    elif refine is True:
+    elif refine == "auto" or refine is True:
         settings = Refine()
     elif refine is False or refine is None:
         settings = None
@@ -352,7 +355,9 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
                      None) or f"tie.{k}"
         tie_of.update({n: label for n in group})
     entries = {
-        info.name: LayerEntry(w_bits=best.bits[info.name], a_bits=a_bits, qconfig=qconfig,
+        # a layer whose weight its parent reads directly has no input of its own to quantize
+        info.name: LayerEntry(w_bits=best.bits[info.name],
+                              a_bits=None if info.read_by else a_bits, qconfig=qconfig,
                               tie=tie_of.get(info.name), kind=info.kind,
                               shape=info.weight_shape)
         for info in layers

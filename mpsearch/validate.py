@@ -46,7 +46,8 @@ class ValidationReport:
         accuracy_float: top-1 accuracy of the float model, where targets are class labels.
         accuracy_quantized: the same for the quantized model.
         agreement: fraction of positions where both models predict the same class (logits).
-        avg_bits: average weight bits of the bit map.
+        avg_bits: average weight bits of the bit map (:meth:`BitMap.avg_bits`: float
+            layers count 32).
         size_bytes_float: bytes of the quantizable layers' weights in fp32.
         size_bytes_quantized: the same quantized, scales included.
         n_batches: evaluation batches.

@@ -67,6 +67,31 @@ def test_refine_settings_validated() -> None:
         Refine(max_evals=0)
     with pytest.raises(ValueError, match="min_gain"):
         Refine(min_gain=1.5)
+    with pytest.raises(ValueError, match="max_passes"):
+        Refine(max_passes=0)
+
+
+def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """The pass budget, not the clock, ends the refinement: two runs give the same map,
+    and it stops at the budget (overshooting by at most one measured map)."""
+    calib = [x for x, _ in mnist_calib[:2]]
+    table = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity="fisher", refine=False,
+                            progress=False).sensitivity
+    settings = Refine(max_passes=12, time_budget_s=600)
+    runs = [mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity=table,
+                            refine=settings, progress=False) for _ in range(2)]
+    first, second = (r.refinement for r in runs)
+    assert first is not None and second is not None
+    assert first.stopped_by == "max_passes"
+    assert 12 <= first.passes <= 13 + 1e-9
+    assert runs[0].bitmap.bits() == runs[1].bitmap.bits()
+    assert (first.passes, first.evaluations, first.measured_after) == (
+        second.passes, second.evaluations, second.measured_after)
+    # Unlimited passes: it runs until no candidate improves.
+    free = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity=table,
+                           refine=Refine(max_passes=None, time_budget_s=600), progress=False)
+    assert free.refinement is not None and free.refinement.stopped_by == "converged"
+    assert free.refinement.passes > 12
 
 
 def test_refine_off_and_with_activation_bits(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]

@@ -55,6 +55,21 @@ class _Tied(nn.Module):
         return self.out(torch.tanh(self.mid(self.emb(ids))))
 
 
+class _Encoder(nn.Module):
+    """PyTorch's own transformer: MultiheadAttention reads ``out_proj.weight`` directly, so
+    that Linear never runs its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(ids)))
+
+
 def _check_exact(model: nn.Module, batches: list, names: list[str]) -> None:  # type: ignore[type-arg]
     torch.manual_seed(1)
     objective = Objective(batches)
@@ -89,6 +104,14 @@ def test_replay_tied_weights_recompute_everything() -> None:
     _check_exact(model, batches, ["mid", "out"])
 
 
+def test_replay_attention_out_proj_that_never_runs_itself() -> None:
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    batches = [torch.randint(0, 30, (3, 6)), torch.randint(0, 30, (2, 6))]
+    _check_exact(model, batches, ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear2",
+                                  "enc.layers.1.self_attn.out_proj", "head"])
+
+
 def test_replay_skips_prefix(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     objective = Objective([x for x, _ in mnist_calib[:2]])
     objective.prepare(mnist_dwsep, CPU)
@@ -97,6 +120,13 @@ def test_replay_skips_prefix(mnist_dwsep, mnist_calib) -> None:  # type: ignore[
         replay.record()
         assert replay.skipped_fraction("stem.0") < 0.1
         assert replay.skipped_fraction("classifier") > 0.8
+        # The work clock: a record is a whole pass, a probe the share it recomputes.
+        assert replay.passes == 1.0
+        replay.losses({"classifier": dict(mnist_dwsep.named_modules())["classifier"].weight})
+        assert replay.passes == pytest.approx(2.0 - replay.skipped_fraction("classifier"))
+        replay.losses({"stem.0": dict(mnist_dwsep.named_modules())["stem.0"].weight},
+                      replay=False)
+        assert replay.passes == pytest.approx(3.0 - replay.skipped_fraction("classifier"))
     _check_exact(mnist_dwsep, [x for x, _ in mnist_calib[:2]], names)
 
 

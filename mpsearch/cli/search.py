@@ -116,7 +116,8 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "nsga2"],
                    help="allocation solver (default ilp)")
     s.add_argument("--refine", default="auto", choices=["auto", "on", "off"],
-                   help="measured refinement of the solved map (default auto: up to 30 s)")
+                   help="measured refinement of the solved map (default auto: at most 64 passes "
+                        "over the calibration data, 120 s)")
     s.add_argument("--a-bits", type=int, default=None, help="activation bits (default: float)")
     s.add_argument("--include", nargs="*", help="glob patterns of layers to search")
     s.add_argument("--exclude", nargs="*", help="glob patterns of layers to keep float")
