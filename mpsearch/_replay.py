@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.batches import split_batch, to_device
+from mpsearch.layers import weight_key
 from mpsearch.losses import Objective
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class PrefixReplay:
         self.layers = list(layers)
         self._splits = [to_device(split_batch(b), device) for b in objective.batches]
         self._modules = dict(model.named_modules())
+        self._keys = {n: weight_key(model, n) for n in self.layers}
         self._start: dict[str, int] = {}
         self._end: dict[str, int] = {}
         self._calls: dict[str, int] = {}
@@ -168,7 +170,8 @@ class PrefixReplay:
         if not weights:
             return self.model(*split.args, **split.kwargs)
         return torch.func.functional_call(
-            self.model, {f"{n}.weight": w for n, w in weights.items()}, split.args,
+            self.model, {self._keys.get(n) or weight_key(self.model, n): w
+                         for n, w in weights.items()}, split.args,
             split.kwargs, strict=False)
 
     def _loss(self, i: int, out: Any) -> float:

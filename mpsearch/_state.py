@@ -42,3 +42,21 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             if name in flags:
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
+
+
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Turn off PyTorch's fused transformer fast path within the block (restored after).
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` may run ``aten::_transformer_encoder_layer_fwd`` /
+    ``_native_multi_head_attention``, which the ONNX exporter cannot express.
+    """
+    import torch
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

@@ -1,7 +1,9 @@
 """Discover the quantizable layers of a model.
 
-Quantizable: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped and depthwise too) and
-Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``). Layers are keyed by
+Quantizable: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped and depthwise too),
+Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``) and the packed q/k/v
+input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, ``(3·E, E)``, keyed by the
+attention module's FQN; its ``out_proj`` is an ``nn.Linear`` of its own). Layers are keyed by
 fully-qualified name (FQN) everywhere.
 """
 
@@ -33,7 +35,8 @@ class LayerInfo:
 
     Attributes:
         name: fully-qualified module name.
-        kind: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"`` or ``"Conv1D"`` (Hugging Face).
+        kind: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv1D"`` (Hugging Face) or
+            ``"MultiheadAttention"`` (its ``in_proj_weight``).
         weight_shape: shape of the weight tensor as stored.
         params: number of weight elements (what gets quantized).
         bias_params: number of bias elements (kept in float).
@@ -70,9 +73,21 @@ class LayerInfo:
         return self.kind == "Conv1D"
 
 
+def weight_attr(module: nn.Module) -> str:
+    """The attribute holding a quantizable module's weight (``in_proj_weight`` for
+    ``nn.MultiheadAttention``, else ``weight``): ``f"{fqn}.{weight_attr(m)}"`` is its
+    parameter's name, e.g. for :func:`torch.func.functional_call`."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+
+
+def weight_key(model: nn.Module, name: str) -> str:
+    """The parameter name of layer ``name``'s weight in ``model`` (``"fc.weight"``)."""
+    return f"{name}.{weight_attr(model.get_submodule(name))}"
+
+
 def layer_weight(module: nn.Module) -> Tensor:
     """The weight tensor of a quantizable module."""
-    w = getattr(module, "weight", None)
+    w = getattr(module, weight_attr(module), None)
     if not isinstance(w, Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return w
@@ -86,6 +101,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return "Conv1d"
     if isinstance(module, nn.Linear):
         return "Linear"
+    if isinstance(module, nn.MultiheadAttention) and isinstance(module.in_proj_weight, Tensor):
+        return "MultiheadAttention"  # separate q/k/v_proj_weight (kdim != embed_dim): float
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
         return "Conv1D"
@@ -134,7 +151,8 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
         if n_all == 0:
             raise ValueError(
                 f"{type(model).__name__} has no quantizable layer: mpsearch quantizes "
-                "nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face Conv1D modules"
+                "nn.Linear, nn.Conv1d, nn.Conv2d, Hugging Face Conv1D modules and "
+                "nn.MultiheadAttention's packed input projection"
             )
         raise ValueError(
             f"include={include!r} / exclude={exclude!r} left none of the {n_all} quantizable "
@@ -204,7 +222,19 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                     edges.setdefault(_tensor_key(args[0]), []).append(name)
                     stats[name].setdefault("input_shape", tuple(args[0].shape))
 
-            def post(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            def post(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                if kind == "MultiheadAttention":
+                    # query, key and value (positional, as every caller passes them) each
+                    # projected E -> E by a third of in_proj_weight
+                    qkv = [a for a in args[:3] if isinstance(a, Tensor)]
+                    out = out[0] if isinstance(out, tuple) else out
+                    if len(qkv) == 3 and isinstance(out, Tensor):
+                        s = stats[name]
+                        e = int(layer_weight(module).shape[1])
+                        s["macs"] += sum(int(t.numel()) for t in qkv) * e
+                        s["calls"] += 1
+                        s.setdefault("output_shape", (*out.shape[:-1], 3 * e))
+                    return
                 if isinstance(out, Tensor):
                     s = stats[name]
                     s["macs"] += _macs(kind, module, out)
@@ -254,7 +284,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         kind = layer_kind(module)
         assert kind is not None
         s = stats[name]
-        bias = getattr(module, "bias", None)
+        bias = getattr(module, "in_proj_bias" if kind == "MultiheadAttention" else "bias", None)
         infos.append(LayerInfo(
             name=name, kind=kind, weight_shape=tuple(layer_weight(module).shape),
             params=int(layer_weight(module).numel()),
@@ -269,23 +299,24 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
 
 def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
                        seen: Mapping[str, list[tuple[int, ...]]]) -> None:
-    """A Linear that never ran: its weight read by the nearest enclosing module that ran
-    on inputs whose last dimension is its ``in_features`` (MultiheadAttention's query)."""
-    if not isinstance(module, nn.Linear):
+    """A Linear (or attention projection) that never ran: its weight read by the nearest
+    enclosing module that ran on inputs whose last dimension is its input width
+    (MultiheadAttention's query; PyTorch's fused transformer layer)."""
+    if not isinstance(module, (nn.Linear, nn.MultiheadAttention)):
         return
+    n_out, n_in = layer_weight(module).shape
     parts = name.split(".")
     for k in range(len(parts) - 1, 0, -1):
         reader = ".".join(parts[:k])
         shapes = seen.get(reader)
         if not shapes:
             continue
-        if shapes[0] and shapes[0][-1] == module.in_features:
+        if shapes[0] and shapes[0][-1] == n_in:
             stats["read_by"] = reader
             stats["calls"] = len(shapes)
             stats["input_shape"] = shapes[0]
-            stats["output_shape"] = (*shapes[0][:-1], module.out_features)
-            stats["macs"] = sum(math.prod(s[:-1]) for s in shapes) * module.in_features * (
-                module.out_features)
+            stats["output_shape"] = (*shapes[0][:-1], n_out)
+            stats["macs"] = sum(math.prod(s[:-1]) for s in shapes) * n_in * n_out
         return
 
 

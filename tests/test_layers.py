@@ -125,3 +125,7 @@ def test_weight_read_by_its_parent_gets_shapes_and_macs() -> None:
     assert out.macs == 5 * 16 * 16  # per sample: 5 tokens x 16 in x 16 out
     assert infos["layers.1.linear1"].read_by is None
     assert infos["layers.1.linear1"].macs == 5 * 16 * 32
+    # the attention's packed q/k/v projection is a layer of its own
+    qkv = infos["layers.1.self_attn"]
+    assert (qkv.kind, qkv.weight_shape, qkv.bias_params) == ("MultiheadAttention", (48, 16), 48)
+    assert qkv.macs == 3 * 5 * 16 * 16 and qkv.read_by is None and qkv.calls == 1

@@ -226,9 +226,13 @@ def test_torch_transformer_out_proj_is_searched(estimator: str) -> None:
     assert row["macs"] == 6 * 16 * 16
     omega = [row[f"omega_{b}"] for b in res.problem.bits]
     assert omega[0] > omega[-1] >= 0  # rated, and 2 bits worse than 8
+    qkv = res.table.loc["0.layers.0.self_attn"]  # the packed in_proj_weight
+    assert qkv["kind"] == "MultiheadAttention" and qkv["macs"] == 3 * 6 * 16 * 16
+    assert qkv["omega_2"] > qkv[f"omega_{res.problem.bits[-1]}"]
     q = mpsearch.quantize(model, mpsearch.BitMap.uniform(model, 2))
-    assert not torch.equal(q[0].layers[0].self_attn.out_proj.weight,
-                           model[0].layers[0].self_attn.out_proj.weight)
+    for attr in ("out_proj.weight", "in_proj_weight"):
+        assert not torch.equal(q[0].layers[0].self_attn.get_parameter(attr),
+                               model[0].layers[0].self_attn.get_parameter(attr))
     if estimator == "qerror":
         act = mpsearch.search(model, 4.0, data=data, sensitivity="qerror", a_bits=8,
                               progress=False)

@@ -64,10 +64,13 @@ def export(bitmap: BitMap, *, desc_act: bool = False) -> dict[str, Any]:
         ValueError: every layer of the map is float (nothing to quantize).
     """
     dynamic: dict[str, dict[str, Any]] = {}
-    widened, per_tensor, acts = [], [], []
+    widened, per_tensor, acts, unsupported = [], [], [], []
     quantized: list[tuple[int, int, bool]] = []
     for fqn, entry in bitmap.items():
-        if is_float(entry.w_bits):
+        if entry.kind == "MultiheadAttention" and not is_float(entry.w_bits):
+            # GPTQModel finds nn.Linear / Conv modules; a packed in_proj_weight is neither
+            unsupported.append(f"{fqn} ({entry.kind}, {entry.w_bits} bits)")
+        if is_float(entry.w_bits) or entry.kind == "MultiheadAttention":
             dynamic["-:" + exact_pattern(fqn)] = {}
             continue
         rule = _settings(entry)
@@ -81,6 +84,8 @@ def export(bitmap: BitMap, *, desc_act: bool = False) -> dict[str, Any]:
         quantized.append((rule["bits"], rule["group_size"], rule["sym"]))
     if not quantized:
         raise ValueError("gptqmodel: every layer of the bit map is float; nothing to quantize")
+    warn(FORMAT, unsupported, "GPTQModel quantizes Linear and convolution modules only; "
+                              "excluded (left float)")
     warn(FORMAT, widened, "bits widened to what GPTQ stores (2, 3, 4, 8)")
     warn(FORMAT, per_tensor, "per-tensor scales not offered; per-channel (group_size=-1) used")
     warn(FORMAT, acts, "activation bits dropped (GPTQ quantizes weights only)")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpsearch._state import unfused_attention
 from mpsearch.export._common import is_float, warn, widen
 from mpsearch.export._onnx_graph import WeightSite, load, weight_sites, weight_types
 
@@ -297,7 +298,7 @@ def to_onnx(model: nn.Module, batch: Batch, path: str | os.PathLike[str], *,
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unfused_attention():
             torch.onnx.export(adapter, (*split.args, *split.kwargs.values()), os.fspath(path),
                               input_names=names, output_names=["output"], dynamic_axes=axes,
                               opset_version=opset, dynamo=False)

@@ -96,6 +96,11 @@ def latency_table(profile: HardwareProfile, model: nn.Module, layers: Sequence[L
         spec, calls = specs.get(info.name, (None, 0))
         probe = spec or layer_spec(modules[info.name], info.input_shape or (1, 1))
         for j, b in enumerate(bits):
+            if info.read_by and b != 32:  # no call of its own: no kernel to swap in
+                allowed[i, j] = False
+                reasons[f"{info.name}@{b}"] = (f"{info.read_by} reads its weight directly; "
+                                               "the deployed graph runs it in float")
+                continue
             choice = format_for(probe.kind, probe.reduction, b, qconfig, device=device,
                                 backend=backend)
             if choice.name is None:

@@ -64,6 +64,9 @@ def format_for(kind: str, k: int, bits: int, cfg: QuantConfig, *, device: str = 
         raise ValueError(f"device/backend must be one of {BACKENDS}, got {device!r}/{backend!r}")
     if bits == 32:
         return FormatChoice("fp32")
+    if kind == "MultiheadAttention":
+        return FormatChoice(None, "nn.MultiheadAttention runs its own fused kernel in the "
+                                  "deployed graph; its packed q/k/v projection stays float")
     if backend == "torch":
         return _format_torch(kind, k, bits, cfg)
     if bits == 16:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpsearch._state import unfused_attention
 from mpsearch.hw.formats import MATMUL_KINDS, parse_weight_only
 from mpsearch.hw.kernels_ort import LayerSpec
 from mpsearch.hw.timing import WARMUP_E2E_S, WARMUP_S, stats_us, time_interleaved
@@ -452,15 +453,20 @@ class TorchModel:
     def __init__(self, model: nn.Module, bitmap: Any, device: str | torch.device = "cuda",
                  threads: int = 1) -> None:
         from mpsearch.hw.formats import format_for
+        from mpsearch.hw.specs import attention_stays_float
         from mpsearch.layers import layer_weight, quantizable_modules
 
         self.device = torch.device(device)
         self.threads = threads
         bitmap.check_model(model)
+        attention = attention_stays_float(model, bitmap)  # left to PyTorch's attention
         self.model = copy.deepcopy(model).eval()
         modules = quantizable_modules(self.model)
         self.formats: dict[str, str] = {}
         for name, module in modules.items():
+            if name in attention:
+                self.formats[name] = "fp32"
+                continue
             entry = bitmap[name]
             spec = _module_spec(module)
             choice = format_for(spec.kind, spec.reduction, entry.w_bits, entry.qconfig,
@@ -479,15 +485,17 @@ class TorchModel:
         """The first output of the deployed model on ``batch``, on the CPU."""
         from mpsearch.batches import call, first_output, split_batch, to_device
 
-        with torch.no_grad(), _threads(self.device, self.threads):
+        # the fused transformer fast path would read the swapped layers' weights
+        with torch.no_grad(), _threads(self.device, self.threads), unfused_attention():
             out = call(self.model, to_device(split_batch(batch), self.device))
         return first_output(out).float().cpu()
 
     def latency_us(self, batch: Any, *, rounds: int = 5, warmup: int = 3, cold: bool = False,
                    seed: int = 0) -> dict[str, Any]:
         """Measured end-to-end latency on ``batch``: median, p10, p90 (µs) and count."""
-        return time_model(self.model, batch, self.device, threads=self.threads, rounds=rounds,
-                          warmup=warmup, cold=cold, seed=seed)
+        with unfused_attention():
+            return time_model(self.model, batch, self.device, threads=self.threads,
+                              rounds=rounds, warmup=warmup, cold=cold, seed=seed)
 
 
 def time_model(model: nn.Module, batch: Any, device: torch.device, *, threads: int = 1,

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpsearch._state import unfused_attention
 from mpsearch.batches import Batch, first_output, split_batch
 from mpsearch.bitmap import BitMap
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import OPSET, build_layer
-from mpsearch.hw.specs import batch_from_spec, model_inputs, model_specs
+from mpsearch.hw.specs import attention_stays_float, batch_from_spec, model_inputs, model_specs
 from mpsearch.layers import fingerprint, layer_weight, model_shapes, quantizable_modules
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ class _Flat(nn.Module):
 
 @contextlib.contextmanager
 def _marked(model: nn.Module) -> Iterator[None]:
-    modules = quantizable_modules(model)
+    # nn.MultiheadAttention runs its own fused kernel on its packed projection: no marker
+    modules = {n: m for n, m in quantizable_modules(model).items()
+               if not isinstance(m, nn.MultiheadAttention)}
     try:
         for name, module in modules.items():
             _ORIGINAL[name] = module
@@ -122,7 +125,7 @@ def _trace(model: nn.Module, batch: Batch) -> tuple[Any, list[str]]:
     names, tensors, consts = model_inputs(batch)
     flat = _Flat(model, names, consts).eval()
     buf = io.BytesIO()
-    with _marked(model), warnings.catch_warnings(), torch.no_grad():
+    with _marked(model), warnings.catch_warnings(), torch.no_grad(), unfused_attention():
         warnings.simplefilter("ignore")
         torch.onnx.export(flat, tuple(tensors), buf,  # type: ignore[arg-type]
                           dynamo=False, opset_version=OPSET, input_names=names,
@@ -171,6 +174,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     from onnx import helper
 
     bitmap.check_model(model)
+    attention_stays_float(model, bitmap)
     was_training = model.training
     model.eval()
     try:

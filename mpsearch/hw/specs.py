@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mpsearch.batches import Batch, split_batch
 from mpsearch.hw.kernels_ort import LayerSpec
-from mpsearch.layers import LayerInfo, discover, layer_kind, quantizable_modules
+from mpsearch.layers import LayerInfo, discover, layer_kind, layer_weight, quantizable_modules
 
 
 def _conv_pads(module: Any, nd: int) -> tuple[int, ...]:
@@ -35,7 +35,7 @@ def layer_spec(module: Any, input_shape: Sequence[int]) -> LayerSpec:
     kind = layer_kind(module)
     if kind is None:
         raise ValueError(f"{type(module).__name__} is not a quantizable layer")
-    weight = module.weight
+    weight = layer_weight(module)
     bias = isinstance(getattr(module, "bias", None), Tensor)
     if kind in ("Conv1d", "Conv2d"):
         if getattr(module, "padding_mode", "zeros") != "zeros":
@@ -56,13 +56,15 @@ def model_specs(model: nn.Module, batch: Batch,
                 layers: Sequence[LayerInfo] | None = None) -> dict[str, tuple[LayerSpec, int]]:
     """FQN → (spec of the layer's first call on ``batch``, calls per forward pass).
 
-    Layers that do not run on ``batch`` are left out.
+    Layers that do not run on ``batch`` are left out, and so are those the deployed graph
+    does not run as kernels of their own (``nn.MultiheadAttention`` and its ``out_proj``).
     """
     infos = list(layers) if layers is not None else discover(model, batch)
     modules = quantizable_modules(model)
     out = {}
     for info in infos:
-        if info.input_shape is None or info.calls == 0:
+        if (info.input_shape is None or info.calls == 0 or info.read_by
+                or info.kind == "MultiheadAttention"):
             continue
         out[info.name] = (layer_spec(modules[info.name], info.input_shape), info.calls)
     return out
@@ -119,3 +121,31 @@ def batch_from_spec(spec: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, 
         raise ValueError("a synthetic batch with several positional inputs is not supported; "
                          "pass sample_batch=")
     return out
+
+
+def attention_layers(model: nn.Module) -> set[str]:
+    """FQNs of the layers inside ``nn.MultiheadAttention`` modules (the attention itself,
+    for its packed ``in_proj_weight``, and its ``out_proj``): PyTorch runs them in its own
+    attention kernel, so a deployment cannot swap in a low-bit kernel for them."""
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            out |= {name, f"{name}.out_proj" if name else "out_proj"}
+    return out
+
+
+def attention_stays_float(model: nn.Module, bitmap: Any) -> set[str]:
+    """:func:`attention_layers` of ``model``, checked to be float in ``bitmap``.
+
+    Raises:
+        ValueError: some of them have fewer than 32 bits (naming them).
+    """
+    layers = attention_layers(model)
+    low = [f"{n} ({bitmap[n].w_bits} bits)" for n in sorted(layers)
+           if n in bitmap and bitmap[n].w_bits < 32]
+    if low:
+        raise ValueError(
+            f"{', '.join(low[:5])}: nn.MultiheadAttention runs its own attention kernel on "
+            "its in_proj_weight and out_proj.weight, which a deployment cannot swap for a "
+            "low-bit kernel; give these layers 32 bits (search(profile=...) does)")
+    return layers

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mpsearch.batches import batch_rows, first_output, slice_batch, split_batch, to_device
-from mpsearch.layers import layer_weight
+from mpsearch.layers import layer_weight, weight_key
 from mpsearch.losses import cross_entropy
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class _Probe:
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], args: Any, kwargs: Any) -> Any:
-    return torch.func.functional_call(model, {f"{n}.weight": p for n, p in params.items()},
+    return torch.func.functional_call(model, {weight_key(model, n): p for n, p in params.items()},
                                       tuple(args), dict(kwargs), strict=False)
 
 

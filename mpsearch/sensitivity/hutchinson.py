@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mpsearch.layers import layer_weight
+from mpsearch.layers import layer_weight, weight_key
 from mpsearch.sensitivity.base import SensitivityTable
 
 if TYPE_CHECKING:
@@ -271,11 +271,12 @@ class Hutchinson:
         for p in model.parameters():  # only the swapped-in weights are differentiated
             p.requires_grad_(False)
         weights = {info.name: layer_weight(modules[info.name]) for info in layers}
+        keys = {info.name: weight_key(model, info.name) for info in layers}
         bound = _BoundLoss(model, objective, device)
 
         def loss(i: int, p: Mapping[str, Tensor]) -> Tensor:
             return torch.func.functional_call(
-                bound, {f"model.{n}.weight": t for n, t in p.items()}, (i,))
+                bound, {f"model.{keys[n]}": t for n, t in p.items()}, (i,))
 
         n_batches = len(objective.batches)
         # Whole rounds over the batches keep every batch equally weighted.
