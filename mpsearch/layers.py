@@ -80,6 +80,68 @@ def weight_attr(module: nn.Module) -> str:
     return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
 
 
+def _weight_identity(module: nn.Module) -> int:
+    """What two modules sharing one weight have in common (a parametrized weight is a new
+    tensor on every access, so its parametrization stands for it)."""
+    from torch.nn.utils import parametrize
+
+    attr = weight_attr(module)
+    if parametrize.is_parametrized(module, attr):
+        plist: Any = module.parametrizations
+        return id(plist[attr])
+    return id(layer_weight(module))
+
+
+def parametrized_layers(model: nn.Module) -> list[str]:
+    """FQNs of quantizable layers whose weight is computed by a parametrization
+    (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)."""
+    from torch.nn.utils import parametrize
+
+    return [n for n, m in model.named_modules()
+            if layer_kind(m) is not None and parametrize.is_parametrized(m, weight_attr(m))]
+
+
+def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
+    """Replace the parametrized weights of layers ``names`` by plain parameters holding
+    their current values, in place (a quantized weight must be stored, not recomputed).
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` is not used: it deletes the
+    property from the parametrized class, which a deep copy shares with the original
+    model, and would break the user's model when baking a copy.
+    """
+    for name in names:
+        module = model.get_submodule(name)
+        attr = weight_attr(module)
+        with torch.no_grad():
+            value = getattr(module, attr).detach().clone()
+        cls = type(module)
+        plist: Any = module.parametrizations  # a ModuleDict of ParametrizationLists
+        trainable = any(p.requires_grad for p in plist[attr].parameters())
+        del plist[attr]
+        if len(plist):  # others stay: this instance gets its own class
+            module.__class__ = type(cls.__name__, cls.__bases__,
+                                    {k: v for k, v in vars(cls).items() if k != attr})
+        else:
+            del module.parametrizations
+            module.__class__ = cls.__bases__[0]
+        module.register_parameter(attr, nn.Parameter(value, requires_grad=trainable))
+
+
+def plain_weights(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a copy with every parametrized layer weight baked into a plain
+    parameter: probes substitute weights, which a parametrization would recompute."""
+    import copy
+
+    names = parametrized_layers(model)
+    if not names:
+        return model
+    log.info("%d layer(s) have parametrized weights (%s); searching a copy with their "
+             "current values baked in", len(names), ", ".join(names[:3]))
+    work = copy.deepcopy(model)
+    bake_parametrizations(work, names)
+    return work
+
+
 def weight_key(model: nn.Module, name: str) -> str:
     """The parameter name of layer ``name``'s weight in ``model`` (``"fc.weight"``)."""
     return f"{name}.{weight_attr(model.get_submodule(name))}"
@@ -140,7 +202,7 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
             continue
         if exc is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exc):
             continue
-        wid = id(layer_weight(module))
+        wid = _weight_identity(module)
         if wid in seen_params:
             log.warning("%s shares its weight with %s; it is quantized once, as %s",
                         name, seen_params[wid], seen_params[wid])

@@ -27,6 +27,7 @@ from mpsearch.layers import (
     fingerprint,
     layer_kind,
     layer_weight,
+    plain_weights,
     quantizable_modules,
 )
 from mpsearch.losses import LossSpec, Objective
@@ -230,6 +231,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     qconfig = qconfig or QuantConfig()
     batches = materialize(data, "data")
     device = model_device(model)
+    model = plain_weights(model)  # a copy if weights are parametrized (weight_norm)
     with preserved(model):
         model.eval()
         t = time.perf_counter()

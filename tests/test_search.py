@@ -238,3 +238,35 @@ def test_torch_transformer_out_proj_is_searched(estimator: str) -> None:
                               progress=False)
         assert act.bitmap[name].a_bits is None
         assert act.bitmap["0.layers.0.linear1"].a_bits == 8
+
+
+@pytest.mark.parametrize("estimator", ["qerror", "fisher"])
+def test_parametrized_weights_are_searched_and_left_intact(estimator: str) -> None:
+    """weight_norm layers: a computed weight is searched on a baked copy; the user's model
+    keeps its parametrizations; quantize stores the quantized values."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv1d(4, 16, 3)), nn.ReLU(), nn.Flatten(),
+                          weight_norm(nn.Linear(16 * 14, 10))).eval()
+    data = [torch.randn(8, 4, 16) for _ in range(3)]
+    with torch.no_grad():
+        y = model(data[0])
+    before = _state(model)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=estimator, progress=False)
+    _assert_same(before, model)
+    assert set(res.bitmap.bits()) == {"0", "3"}  # not mistaken for one shared weight
+    assert all(parametrize.is_parametrized(model[i], "weight") for i in (0, 3))
+    with torch.no_grad():
+        assert torch.equal(model(data[0]), y)
+    q = mpsearch.quantize(model, mpsearch.BitMap.uniform(model, 2))
+    assert not parametrize.is_parametrized(q[3], "weight")
+    from mpsearch.quant.apply import quantize_weight
+
+    expected = quantize_weight(model[3].weight.detach(), "Linear", 2,
+                               mpsearch.QuantConfig())
+    assert torch.equal(q[3].weight, expected)
+    assert parametrize.is_parametrized(model[3], "weight")  # the original is untouched
+    rep = mpsearch.validate(model, res.bitmap, data=data, progress=False)
+    assert 0 < rep.output_divergence < 0.01

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mpsearch.layers import layer_kind, layer_weight, quantizable_modules
+from mpsearch.layers import (
+    bake_parametrizations,
+    layer_kind,
+    layer_weight,
+    parametrized_layers,
+    quantizable_modules,
+)
 from mpsearch.quant.quantizer import QuantConfig, fake_quantize, fake_quantize_activation
 
 if TYPE_CHECKING:
@@ -98,6 +104,10 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention)}
     skipped = []
+    baked = [n for n in parametrized_layers(model) if n in bitmap and bitmap[n].w_bits < 32]
+    if baked:  # the quantized values are stored; a parametrization would recompute them
+        bake_parametrizations(model, baked)
+        modules = quantizable_modules(model)
     with torch.no_grad():
         for name, entry in bitmap.items():
             module = modules[name]
