@@ -76,6 +76,9 @@ def test_search_json_is_one_object(capsys, tmp_path, model_cache):
     doc = json.loads(out)
     assert code == 0 and doc["bitmap"] == str(out_path) and doc["status"] == "optimal"
     assert doc["bits"] == BitMap.load(out_path).bits()
+    ref = doc["refinement"]  # on by default; measured, never worse than the solver's map
+    assert ref["measured_after"] <= ref["measured_before"]
+    assert ref["stopped_by"] in ("converged", "max_passes") and 0 < ref["passes"] <= 65
 
 
 @pytest.mark.parametrize("fmt", ["mpsearch", "hawq", "gptqmodel", "compressed-tensors",

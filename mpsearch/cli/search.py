@@ -61,8 +61,17 @@ def run_search(args: argparse.Namespace) -> int:
                "status": res.front.status, "timings_s": res.timings_s}
     from mpsearch._report import markdown_table
 
+    refined = ""
+    if (r := res.refinement) is not None:
+        payload["refinement"] = {"measured_before": r.measured_before,
+                                 "measured_after": r.measured_after, "moves": len(r.moves),
+                                 "evaluations": r.evaluations, "passes": r.passes,
+                                 "time_s": r.time_s, "stopped_by": r.stopped_by}
+        refined = (f"\nrefinement: measured calibration loss increase {r.measured_before:.4g}"
+                   f" -> {r.measured_after:.4g}, {len(r.moves)} move(s), {r.evaluations} maps "
+                   f"measured ({r.passes:.1f} passes, {r.time_s:.1f} s; {r.stopped_by})")
     text = (markdown_table(res.table, index=True, floatfmt=".3g")
-            + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}\nwrote {path}")
+            + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}{refined}\nwrote {path}")
     emit(args, payload, text)
     return EXIT_OK
 
