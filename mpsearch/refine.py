@@ -10,7 +10,9 @@ cheap by the table and left at a low width, can move up; and the mirror of that,
 down with the budget it frees spent on others one option up. The candidates the
 sensitivity table rates best are measured; the best
 measured improvement is taken, and the search goes on from there until no candidate
-improves, or the evaluation budget is spent; a uniform map within the budget that
+improves, or its work budget is spent (passes over the calibration data, counted by the
+share of each pass recomputed, so the same search stops at the same map on any machine; a
+time cap only as a safety net); a uniform map within the budget that
 measures better than the result replaces it. Every map it visits meets every budget, and
 it never returns a map whose measured loss is worse than the solver's or than any uniform
 map the budget allows.
@@ -20,7 +22,8 @@ each layer of the solver's map is quantized alone at its chosen width and the lo
 increase measured, largest predicted contribution first. Where a measured value departs
 from the table, that layer's row is corrected (measured values where measured, the other
 widths scaled by the ratio at the nearest measured width) and the problem solved again;
-the new widths are checked in turn, up to ``check_rounds`` times. This catches what the
+the new widths are checked in turn, up to ``check_rounds`` times, within half of each
+limit of the refinement. This catches what the
 local search cannot: a quadratic rating (Fisher, Hessian trace) that misses how fast a
 layer's damage grows at 2-3 bits, on a layer too large for any small move to lift — e.g.
 the diagonal Fisher rated MobileNetV2's classifier at 2 bits 11× too cheap. The local
