@@ -23,9 +23,9 @@ increase measured, largest predicted contribution first. Where a measured value 
 from the table, that layer's row is corrected (measured values where measured, the other
 widths scaled by the ratio at the nearest measured width) and the problem solved again;
 the new widths are checked in turn, up to ``check_rounds`` times, within half of each
-limit of the refinement. This catches what the
-local search cannot: a quadratic rating (Fisher, Hessian trace) that misses how fast a
-layer's damage grows at 2-3 bits, on a layer too large for any small move to lift — e.g.
+limit of the refinement. This catches what the local search cannot: a quadratic rating
+(Fisher, Hessian trace) that misses how fast a layer's damage grows at 2-3 bits, on a
+layer too large for any small move to lift — e.g.
 the diagonal Fisher rated MobileNetV2's classifier at 2 bits 11× too cheap. The local
 search then ranks its candidates with the corrected table.
 
