@@ -340,8 +340,13 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             evaluations += 1
             if uniform is None or measured < uniform[0]:
                 uniform = (measured, trial, o)
-        bar = tqdm(total=settings.max_evals, desc="refine", unit="map", disable=not progress,
-                   leave=False)
+        # progress in passes over the calibration data where that is the limit
+        by_pass = settings.max_passes is not None
+        bar = tqdm(total=settings.max_passes if by_pass else settings.max_evals,
+                   initial=round(replay.passes, 1) if by_pass else evaluations,
+                   desc="refine", unit="pass" if by_pass else "map", disable=not progress,
+                   leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} passes "
+                   "[{elapsed}<{remaining}{postfix}]" if by_pass else None)
         stopped_by = "converged"
         while True:
             limit = _limit_reached(settings, evaluations, replay.passes, t0)
@@ -373,7 +378,7 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                 trial_split = replay.losses(weights_of(trial, list(move)))
                 measured = float(trial_split.mean()) - float_loss
                 evaluations += 1
-                bar.update(1)
+                bar.update(round(replay.passes - bar.n, 1) if by_pass else 1)
                 if (_clear_gain(trial_split - current_split, current, settings.min_gain)
                         and (best is None or measured < best[0])):
                     best = (measured, move)
