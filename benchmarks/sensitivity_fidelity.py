@@ -130,8 +130,9 @@ def load_case(name: str) -> Case:
 
         return Case(name, load_crnn(), ocr_batches("calib", n_batches=4, batch_size=8),
                     ocr_batches("eval", n_batches=8, batch_size=8),
-                    "EasyOCR's English recognizer, a CRNN with two BiLSTMs (32 calib / 64 "
-                    "eval rendered text lines, KL of the per-column character logits)")
+                    "EasyOCR's English recognizer, a CRNN with two BiLSTMs (their 8 weight "
+                    "matrices, 63 % of the weights, are layers too; 32 calib / 64 eval "
+                    "rendered text lines, KL of the per-column character logits)")
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 

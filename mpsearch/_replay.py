@@ -151,7 +151,7 @@ class PrefixReplay:
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         self._shared = {n for n in self.layers
-                        if owners.get(id(getattr(self._modules[n], "weight", None)), 0) > 1}
+                        if owners.get(id(self.model.get_parameter(self._keys[n])), 0) > 1}
 
     def _plan(self, first: int) -> frozenset[str]:
         """The outermost replayable submodules that finish before event ``first``."""

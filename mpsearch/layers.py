@@ -73,6 +73,50 @@ class LayerInfo:
         return self.kind == "Conv1D"
 
 
+#: kinds of the weight matrices of recurrent modules (see :class:`RecurrentWeight`)
+RNN_KINDS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+class RecurrentWeight(nn.Module):
+    """One weight matrix of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (``weight_ih_l0``,
+    ``weight_hh_l1_reverse``, ...) seen as a layer, keyed ``f"{rnn_fqn}.{attr}"``.
+
+    The recurrent module's own forward reads all its matrices, so each is a layer of its
+    own (rows are gate outputs: per-channel scales are per gate row). A view made by
+    :func:`quantizable_modules`, never part of the model: ``weight`` is the module's
+    parameter itself, and hooks on the view never run.
+    """
+
+    owner: nn.RNNBase
+    attr: str
+
+    def __init__(self, owner: nn.RNNBase, attr: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not registered as a submodule
+        object.__setattr__(self, "attr", attr)
+
+    @property
+    def weight(self) -> Tensor:
+        w: Tensor = getattr(self.owner, self.attr)
+        return w
+
+    @property
+    def kind(self) -> str:
+        return ("LSTM" if isinstance(self.owner, nn.LSTM)
+                else "GRU" if isinstance(self.owner, nn.GRU) else "RNN")
+
+    def extra_repr(self) -> str:
+        return f"{type(self.owner).__name__}.{self.attr}"
+
+
+def _recurrent_weights(name: str, module: nn.Module) -> list[tuple[str, RecurrentWeight]]:
+    if not isinstance(module, nn.RNNBase):
+        return []
+    prefix = f"{name}." if name else ""
+    return [(prefix + attr, RecurrentWeight(module, attr)) for attr in module._flat_weights_names
+            if attr.startswith("weight_") and isinstance(getattr(module, attr, None), Tensor)]
+
+
 def weight_attr(module: nn.Module) -> str:
     """The attribute holding a quantizable module's weight (``in_proj_weight`` for
     ``nn.MultiheadAttention``, else ``weight``): ``f"{fqn}.{weight_attr(m)}"`` is its
@@ -143,8 +187,14 @@ def plain_weights(model: nn.Module) -> nn.Module:
 
 
 def weight_key(model: nn.Module, name: str) -> str:
-    """The parameter name of layer ``name``'s weight in ``model`` (``"fc.weight"``)."""
-    return f"{name}.{weight_attr(model.get_submodule(name))}"
+    """The parameter name of layer ``name``'s weight in ``model`` (``"fc.weight"``; a
+    recurrent weight's layer name is its parameter's, ``"rnn.weight_hh_l0"``)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        model.get_parameter(name)  # raises for a name that is neither
+        return name
+    return f"{name}.{weight_attr(module)}"
 
 
 def layer_weight(module: nn.Module) -> Tensor:
@@ -165,6 +215,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return "Linear"
     if isinstance(module, nn.MultiheadAttention) and isinstance(module.in_proj_weight, Tensor):
         return "MultiheadAttention"  # separate q/k/v_proj_weight (kdim != embed_dim): float
+    if isinstance(module, RecurrentWeight):
+        return module.kind
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
         return "Conv1D"
@@ -194,7 +246,9 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
     found: dict[str, nn.Module] = {}
     seen_params: dict[int, str] = {}
     n_all = 0
-    for name, module in model.named_modules():
+    candidates = ((n, m) for name, module in model.named_modules()
+                  for n, m in [(name, module), *_recurrent_weights(name, module)])
+    for name, module in candidates:
         if layer_kind(module) is None:
             continue
         n_all += 1
@@ -213,8 +267,9 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
         if n_all == 0:
             raise ValueError(
                 f"{type(model).__name__} has no quantizable layer: mpsearch quantizes "
-                "nn.Linear, nn.Conv1d, nn.Conv2d, Hugging Face Conv1D modules and "
-                "nn.MultiheadAttention's packed input projection"
+                "nn.Linear, nn.Conv1d, nn.Conv2d, Hugging Face Conv1D modules, "
+                "nn.MultiheadAttention's packed input projection and the weight matrices of "
+                "nn.LSTM / nn.GRU / nn.RNN"
             )
         raise ValueError(
             f"include={include!r} / exclude={exclude!r} left none of the {n_all} quantizable "
@@ -307,10 +362,10 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
             module.register_forward_hook(post)
 
         # Enclosing modules' inputs: a layer whose weight its parent reads directly
-        # (nn.MultiheadAttention.out_proj) never runs its own forward.
+        # (nn.MultiheadAttention.out_proj, an LSTM's matrices) never runs its own forward.
         named = dict(model.named_modules())
         ancestors = {".".join(n.split(".")[:k])
-                     for n in modules for k in range(1, n.count(".") + 1)}
+                     for n in modules for k in range(n.count(".") + 1)}
         seen: dict[str, list[tuple[int, ...]]] = {a: [] for a in ancestors if a in named}
 
         def watch(name: str) -> Callable[..., None]:
@@ -364,9 +419,20 @@ def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
     """A Linear (or attention projection) that never ran: its weight read by the nearest
     enclosing module that ran on inputs whose last dimension is its input width
     (MultiheadAttention's query; PyTorch's fused transformer layer)."""
-    if not isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+    if not isinstance(module, (nn.Linear, nn.MultiheadAttention, RecurrentWeight)):
         return
     n_out, n_in = layer_weight(module).shape
+    if isinstance(module, RecurrentWeight):
+        # every time step of every sequence multiplies the matrix once (per direction: the
+        # reverse direction has matrices of its own)
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        inputs = [s for s in seen.get(owner, []) if len(s) >= 2]
+        if inputs:
+            stats.update(read_by=owner, calls=len(inputs),
+                         input_shape=(*inputs[0][:-1], n_in),
+                         output_shape=(*inputs[0][:-1], n_out),
+                         macs=sum(math.prod(s[:-1]) for s in inputs) * n_in * n_out)
+        return
     parts = name.split(".")
     for k in range(len(parts) - 1, 0, -1):
         reader = ".".join(parts[:k])

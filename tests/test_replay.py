@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mpsearch._replay import PrefixReplay
+from mpsearch.layers import weight_key
 from mpsearch.losses import Objective
 
 CPU = torch.device("cpu")
@@ -79,7 +80,7 @@ def _check_exact(model: nn.Module, batches: list, names: list[str]) -> None:  # 
         base = replay.record()
         assert np.allclose(base, 0.0, atol=1e-7)  # KL of the float model to itself
         for name in names:
-            w = dict(model.named_modules())[name].weight
+            w = model.get_parameter(weight_key(model, name))
             changed = {name: w + 0.05 * torch.randn_like(w)}
             fast = replay.losses(changed)
             slow = replay.losses(changed, replay=False)
@@ -110,6 +111,25 @@ def test_replay_attention_out_proj_that_never_runs_itself() -> None:
     batches = [torch.randint(0, 30, (3, 6)), torch.randint(0, 30, (2, 6))]
     _check_exact(model, batches, ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear2",
                                   "enc.layers.1.self_attn.out_proj", "head"])
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(6, 8)
+        self.rnn = nn.LSTM(8, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(torch.tanh(self.pre(x)))[0])
+
+
+def test_replay_recurrent_weights() -> None:
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    batches = [torch.randn(3, 5, 6), torch.randn(2, 5, 6)]
+    _check_exact(model, batches, ["pre", "rnn.weight_ih_l0", "rnn.weight_hh_l1_reverse",
+                                  "head"])
 
 
 def test_replay_skips_prefix(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 FORMAT = "gptqmodel"
 GPTQ_BITS = (2, 3, 4, 8)
+#: kinds whose weight is not a Linear/Conv module's (a packed attention projection, the
+#: matrices of recurrent modules)
+_NOT_MODULES = frozenset({"MultiheadAttention", "LSTM", "GRU", "RNN"})
 
 
 def _settings(entry: LayerEntry) -> dict[str, Any]:
@@ -67,10 +70,10 @@ def export(bitmap: BitMap, *, desc_act: bool = False) -> dict[str, Any]:
     widened, per_tensor, acts, unsupported = [], [], [], []
     quantized: list[tuple[int, int, bool]] = []
     for fqn, entry in bitmap.items():
-        if entry.kind == "MultiheadAttention" and not is_float(entry.w_bits):
-            # GPTQModel finds nn.Linear / Conv modules; a packed in_proj_weight is neither
+        if entry.kind in _NOT_MODULES and not is_float(entry.w_bits):
+            # GPTQModel finds nn.Linear / Conv modules; these weights are not theirs
             unsupported.append(f"{fqn} ({entry.kind}, {entry.w_bits} bits)")
-        if is_float(entry.w_bits) or entry.kind == "MultiheadAttention":
+        if is_float(entry.w_bits) or entry.kind in _NOT_MODULES:
             dynamic["-:" + exact_pattern(fqn)] = {}
             continue
         rule = _settings(entry)

@@ -104,6 +104,14 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
     """
     graph = load(onnx_model)
     sites, missing, unclaimed = weight_sites(graph, bitmap, tensor_names=tensor_names)
+    # ONNX's LSTM/GRU/RNN operators hold every matrix of the module in packed W/R inputs,
+    # which quantize_static does not quantize
+    recurrent = [n for n in missing if bitmap[n].kind in ("LSTM", "GRU", "RNN")]
+    missing = [n for n in missing if n not in recurrent]
+    warn(FORMAT, [f"{n} ({bitmap[n].w_bits} bits)" for n in recurrent
+                  if not is_float(bitmap[n].w_bits)],
+         "recurrent weights stay float (ONNX LSTM/GRU/RNN operators, not quantized by "
+         "quantize_static)")
     if missing and unclaimed and strict:
         raise ValueError(f"onnxruntime: {len(missing)} layer(s) not matched to the ONNX graph "
                          f"({missing[:6]}) while {len(unclaimed)} weighted node(s) matched no "

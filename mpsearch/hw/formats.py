@@ -67,6 +67,9 @@ def format_for(kind: str, k: int, bits: int, cfg: QuantConfig, *, device: str = 
     if kind == "MultiheadAttention":
         return FormatChoice(None, "nn.MultiheadAttention runs its own fused kernel in the "
                                   "deployed graph; its packed q/k/v projection stays float")
+    if kind in ("LSTM", "GRU", "RNN"):
+        return FormatChoice(None, f"the deployed graph runs the {kind} as one fused float "
+                                  "operator; its weights stay float")
     if backend == "torch":
         return _format_torch(kind, k, bits, cfg)
     if bits == 16:

@@ -453,18 +453,18 @@ class TorchModel:
     def __init__(self, model: nn.Module, bitmap: Any, device: str | torch.device = "cuda",
                  threads: int = 1) -> None:
         from mpsearch.hw.formats import format_for
-        from mpsearch.hw.specs import attention_stays_float
+        from mpsearch.hw.specs import fused_stay_float
         from mpsearch.layers import layer_weight, quantizable_modules
 
         self.device = torch.device(device)
         self.threads = threads
         bitmap.check_model(model)
-        attention = attention_stays_float(model, bitmap)  # left to PyTorch's attention
+        fused = fused_stay_float(model, bitmap)  # left to PyTorch's fused operators
         self.model = copy.deepcopy(model).eval()
         modules = quantizable_modules(self.model)
         self.formats: dict[str, str] = {}
         for name, module in modules.items():
-            if name in attention:
+            if name in fused:
                 self.formats[name] = "fp32"
                 continue
             entry = bitmap[name]

@@ -31,8 +31,14 @@ from mpsearch.batches import Batch, first_output, split_batch
 from mpsearch.bitmap import BitMap
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import OPSET, build_layer
-from mpsearch.hw.specs import attention_stays_float, batch_from_spec, model_inputs, model_specs
-from mpsearch.layers import fingerprint, layer_weight, model_shapes, quantizable_modules
+from mpsearch.hw.specs import batch_from_spec, fused_stay_float, model_inputs, model_specs
+from mpsearch.layers import (
+    RecurrentWeight,
+    fingerprint,
+    layer_weight,
+    model_shapes,
+    quantizable_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +100,9 @@ class _Flat(nn.Module):
 
 @contextlib.contextmanager
 def _marked(model: nn.Module) -> Iterator[None]:
-    # nn.MultiheadAttention runs its own fused kernel on its packed projection: no marker
+    # nn.MultiheadAttention and recurrent modules run their own fused operators: no marker
     modules = {n: m for n, m in quantizable_modules(model).items()
-               if not isinstance(m, nn.MultiheadAttention)}
+               if not isinstance(m, (nn.MultiheadAttention, RecurrentWeight))}
     try:
         for name, module in modules.items():
             _ORIGINAL[name] = module
@@ -174,7 +180,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     from onnx import helper
 
     bitmap.check_model(model)
-    attention_stays_float(model, bitmap)
+    fused_stay_float(model, bitmap)
     was_training = model.training
     model.eval()
     try:

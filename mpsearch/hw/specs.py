@@ -10,7 +10,15 @@ from torch import Tensor, nn
 
 from mpsearch.batches import Batch, split_batch
 from mpsearch.hw.kernels_ort import LayerSpec
-from mpsearch.layers import LayerInfo, discover, layer_kind, layer_weight, quantizable_modules
+from mpsearch.layers import (
+    RNN_KINDS,
+    LayerInfo,
+    RecurrentWeight,
+    discover,
+    layer_kind,
+    layer_weight,
+    quantizable_modules,
+)
 
 
 def _conv_pads(module: Any, nd: int) -> tuple[int, ...]:
@@ -64,7 +72,7 @@ def model_specs(model: nn.Module, batch: Batch,
     out = {}
     for info in infos:
         if (info.input_shape is None or info.calls == 0 or info.read_by
-                or info.kind == "MultiheadAttention"):
+                or info.kind == "MultiheadAttention" or info.kind in RNN_KINDS):
             continue
         out[info.name] = (layer_spec(modules[info.name], info.input_shape), info.calls)
     return out
@@ -123,29 +131,31 @@ def batch_from_spec(spec: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, 
     return out
 
 
-def attention_layers(model: nn.Module) -> set[str]:
-    """FQNs of the layers inside ``nn.MultiheadAttention`` modules (the attention itself,
-    for its packed ``in_proj_weight``, and its ``out_proj``): PyTorch runs them in its own
-    attention kernel, so a deployment cannot swap in a low-bit kernel for them."""
-    out = set()
+def fused_layers(model: nn.Module) -> set[str]:
+    """FQNs of the layers a deployment runs inside a fused float operator: those of
+    ``nn.MultiheadAttention`` modules (the attention itself, for its packed
+    ``in_proj_weight``, and its ``out_proj``) and the matrices of recurrent modules. No
+    low-bit kernel can be swapped in for them."""
+    out = {n for n, m in quantizable_modules(model).items() if isinstance(m, RecurrentWeight)}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             out |= {name, f"{name}.out_proj" if name else "out_proj"}
     return out
 
 
-def attention_stays_float(model: nn.Module, bitmap: Any) -> set[str]:
-    """:func:`attention_layers` of ``model``, checked to be float in ``bitmap``.
+def fused_stay_float(model: nn.Module, bitmap: Any) -> set[str]:
+    """:func:`fused_layers` of ``model``, checked to be float in ``bitmap``.
 
     Raises:
         ValueError: some of them have fewer than 32 bits (naming them).
     """
-    layers = attention_layers(model)
+    layers = fused_layers(model)
     low = [f"{n} ({bitmap[n].w_bits} bits)" for n in sorted(layers)
            if n in bitmap and bitmap[n].w_bits < 32]
     if low:
         raise ValueError(
-            f"{', '.join(low[:5])}: nn.MultiheadAttention runs its own attention kernel on "
-            "its in_proj_weight and out_proj.weight, which a deployment cannot swap for a "
-            "low-bit kernel; give these layers 32 bits (search(profile=...) does)")
+            f"{', '.join(low[:5])}: a deployment runs these inside a fused float operator "
+            "(PyTorch's attention kernel for nn.MultiheadAttention's in_proj_weight and "
+            "out_proj.weight, one LSTM/GRU/RNN operator for recurrent weights) and cannot "
+            "swap in a low-bit kernel; give these layers 32 bits (search(profile=...) does)")
     return layers

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.layers import (
+    RecurrentWeight,
     bake_parametrizations,
     layer_kind,
     layer_weight,
@@ -100,9 +101,11 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """
     bitmap.check_model(model)
     modules = quantizable_modules(model)
-    # nn.MultiheadAttention reads out_proj.weight without calling out_proj
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj; recurrent
+    # modules read their matrices themselves
     unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention)}
+    unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentWeight)}
     skipped = []
     baked = [n for n in parametrized_layers(model) if n in bitmap and bitmap[n].w_bits < 32]
     if baked:  # the quantized values are stored; a parametrization would recompute them
@@ -121,8 +124,9 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
                     continue
                 module.register_forward_pre_hook(ActivationQuantizer(entry.a_bits))
     if skipped:
-        log.warning("a_bits not applied to %s: nn.MultiheadAttention reads their weight "
-                    "without calling them, so their inputs stay float", ", ".join(skipped[:5]))
+        log.warning("a_bits not applied to %s: their weight is read by an enclosing module "
+                    "(nn.MultiheadAttention, a recurrent module), so no input of their own "
+                    "can be quantized", ", ".join(skipped[:5]))
     return model
 
 
