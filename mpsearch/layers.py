@@ -1,10 +1,12 @@
 """Discover the quantizable layers of a model.
 
 Quantizable: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped and depthwise too),
-Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``) and the packed q/k/v
+Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``), the packed q/k/v
 input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, ``(3·E, E)``, keyed by the
-attention module's FQN; its ``out_proj`` is an ``nn.Linear`` of its own). Layers are keyed by
-fully-qualified name (FQN) everywhere.
+attention module's FQN; its ``out_proj`` is an ``nn.Linear`` of its own) and each weight
+matrix of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (:class:`RecurrentWeight`, keyed by the
+parameter's name, ``rnn.weight_hh_l0``). Layers are keyed by fully-qualified name (FQN)
+everywhere.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class LayerInfo:
 
     Attributes:
         name: fully-qualified module name.
-        kind: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv1D"`` (Hugging Face) or
-            ``"MultiheadAttention"`` (its ``in_proj_weight``).
+        kind: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv1D"`` (Hugging Face),
+            ``"MultiheadAttention"`` (its ``in_proj_weight``) or ``"LSTM"`` / ``"GRU"`` /
+            ``"RNN"`` (one weight matrix of that module).
         weight_shape: shape of the weight tensor as stored.
         params: number of weight elements (what gets quantized).
         bias_params: number of bias elements (kept in float).
@@ -49,7 +52,7 @@ class LayerInfo:
         fused_group: name of the group of layers that read the same input tensor, or None.
         read_by: for a layer whose own ``forward`` never ran but whose weight an enclosing
             module reads directly (``nn.MultiheadAttention.out_proj``, PyTorch's fused
-            transformer fast path), that module's FQN; ``calls``, MACs and shapes are then
+            transformer fast path, a recurrent module's matrices), that module's FQN; ``calls``, MACs and shapes are then
             inferred from its input. None for layers that run themselves.
     """
 
