@@ -89,7 +89,8 @@ def test_verdict_prefers_quality_then_speed() -> None:
 def test_ceilings_and_bar_verdict_known_answers() -> None:
     rows = []
     for model, uniform, oracle, plain, refined in (("easy", 1.0, 0.05, (0.2, 0.1), (0.06, 0.05)),
-                                                   ("flat", 1.0, 0.8, (0.9, 1.0), (0.7, 0.8))):
+                                                   ("flat", 1.0, 0.8, (0.9, 1.0), (0.7, 0.8)),
+                                                   ("lucky", 1.0, 0.5, (0.2, 0.6), (0.3, 0.5))):
         rows.append({"model": model, "budget": 4.0, "method": "uniform", "divergence": uniform})
         rows.append({"model": model, "budget": 4.0, "method": report.ORACLE, "divergence": oracle})
         for est, p, r in zip(("fisher", "qerror"), plain, refined):
@@ -105,4 +106,6 @@ def test_ceilings_and_bar_verdict_known_answers() -> None:
     assert ceil.loc["flat", "oracle_uniform_ratio"] == pytest.approx(1.25)
     text = report.bar_verdict(ceil.reset_index())
     assert "reaches the 4× bar at 4.0 bits on `easy` (20.0×); there every estimator + ILP meets it" in text
-    assert "On `flat` (oracle 1.25×) the bar is out of reach of per-layer allocation" in text
+    assert "On `flat` (oracle 1.25×), `lucky` (oracle 2.00×) the bar is out of reach" in text
+    # an estimator past the bar where the oracle is not: said, and not counted on
+    assert "passes the bar all the same (`lucky`: 5.00×)" in text and "`flat`:" not in text
