@@ -9,9 +9,12 @@ calls that provably precede the first changed layer (same inputs, same weights) 
 replayed.
 
 A submodule is replayed only if, in the traced pass, it was called exactly once, finished
-before the first changed layer started, and returned a tensor or a tuple/list/dict of
-tensors. Replayed outputs are cloned, so in-place operations after them (``out += x``,
-``ReLU(inplace=True)``) cannot corrupt the store.
+before the first changed layer started, returned a tensor or a tuple/list/dict of tensors,
+and left its inputs alone: it neither rewrote one in place (a stage that starts with
+``ReLU(inplace=True)`` rewrites the previous stage's output, which a U-net decoder reads
+again as a skip tensor) nor returned one itself (``nn.Identity``), since a replay would
+lose that effect on the caller's tensors. Replayed outputs are cloned, so in-place
+operations after them (``out += x``, ``ReLU(inplace=True)``) cannot corrupt the store.
 """
 
 from __future__ import annotations
@@ -40,6 +43,35 @@ def _storable(value: Any) -> bool:
     if type(value) is dict:
         return all(_storable(v) or v is None for v in value.values())
     return False
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in a (nested) tuple/list/dict of arguments."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _storages(value: Any) -> set[int]:
+    """Addresses of the memory behind the tensors in ``value`` (views share their base's)."""
+    out = set()
+    for t in _tensors(value):
+        try:
+            out.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, nested)
+            out.add(id(t))
+    return out
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
 
 
 def _clone(value: Any) -> Any:
@@ -109,22 +141,31 @@ class PrefixReplay:
         handles = []
         storable: dict[str, bool] = {}
 
+        inputs: dict[str, list[tuple[Tensor, int | None]]] = {}
+
         def hooks(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
-            def pre(_m: nn.Module, _args: Any) -> None:
+            def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
                 self._calls[name] = self._calls.get(name, 0) + 1
                 self._start.setdefault(name, next(clock))
+                inputs[name] = [(t, _version(t)) for t in _tensors((args, kwargs))]
 
-            def post(_m: nn.Module, _args: Any, out: Any) -> None:
+            def post(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
                 self._end[name] = next(clock)
-                storable[name] = storable.get(name, True) and _storable(out)
+                # Effects on the caller's tensors that a replay would lose: an input
+                # rewritten in place, or an input (or a view of one) handed back.
+                seen = inputs.pop(name, [])
+                rewritten = any(v is None or _version(t) != v for t, v in seen)
+                returned = (_storages(out) & _storages([t for t, _ in seen])) - {0}
+                storable[name] = (storable.get(name, True) and _storable(out)
+                                  and not rewritten and not returned)
 
             return pre, post
 
         for name, module in self._modules.items():
             if name:
                 pre, post = hooks(name)
-                handles.append(module.register_forward_pre_hook(pre))
-                handles.append(module.register_forward_hook(post))
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(post, with_kwargs=True))
         try:
             with torch.no_grad():
                 self._call(0)

@@ -98,6 +98,42 @@ def test_replay_matches_full_passes_residual_inplace() -> None:
     _check_exact(model, batches, ["stem", "blocks.0.conv1", "blocks.1.conv2", "head"])
 
 
+class _UNet(nn.Module):
+    """CRAFT / VGG-style U-net: each stage *starts* with ``ReLU(inplace=True)``, so it
+    rewrites the previous stage's output, which the decoder also reads as a skip tensor.
+    Replaying a stage whole would skip that rewrite and hand the decoder the tensor from
+    before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.stage2 = nn.Sequential(nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                    nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.stage3 = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1))
+        self.alias = nn.Identity()  # returns its input itself: a replay must too
+        self.up = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s1 = self.stage1(x)
+        s2 = self.stage2(s1)
+        y = self.stage3(s2)
+        y = self.up(torch.cat([y, s2], 1))
+        y = torch.nn.functional.interpolate(y, size=s1.shape[2:])
+        a = self.alias(s1)
+        a.mul_(0.5)  # rewrites s1 too, as in the float model
+        return self.head(torch.cat([y, s1], 1)).permute(0, 2, 3, 1)
+
+
+def test_replay_inputs_rewritten_in_place() -> None:
+    torch.manual_seed(0)
+    model = _UNet().eval()
+    for bn in (model.stage1[1], model.stage2[3]):  # non-trivial statistics: pre- and
+        bn.running_mean.normal_()                  # post-ReLU tensors differ
+    batches = [torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)]
+    _check_exact(model, batches, ["stage1.0", "stage2.2", "stage3.1", "up", "head"])
+
+
 def test_replay_tied_weights_recompute_everything() -> None:
     torch.manual_seed(0)
     model = _Tied().eval()
