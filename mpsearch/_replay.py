@@ -132,6 +132,10 @@ class PrefixReplay:
         #: work done so far, in whole passes over the calibration data (a replayed pass
         #: counts the share of module calls it recomputes): a deterministic clock
         self.passes = 0.0
+        #: False once the self-check after the first :meth:`record` found a replay that
+        #: does not reproduce a full pass; every later measurement is then a full pass
+        self.exact = True
+        self._verified = False
 
     # -- tracing -------------------------------------------------------------------------
 
@@ -250,7 +254,44 @@ class PrefixReplay:
         self.passes += 1.0
         size_mb = sum(_nbytes(v) for outs in store.values() for v in outs) / 2**20
         log.debug("replay store: %d submodules, %.1f MiB", len(store), size_mb)
-        return losses
+        if not self._verified:
+            self._verified = True
+            self._verify()
+        return losses.copy()
+
+    #: layers (spread over the forward order) whose replay the self-check compares
+    VERIFY_LAYERS = 8
+
+    def _verify(self) -> None:
+        """Replay batch 0 from several layers with their weights unchanged: the loss must
+        be the recorded one. The trace sees in-place rewrites of a module's arguments only;
+        a model that rewrites a stored tensor some other way (through an attribute, a
+        global) would make replayed losses wrong, and this check turns replay off instead.
+        Costs a fraction of one pass (batch 0 only, from each checked layer on)."""
+        order = sorted((n for n in self.layers if n not in self._shared), key=self._start.__getitem__)
+        k = min(self.VERIFY_LAYERS, len(order))
+        picks = sorted({order[round(j * (len(order) - 1) / max(k - 1, 1))] for j in range(k)},
+                       key=self._start.__getitem__)
+        ref = self.reference_losses[0]
+        weights = {n: self.model.get_parameter(self._keys[n]) for n in picks}
+        for name in picks:
+            first = self._start[name]
+            self._active = self._plan(first) & self._store.keys()
+            self._batch = 0
+            try:
+                with torch.no_grad():
+                    got = self._loss(0, self._call(0, {name: weights[name], **self._reference}))
+            finally:
+                self._active = frozenset()
+            self.passes += self._work(first) / len(self._splits)
+            if not math.isclose(got, ref, rel_tol=1e-5, abs_tol=1e-9):
+                self.exact = False
+                log.warning(
+                    "replaying %s's forward from layer %s does not reproduce a full pass "
+                    "(loss %.6g, recorded %.6g): the model rewrites a stored tensor in a way "
+                    "mpsearch cannot trace; every measurement now runs the whole network "
+                    "(exact, slower)", type(self.model).__name__, name, got, ref)
+                return
 
     def losses(self, changes: Mapping[str, Tensor], *, replay: bool = True) -> np.ndarray:
         """Loss on each batch with the recorded weights, ``changes`` applied on top.
@@ -263,6 +304,7 @@ class PrefixReplay:
         if unknown:
             raise ValueError(f"cannot change layer(s) {unknown[:5]}: not traced")
         first = min(0 if n in self._shared else self._start[n] for n in changes)
+        replay = replay and self.exact
         self.passes += self._work(first) if replay else 1.0
         weights = {**self._reference, **changes}
         out = np.zeros(len(self._splits))

@@ -134,6 +134,69 @@ def test_replay_inputs_rewritten_in_place() -> None:
     _check_exact(model, batches, ["stage1.0", "stage2.2", "stage3.1", "up", "head"])
 
 
+class _Rescale(nn.Module):
+    """Rewrites a tensor it reaches through an attribute, not through its arguments: the
+    trace cannot see that, so only the self-check can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.side: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.side is not None
+        self.side.mul_(0.5)
+        return self.conv(x)
+
+
+class _Sneaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = _Rescale()
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        self.mid.side = s
+        y = self.mid(s.clone())
+        self.mid.side = None
+        return self.head(torch.cat([y, s], 1)).flatten(1)
+
+
+def test_replay_self_check_turns_replay_off(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = _Sneaky().eval()
+    batches = [torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)]
+    objective = Objective(batches)
+    objective.prepare(model, CPU)
+    names = ["stem", "mid.conv", "head"]
+    with caplog.at_level("WARNING", logger="mpsearch._replay"), \
+            PrefixReplay(model, objective, CPU, names) as replay:
+        replay.record()
+        assert not replay.exact
+        assert "does not reproduce a full pass" in caplog.text
+        w = model.head.weight
+        changed = {"head": w + 0.05 * torch.randn_like(w)}
+        before = replay.passes
+        fast = replay.losses(changed)
+        assert replay.passes - before == 1.0  # a full pass, not a replay
+        assert np.allclose(fast, replay.losses(changed, replay=False), rtol=1e-6, atol=0)
+
+
+def test_replay_self_check_passes_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = _UNet().eval()
+    objective = Objective([torch.randn(2, 3, 8, 8) for _ in range(4)])
+    objective.prepare(model, CPU)
+    with caplog.at_level("WARNING"), \
+            PrefixReplay(model, objective, CPU, ["stage1.0", "stage3.1", "head"]) as replay:
+        replay.record()
+        assert replay.exact
+        assert 1.0 < replay.passes < 1.75  # three checks on one batch in four
+    assert not caplog.records
+
+
 def test_replay_tied_weights_recompute_everything() -> None:
     torch.manual_seed(0)
     model = _Tied().eval()
@@ -176,13 +239,18 @@ def test_replay_skips_prefix(mnist_dwsep, mnist_calib) -> None:  # type: ignore[
         replay.record()
         assert replay.skipped_fraction("stem.0") < 0.1
         assert replay.skipped_fraction("classifier") > 0.8
-        # The work clock: a record is a whole pass, a probe the share it recomputes.
-        assert replay.passes == 1.0
+        # The work clock: a record is a whole pass, a probe the share it recomputes; the
+        # first record's self-check replays batch 0 (of 2) from each of the three layers.
+        check = sum(1.0 - replay.skipped_fraction(n) for n in names) / 2
+        assert replay.exact
+        assert replay.passes == pytest.approx(1.0 + check)
         replay.losses({"classifier": dict(mnist_dwsep.named_modules())["classifier"].weight})
-        assert replay.passes == pytest.approx(2.0 - replay.skipped_fraction("classifier"))
+        assert replay.passes == pytest.approx(2.0 + check - replay.skipped_fraction("classifier"))
         replay.losses({"stem.0": dict(mnist_dwsep.named_modules())["stem.0"].weight},
                       replay=False)
-        assert replay.passes == pytest.approx(3.0 - replay.skipped_fraction("classifier"))
+        assert replay.passes == pytest.approx(3.0 + check - replay.skipped_fraction("classifier"))
+        replay.record()  # later records are not checked again
+        assert replay.passes == pytest.approx(4.0 + check - replay.skipped_fraction("classifier"))
     _check_exact(mnist_dwsep, [x for x, _ in mnist_calib[:2]], names)
 
 
@@ -197,7 +265,7 @@ def test_replay_minilm(minilm) -> None:  # type: ignore[no-untyped-def]
 
 def test_replay_rejects_untraced_layer() -> None:
     model = _ResNet().eval()
-    objective = Objective([torch.randn(2, 3, 8, 8)])
+    objective = Objective([torch.randn(2, 3, 8, 8) for _ in range(4)])
     objective.prepare(model, CPU)
     with PrefixReplay(model, objective, CPU, ["head"]) as replay:
         replay.record()
