@@ -8,7 +8,7 @@ only on sequential ones: the model's own ``forward`` still runs, and only whole 
 calls that provably precede the first changed layer (same inputs, same weights) are
 replayed.
 
-A submodule is replayed only if, in the traced pass, it was called exactly once, finished
+A submodule is replayed only if it was called exactly once per batch, and, in the traced pass, finished
 before the first changed layer started, returned a tensor or a tuple/list/dict of tensors,
 and left its inputs alone: it neither rewrote one in place (a stage that starts with
 ``ReLU(inplace=True)`` rewrites the previous stage's output, which a U-net decoder reads
@@ -249,11 +249,17 @@ class PrefixReplay:
         finally:
             for h in hooks:
                 h.remove()
-        self._store = store
+        # The trace saw batch 0; a module that another batch calls more or less often
+        # (data-dependent control flow) is not replayed.
+        uneven = sorted(n for n, outs in store.items() if len(outs) != len(self._splits))
+        if uneven:
+            log.debug("not replayed (called a different number of times per batch): %s",
+                      uneven[:5])
+        self._store = {n: outs for n, outs in store.items() if n not in uneven}
         self.reference_losses = losses
         self.passes += 1.0
-        size_mb = sum(_nbytes(v) for outs in store.values() for v in outs) / 2**20
-        log.debug("replay store: %d submodules, %.1f MiB", len(store), size_mb)
+        size_mb = sum(_nbytes(v) for outs in self._store.values() for v in outs) / 2**20
+        log.debug("replay store: %d submodules, %.1f MiB", len(self._store), size_mb)
         if not self._verified:
             self._verified = True
             self._verify()

@@ -197,6 +197,30 @@ def test_replay_self_check_passes_quietly(caplog: pytest.LogCaptureFixture) -> N
     assert not caplog.records
 
 
+class _Branchy(nn.Module):
+    """Data-dependent control flow: the trace (batch 0) sees ``block`` called once, a
+    larger batch calls it twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(self.stem(x))
+        if x.shape[0] > 2:
+            h = self.block(h)
+        return self.head(h)
+
+
+def test_replay_data_dependent_calls() -> None:
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    _check_exact(model, [torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4)],
+                 ["stem", "block.0", "head"])
+
+
 def test_replay_tied_weights_recompute_everything() -> None:
     torch.manual_seed(0)
     model = _Tied().eval()
