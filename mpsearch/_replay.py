@@ -8,9 +8,9 @@ only on sequential ones: the model's own ``forward`` still runs, and only whole 
 calls that provably precede the first changed layer (same inputs, same weights) are
 replayed.
 
-A submodule is replayed only if it was called exactly once per batch, and, in the traced pass, finished
-before the first changed layer started, returned a tensor or a tuple/list/dict of tensors,
-and left its inputs alone: it neither rewrote one in place (a stage that starts with
+A submodule is replayed only if it was called exactly once per batch and, in the traced
+pass, finished before the first changed layer started, returned a tensor or a
+tuple/list/dict of tensors, and left its inputs alone: it neither rewrote one in place (a stage that starts with
 ``ReLU(inplace=True)`` rewrites the previous stage's output, which a U-net decoder reads
 again as a skip tensor) nor returned one itself (``nn.Identity``), since a replay would
 lose that effect on the caller's tensors. Replayed outputs are cloned, so in-place
