@@ -197,3 +197,31 @@ def test_search_loss_option(tmp_path):  # type: ignore[no-untyped-def]
     assert mpsearch.SensitivityTable.load(table).data_fingerprint.endswith(":kl")
     assert main([*base, "--loss", "task"]) == 0
     assert mpsearch.SensitivityTable.load(table).data_fingerprint.endswith(":cross_entropy")
+
+
+@pytest.mark.parametrize(("spec", "n", "shape"), [
+    ("zoo:photos-calib", 4, (8, 3, 224, 224)),
+    ("zoo:lines-eval", 8, (8, 1, 64, 384)),
+    ("zoo:scenes-calib", 4, (8, 3, 128, 128)),
+])
+def test_zoo_data_names(spec: str, n: int, shape: tuple[int, ...]) -> None:
+    pytest.importorskip("skimage")
+    pytest.importorskip("easyocr_en_models")
+    from mpsearch.cli._common import load_data
+
+    batches = load_data(build_parser().parse_args(
+        ["search", "--model", "zoo:craft", "--data", spec, "--avg-bits", "4"]))
+    assert len(batches) == n and tuple(batches[0].shape) == shape
+
+
+def test_search_a_real_detector_by_zoo_name(capsys, tmp_path):
+    # EasyOCR's CRAFT (a U-net) on photos with text, from the command line alone.
+    pytest.importorskip("skimage")
+    pytest.importorskip("easyocr_en_models")
+    out_path = tmp_path / "craft.json"
+    code, out, err = run(capsys, "search", "--model", "zoo:craft", "--data", "zoo:scenes-calib",
+                         "--avg-bits", "4", "--sensitivity", "fisher_block",
+                         "--refine", "off", "--out", str(out_path), "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["bits"]) == 27 and BitMap.load(out_path).avg_bits() <= 4.0 + 1e-9

@@ -14,8 +14,10 @@ from typing import Any
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # Real models and data that ship with mpsearch's extras, by short name.
-ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm")
-ZOO_DATA = ("zoo:mnist-calib", "zoo:mnist-eval", "zoo:text-calib", "zoo:text-eval")
+ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm", "zoo:mobilenet_v2", "zoo:crnn", "zoo:craft")
+ZOO_DATA = ("zoo:mnist-calib", "zoo:mnist-eval", "zoo:text-calib", "zoo:text-eval",
+            "zoo:photos-calib", "zoo:photos-eval", "zoo:lines-calib", "zoo:lines-eval",
+            "zoo:scenes-calib", "zoo:scenes-eval")
 _cache: dict[str, Any] = {}
 
 
@@ -33,6 +35,18 @@ def _zoo_model(name: str, seed: int) -> Any:
         from mpsearch.zoo.mnist import pretrained_mnist
 
         return pretrained_mnist(name, seed=seed)  # type: ignore[arg-type]
+    if name == "mobilenet_v2":
+        from mpsearch.zoo.imagenet import load_mobilenet_v2
+
+        return load_mobilenet_v2()
+    if name == "crnn":
+        from mpsearch.zoo.ocr import load_crnn
+
+        return load_crnn()
+    if name == "craft":
+        from mpsearch.zoo.craft import load_craft
+
+        return load_craft()
     return _minilm()[0]
 
 
@@ -42,6 +56,19 @@ def _zoo_data(name: str, seed: int) -> Any:
         from mpsearch.zoo.mnist import mnist_batches
 
         return mnist_batches(split, batch_size=100 if split == "calib" else 250, seed=seed)
+    n_batches = 4 if split == "calib" else 8  # 32 calibration / 64 evaluation samples
+    if source == "photos":  # ImageNet-normalised 224² crops, for zoo:mobilenet_v2
+        from mpsearch.zoo.imagenet import imagenet_batches
+
+        return imagenet_batches(split, batch_size=8, seed=seed)
+    if source == "lines":  # rendered text lines, for zoo:crnn
+        from mpsearch.zoo.ocr import ocr_batches
+
+        return ocr_batches(split, n_batches=n_batches, batch_size=8)
+    if source == "scenes":  # 128² photos with a phrase on a sign, for zoo:craft
+        from mpsearch.zoo.craft import scene_batches
+
+        return scene_batches(split, n_batches=n_batches, batch_size=8, seed=seed)
     from mpsearch.zoo.minilm import text_batches
 
     return text_batches(_minilm()[1], split, n_batches=4, batch_size=8, seed=seed)
