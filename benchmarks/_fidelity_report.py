@@ -361,9 +361,9 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
             "",
             "## 3. Search quality at equal average bits",
             "",
-            ("Held-out output divergence (KL of logits; MSE of hidden states for MiniLM), top-1 "
-            "agreement with the float model and accuracy where there are labels. `+refine`: the "
-            "same table with the measured refinement (`refine=\"auto\"`: at most 64 passes over the "
+            ("Held-out output divergence (KL of logits; MSE of hidden states for MiniLM and of "
+             "score maps for CRAFT), top-1 agreement with the float model and accuracy where "
+             "there are labels. `+refine`: the same table with the measured refinement (`refine=\"auto\"`: at most 64 passes over the "
             "calibration data, the same map on every run, and 120 s; `--quick`: 24 maps, "
             "10 s); `refine_passes`: the passes it used, `refine_s` its seconds. `random`: mean ± std of random allocations meeting the same budget, each "
             "the ILP solved with a random sensitivity table Ω[l, b] = r_l·4^(−b), r_l "
