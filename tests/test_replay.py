@@ -295,3 +295,33 @@ def test_replay_rejects_untraced_layer() -> None:
         replay.record()
         with pytest.raises(ValueError, match="not traced"):
             replay.losses({"nope": torch.zeros(1)})
+
+
+def _tiny_hf(arch: str) -> tuple[nn.Module, list]:  # type: ignore[type-arg]
+    tf = pytest.importorskip("transformers")
+
+    def ids(n: int = 2, t: int = 10) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, 100, (n, t)),
+                "attention_mask": torch.ones(n, t, dtype=torch.long)}
+
+    if arch == "gpt2":  # Conv1D layers, lm_head tied to the token embedding
+        return (tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100)),
+                [ids(), ids(3)])
+    if arch == "t5":  # encoder-decoder, relative position bias shared across layers
+        cfg = tf.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=100)
+        return (tf.T5ForConditionalGeneration(cfg),
+                [{**ids(), "decoder_input_ids": torch.randint(0, 100, (2, 5))}] * 2)
+    cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                        num_heads=[2, 2], window_size=4)  # windows, shifted and merged
+    return tf.SwinModel(cfg), [torch.randn(2, 3, 32, 32), torch.randn(1, 3, 32, 32)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "swin"])
+def test_replay_exact_on_transformers(arch: str) -> None:
+    from mpsearch.layers import discover
+
+    torch.manual_seed(0)
+    model, batches = _tiny_hf(arch)
+    model.eval()
+    names = [info.name for info in discover(model, batches[0])]
+    _check_exact(model, batches, names[::3] + [names[-1]])
