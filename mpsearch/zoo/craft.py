@@ -182,12 +182,14 @@ def scenes(split: str = "calib", n: int = 16, size: int = SCENE_SIZE,
     phrases = iter(text_phrases(split, 2 * n))
     images, boxes = [], []
     for photo in photos:
-        while True:  # the few phrases too wide for a text line are skipped
+        for phrase in phrases:  # the few phrases too wide for a text line are skipped
             try:
-                sign = _sign(next(phrases), round(size * rng.uniform(0.45, 0.85)))
+                sign = _sign(phrase, round(size * rng.uniform(0.45, 0.85)))
                 break
             except ValueError:
                 continue
+        else:
+            raise ValueError(f"too few phrases of the {split!r} split render as a text line")
         h, w = sign.shape
         top = int(rng.integers(0, size - h + 1))
         left = int(rng.integers(0, size - w + 1))
