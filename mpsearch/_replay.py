@@ -185,9 +185,11 @@ class PrefixReplay:
                                if ".".join(parts[:k]) in self._start), None)
                 if reader is not None:
                     self._start[n], self._end[n] = self._start[reader], self._end[reader]
-        missing = [n for n in self.layers if n not in self._start]
-        if missing:
-            raise ValueError(f"layer(s) {missing[:5]} did not run on the calibration data")
+        # A layer that batch 0 does not reach (a branch only some inputs take) may act
+        # anywhere in another batch: a change to it is measured by a full pass.
+        for n in self.layers:
+            if n not in self._start:
+                self._start[n] = self._end[n] = 0
         self._replayable = {n for n, c in self._calls.items() if c == 1 and storable.get(n)}
         # A weight shared with another module (tied embeddings) changes that module too:
         # nothing may be replayed before such a layer.

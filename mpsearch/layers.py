@@ -313,13 +313,13 @@ def _tensor_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
 
 
 def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns = None,
-             exclude: Patterns = None) -> list[LayerInfo]:
+             exclude: Patterns = None, warn: bool = True) -> list[LayerInfo]:
     """List the quantizable layers, with shapes, MACs and fusion groups.
 
     With a sample ``batch``, one forward pass (eval mode, no grad) records each layer's
     input/output shapes, MACs per sample and the groups of layers that read the same input
     tensor (q/k/v, gate/up): connected components of a networkx graph. The model is left
-    as it was found.
+    as it was found. ``warn``: log the layers that did not run in that pass.
 
     Raises:
         ValueError: no quantizable layer, or non-finite weights (naming the layers).
@@ -395,7 +395,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         for name in never:
             _infer_from_reader(name, modules[name], stats[name], seen)
         unknown = [n for n in never if "read_by" not in stats[n]]
-        if unknown:
+        if unknown and warn:
             log.warning("%d layer(s) did not run in the sample forward pass (MACs unknown): %s",
                         len(unknown), ", ".join(unknown[:5]))
     groups = _fusion_groups(list(modules), list(edges.values()))
@@ -415,6 +415,26 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
             fused_group=groups.get(name), read_by=s.get("read_by"),
         ))
     return infos
+
+
+def idle_layers(model: nn.Module, layers: Sequence[LayerInfo],
+                batches: Sequence[Batch]) -> list[str]:
+    """The layers of ``layers`` that take no part in the forward pass on any batch.
+
+    ``layers`` come from :func:`discover` on ``batches[0]``; a layer that did not run there
+    (and whose weight no enclosing module read) is looked for in the other batches, one
+    forward pass each, stopping as soon as every such layer has run. A layer idle on all
+    of them (an unused head, an expert no calibration token reaches) cannot change the
+    loss on this data, so no estimator can rate it.
+    """
+    pending = [i.name for i in layers if i.calls == 0 and i.read_by is None]
+    for batch in batches[1:]:
+        if not pending:
+            break
+        ran = {i.name for i in discover(model, batch, include=pending, warn=False)
+               if i.calls or i.read_by}
+        pending = [n for n in pending if n not in ran]
+    return pending
 
 
 def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],

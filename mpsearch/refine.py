@@ -80,6 +80,8 @@ class Refine:
             batches of ``candidates`` before stopping.
         min_gain: a move is taken only if it lowers the measured loss increase by at least
             this fraction.
+        min_z: with three or more calibration batches, a move's mean gain must also exceed
+            this many standard errors of its per-batch (paired) loss differences.
         check_rounds: rounds of the check (measure each chosen width alone, correct the
             table, solve again); 0 turns it off. ``search`` skips it for a table that is
             itself measured on the same data (``"qerror"``).
@@ -91,6 +93,7 @@ class Refine:
     candidates: int = 6
     patience: int = 3
     min_gain: float = 0.01
+    min_z: float = 1.0
     check_rounds: int = 3
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class Refine:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if not 0 <= self.min_gain < 1:
             raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
+        if not self.min_z >= 0:
+            raise ValueError(f"min_z must be >= 0, got {self.min_z}")
         if self.check_rounds < 0:
             raise ValueError(f"check_rounds must be >= 0, got {self.check_rounds}")
 
@@ -317,7 +322,7 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             check_split = replay.record(weights_of(check_choice, everything))
             measured = float(check_split.mean()) - float_loss
             evaluations += 1
-            if _clear_gain(check_split - current_split, current, settings.min_gain):
+            if _clear_gain(check_split - current_split, current, settings):
                 moves.append({"bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
                                        for u, o in enumerate(check_choice)
                                        if o != unit_choice[u] for n in problem.units[u]},
@@ -379,7 +384,7 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                 measured = float(trial_split.mean()) - float_loss
                 evaluations += 1
                 bar.update(round(replay.passes - bar.n, 1) if by_pass else 1)
-                if (_clear_gain(trial_split - current_split, current, settings.min_gain)
+                if (_clear_gain(trial_split - current_split, current, settings)
                         and (best is None or measured < best[0])):
                     best = (measured, move)
             if best is None:
@@ -478,13 +483,13 @@ def _corrected_row(predicted: np.ndarray, measured: Mapping[int, float],
     return row
 
 
-def _clear_gain(diff: np.ndarray, current: float, min_gain: float) -> bool:
+def _clear_gain(diff: np.ndarray, current: float, settings: Refine) -> bool:
     """Whether per-batch loss differences (trial − current) show a real improvement: a
     mean gain of at least ``min_gain`` of the current loss increase and, with three or
-    more batches, more than one standard error of the paired differences."""
+    more batches, more than ``min_z`` standard errors of the paired differences."""
     mean = float(diff.mean())
-    if mean >= -min_gain * abs(current):
+    if mean >= -settings.min_gain * abs(current):
         return False
     if diff.size < 3:
         return True
-    return mean + float(diff.std(ddof=1)) / math.sqrt(diff.size) < 0
+    return mean + settings.min_z * float(diff.std(ddof=1)) / math.sqrt(diff.size) < 0

@@ -24,6 +24,7 @@ from mpsearch.layers import (
     LayerInfo,
     Patterns,
     discover,
+    idle_layers,
     fingerprint,
     layer_kind,
     layer_weight,
@@ -235,8 +236,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     with preserved(model):
         model.eval()
         t = time.perf_counter()
-        layers = discover(model, batches[0], include=include, exclude=exclude)
+        layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
         modules = quantizable_modules(model, include, exclude)
+        layers, modules = _drop_idle(model, layers, modules, batches)
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
         if a_bits is not None and any(i.read_by for i in layers):
@@ -294,6 +296,25 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
                         refinement)
+
+
+def _drop_idle(model: nn.Module, layers: list[LayerInfo], modules: dict[str, nn.Module],
+               batches: Sequence[Batch]) -> tuple[list[LayerInfo], dict[str, nn.Module]]:
+    """Leave out (float) the layers that run on no calibration batch: the loss cannot rate
+    them, and a rating of zero would hand them the fewest bits and their budget to others."""
+    idle = set(idle_layers(model, layers, batches))
+    if not idle:
+        return layers, modules
+    if len(idle) == len(layers):
+        raise ValueError(f"none of the {len(layers)} quantizable layer(s) ran on the "
+                         "calibration data, so none can be rated: check that the batches "
+                         "reach the model's layers (forward signature, keys)")
+    log.warning("%d layer(s) left out of the search and kept float, because they did not "
+                "run on any calibration batch (the loss cannot rate them): %s; give data "
+                "that runs them, or exclude= them to silence this", len(idle),
+                ", ".join(sorted(idle)[:8]) + (", ..." if len(idle) > 8 else ""))
+    return ([i for i in layers if i.name not in idle],
+            {n: m for n, m in modules.items() if n not in idle})
 
 
 def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine | None:

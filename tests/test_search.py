@@ -270,3 +270,58 @@ def test_parametrized_weights_are_searched_and_left_intact(estimator: str) -> No
     assert parametrize.is_parametrized(model[3], "weight")  # the original is untouched
     rep = mpsearch.validate(model, res.bitmap, data=data, progress=False)
     assert 0 < rep.output_divergence < 0.01
+
+
+class _TwoHeads(nn.Module):
+    """A trunk with a used head, a head no batch runs, and a branch only wide inputs run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.used, self.unused = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 6)
+        self.wide = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.trunk(x))
+        if bool((x[:, 0] > 2).any()):  # data-dependent: one sample of batch 1 takes it
+            h = h + self.wide(h)
+        return self.used(h)
+
+
+@pytest.mark.parametrize("estimator", ["qerror", "fisher", "hutchinson"])
+def test_layers_no_batch_runs_are_left_float_with_a_warning(estimator: str,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    # Before, every estimator failed here: qerror and the refinement raised ("did not run
+    # on the calibration data"), after the gradient estimators had rated the unused head 0,
+    # which would hand it the fewest bits and its share of the budget to the others.
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    data = [torch.randn(4, 8).clamp(-1, 1) for _ in range(3)]
+    data[1][2, 0] = 3.0
+    before = _state(model)
+    sens = (Hutchinson(tol=0.5, min_probes=3, max_probes=6) if estimator == "hutchinson"
+            else estimator)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False)
+    _assert_same(before, model)
+    assert list(res.problem.layers) == ["trunk", "used", "wide"]  # `wide` ran on batch 1
+    assert res.bitmap["unused"].w_bits == 32
+    assert res.table.loc["wide", "omega_2"] > 0  # rated on the batch that runs it
+    assert res.bitmap.predicted["avg_bits"] <= 4.0 + 1e-9
+    idle = [r.getMessage() for r in caplog.records if "left out of the search" in r.message]
+    assert len(idle) == 1 and idle[0].startswith("1 layer(s)") and idle[0].count("unused") == 1
+    assert not any("did not run in the sample" in r.message for r in caplog.records)
+
+
+def test_no_layer_running_is_an_error() -> None:
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    model = Bypass()
+    with pytest.raises(ValueError, match="none of the 1 quantizable layer"):
+        mpsearch.search(model, 4.0, data=[torch.randn(2, 3)], progress=False)
