@@ -164,6 +164,26 @@ def first_output(output: Any) -> Any:
     )
 
 
+def ignored_outputs(output: Any) -> list[str]:
+    """The other tensors of a plain tuple, list or dict output, which :func:`first_output`
+    leaves out, as ``"[1] (8, 10)"`` / ``"'boxes' (8, 4)"``. Empty for a tensor and for
+    outputs with ``logits`` or ``last_hidden_state`` (Hugging Face's: the rest are hidden
+    states, attentions and caches, not further predictions)."""
+    if isinstance(output, Tensor) or any(
+            isinstance(getattr(output, k, None), Tensor)
+            or (isinstance(output, Mapping) and isinstance(output.get(k), Tensor))
+            for k in ("logits", "last_hidden_state")):
+        return []
+    if isinstance(output, Mapping):
+        items = [(repr(k), v) for k, v in output.items()]
+    elif isinstance(output, Sequence) and not isinstance(output, str):
+        items = [(f"[{i}]", v) for i, v in enumerate(output)]
+    else:
+        return []
+    tensors = [(k, v) for k, v in items if isinstance(v, Tensor)]
+    return [f"{k} {tuple(v.shape)}" for k, v in tensors[1:]]
+
+
 def output_kind(output: Any) -> str:
     """``"logits"`` (KL divergence applies) or ``"hidden"`` (mean squared error applies)."""
     if isinstance(output, Tensor):

@@ -26,6 +26,7 @@ divergence made it 1.09× better (``results/sensitivity_fidelity.md``, section 4
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -33,7 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpsearch.batches import Batch, call, first_output, output_kind, split_batch, to_device
+from mpsearch.batches import (
+    Batch,
+    call,
+    first_output,
+    ignored_outputs,
+    output_kind,
+    split_batch,
+    to_device,
+)
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Batch], Tensor]
 #: what ``loss_fn=`` accepts: a callable, ``"divergence"`` / ``None`` (default) or ``"task"``
@@ -112,6 +123,13 @@ class Objective:
                 regression = split.targets is not None and split.targets.is_floating_point()
                 self.kind = ("kl" if output_kind(out) == "logits" and not regression
                              else "mse")
+                others = ignored_outputs(out)
+                if others:
+                    log.warning("the model returns %d tensors and the divergence compares "
+                                "only the first with the float model's; a layer that feeds "
+                                "only the others (%s) is rated as harmless. Pass loss_fn= "
+                                "to score them too", len(others) + 1,
+                                ", ".join(others[:4]) + (", ..." if len(others) > 4 else ""))
         self._refs = []
         if self.is_divergence:
             for i, batch in enumerate(self.batches):

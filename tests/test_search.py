@@ -325,3 +325,30 @@ def test_no_layer_running_is_an_error() -> None:
     model = Bypass()
     with pytest.raises(ValueError, match="none of the 1 quantizable layer"):
         mpsearch.search(model, 4.0, data=[torch.randn(2, 3)], progress=False)
+
+
+def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from mpsearch.batches import ignored_outputs
+
+    class TwoOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(self.trunk(x))
+            return self.a(h), self.b(h)
+
+    t = torch.zeros(2, 3)
+    assert ignored_outputs(t) == [] and ignored_outputs((t,)) == []
+    assert ignored_outputs((t, 1, torch.zeros(2, 5))) == ["[2] (2, 5)"]
+    assert ignored_outputs({"x": t, "y": t}) == ["'y' (2, 3)"]
+    assert ignored_outputs({"logits": t, "hidden_states": (t, t)}) == []
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(TwoOut().eval(), 4.0, data=[torch.randn(4, 8)] * 2,
+                              progress=False)
+    said = [r.getMessage() for r in caplog.records if "only the first" in r.message]
+    assert len(said) == 1 and "[1] (4, 5)" in said[0] and "loss_fn=" in said[0]
+    assert res.table.loc["b", "omega_2"] == 0  # what the warning is about
