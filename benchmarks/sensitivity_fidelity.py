@@ -1,8 +1,9 @@
 """Sensitivity fidelity: how well does each estimator predict measured damage? (issue #3)
 
 For each model (MNIST CNN, MNIST depthwise-separable CNN, all-MiniLM-L6-v2, the ImageNet
-MobileNetV2, and two models added after the library's defaults were settled, as models
-they were not tuned on: EasyOCR's CRNN text recognizer and its CRAFT text detector) and
+MobileNetV2, and three models added after the library's defaults were settled, as models
+they were not tuned on: EasyOCR's CRNN text recognizer and its CRAFT text detector, and
+MTCNN's ONet face classifier) and
 each estimator (Hutchinson, diagonal Fisher, block Fisher, qerror on the calibration
 data), with the library's default candidate bits (2/3/4/5/6/8) and loss (the
 divergence from the float model's output):
@@ -68,7 +69,8 @@ from mpsearch.refine import Refine
 from mpsearch.search import DEFAULT_BITS
 from mpsearch.sensitivity import Estimator, Fisher, Hutchinson, QError
 
-MODELS = ("mnist_cnn", "mnist_dwsep", "minilm", "mobilenet_v2", "ocr_crnn", "ocr_craft")
+MODELS = ("mnist_cnn", "mnist_dwsep", "minilm", "mobilenet_v2", "ocr_crnn", "ocr_craft",
+          "mtcnn_onet")
 BITS = DEFAULT_BITS
 #: the issue's qerror speed target is stated for these bits
 SPEED_BITS = (2, 3, 4, 8)
@@ -142,6 +144,13 @@ def load_case(name: str) -> Case:
                     "EasyOCR's text detector CRAFT, a VGG16-BN U-net whose stages rewrite "
                     "their skip tensors in place (32 calib / 64 eval 96² photos with a "
                     "rendered phrase, MSE of the region and affinity score maps)")
+    if name == "mtcnn_onet":
+        from mpsearch.zoo.faces import face_batches, load_onet
+
+        return Case(name, load_onet(), face_batches("calib", 16), face_batches("eval", 34),
+                    "MTCNN's ONet face classifier (facenet-pytorch's weights; 64 calib / 136 "
+                    "eval LFW faces and non-faces at 48², KL to float; labels only for "
+                    "accuracy and the ablation)", labelled=True)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 

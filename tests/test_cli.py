@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -225,3 +226,20 @@ def test_search_a_real_detector_by_zoo_name(capsys, tmp_path):
     assert code == 0, err
     doc = json.loads(out)
     assert len(doc["bits"]) == 27 and BitMap.load(out_path).avg_bits() <= 4.0 + 1e-9
+
+
+def test_zoo_face_classifier_by_name(capsys, tmp_path):
+    pytest.importorskip("skimage")
+    if importlib.util.find_spec("facenet_pytorch") is None:  # never imported: needs torchvision
+        pytest.skip("needs facenet-pytorch (--no-deps)")
+    from mpsearch.cli._common import load_data
+
+    batches = load_data(build_parser().parse_args(
+        ["search", "--model", "zoo:onet", "--data", "zoo:faces-eval", "--avg-bits", "4"]))
+    assert len(batches) == 9 and tuple(batches[0][0].shape) == (16, 3, 48, 48)
+    code, out, err = run(capsys, "search", "--model", "zoo:onet", "--data", "zoo:faces-calib",
+                         "--avg-bits", "4", "--refine", "off", "--json", "-q",
+                         "--out", str(tmp_path / "onet.json"))
+    assert code == 0, err
+    assert set(json.loads(out)["bits"]) == {"conv1", "conv2", "conv3", "conv4", "dense5",
+                                            "dense6_1"}

@@ -14,10 +14,11 @@ from typing import Any
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # Real models and data that ship with mpsearch's extras, by short name.
-ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm", "zoo:mobilenet_v2", "zoo:crnn", "zoo:craft")
+ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm", "zoo:mobilenet_v2", "zoo:crnn", "zoo:craft",
+              "zoo:onet")
 ZOO_DATA = ("zoo:mnist-calib", "zoo:mnist-eval", "zoo:text-calib", "zoo:text-eval",
             "zoo:photos-calib", "zoo:photos-eval", "zoo:lines-calib", "zoo:lines-eval",
-            "zoo:scenes-calib", "zoo:scenes-eval")
+            "zoo:scenes-calib", "zoo:scenes-eval", "zoo:faces-calib", "zoo:faces-eval")
 _cache: dict[str, Any] = {}
 
 
@@ -47,6 +48,10 @@ def _zoo_model(name: str, seed: int) -> Any:
         from mpsearch.zoo.craft import load_craft
 
         return load_craft()
+    if name == "onet":
+        from mpsearch.zoo.faces import load_onet
+
+        return load_onet()
     return _minilm()[0]
 
 
@@ -69,6 +74,10 @@ def _zoo_data(name: str, seed: int) -> Any:
         from mpsearch.zoo.craft import scene_batches
 
         return scene_batches(split, n_batches=n_batches, batch_size=8, seed=seed)
+    if source == "faces":  # 48² LFW faces and non-faces (64 calibration / 136), for zoo:onet
+        from mpsearch.zoo.faces import face_batches
+
+        return face_batches(split, batch_size=16)
     from mpsearch.zoo.minilm import text_batches
 
     return text_batches(_minilm()[1], split, n_batches=4, batch_size=8, seed=seed)

@@ -14,11 +14,15 @@
 - :mod:`mpsearch.zoo.craft`: EasyOCR's pretrained text detector (CRAFT, a VGG16-BN
   U-net) on scikit-image photos with rendered phrases pasted in
   (``pip install mpsearch[ocr,imagenet]``).
+- :mod:`mpsearch.zoo.faces`: MTCNN's pretrained ONet as a face / non-face classifier,
+  loaded from ``facenet-pytorch`` (``pip install --no-deps facenet-pytorch``), on the LFW
+  faces bundled with scikit-image (``pip install mpsearch[imagenet]``).
 
 Optional dependencies are imported only when a loader is called.
 """
 
 from mpsearch.zoo.craft import CRAFT, load_craft, scene_batches, scenes
+from mpsearch.zoo.faces import ONetFace, face_batches, faces, load_onet
 from mpsearch.zoo.imagenet import (
     MobileNetV2,
     imagenet_batches,
@@ -51,7 +55,10 @@ __all__ = [
     "MnistCNN",
     "MnistDWSep",
     "MobileNetV2",
+    "ONetFace",
     "accuracy",
+    "face_batches",
+    "faces",
     "imagenet_batches",
     "imagenet_crops",
     "imagenet_photos",
@@ -61,6 +68,7 @@ __all__ = [
     "load_minilm",
     "load_mnist",
     "load_mobilenet_v2",
+    "load_onet",
     "mean_pooled_embedding",
     "mnist_batches",
     "mnist_splits",
