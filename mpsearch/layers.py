@@ -281,6 +281,26 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
     return found
 
 
+def unsearched_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, int]:
+    """Parameters by module kind of the weights (2-D or more) that no quantizable module
+    holds: embeddings, transposed and 3-D convolutions and the like, which stay float.
+
+    A weight shared with a quantizable layer (tied embeddings) counts as covered; layers
+    of a quantizable kind left out by ``include``/``exclude`` are the user's choice and do
+    not count.
+    """
+    covered = {id(layer_weight(m)) for m in modules.values()}
+    out: dict[str, int] = {}
+    for module in model.modules():
+        if layer_kind(module) is not None:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in covered:
+                kind = type(module).__name__
+                out[kind] = out.get(kind, 0) + p.numel()
+    return out
+
+
 def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
     """(output channels, reduction length) of a weight, whatever its storage layout."""
     if kind == "Conv1D":

@@ -30,6 +30,7 @@ from mpsearch.layers import (
     layer_weight,
     plain_weights,
     quantizable_modules,
+    unsearched_weights,
 )
 from mpsearch.losses import LossSpec, Objective
 from mpsearch.problem import AllocationProblem, Front, Solution
@@ -239,6 +240,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
         modules = quantizable_modules(model, include, exclude)
         layers, modules = _drop_idle(model, layers, modules, batches)
+        _warn_unsearched(model, modules)
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
         if a_bits is not None and any(i.read_by for i in layers):
@@ -296,6 +298,19 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
                         refinement)
+
+
+def _warn_unsearched(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Say which weights stay float because no estimator or quantizer handles their kind."""
+    other = unsearched_weights(model, modules)
+    if not other:
+        return
+    searched = sum(layer_weight(m).numel() for m in modules.values())
+    share = sum(other.values()) / (sum(other.values()) + searched)
+    log.warning("%.0f%% of the model's weights stay float, outside the search and its budget: "
+                "mpsearch does not quantize %s", 100 * share,
+                ", ".join(f"{kind} ({n:,} weights)" for kind, n in
+                          sorted(other.items(), key=lambda kv: -kv[1])))
 
 
 def _drop_idle(model: nn.Module, layers: list[LayerInfo], modules: dict[str, nn.Module],

@@ -352,3 +352,39 @@ def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
     said = [r.getMessage() for r in caplog.records if "only the first" in r.message]
     assert len(said) == 1 and "[1] (4, 5)" in said[0] and "loss_fn=" in said[0]
     assert res.table.loc["b", "omega_2"] == 0  # what the warning is about
+
+
+def test_weights_of_kinds_not_searched_are_named_with_their_share(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from mpsearch.layers import quantizable_modules, unsearched_weights
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)              # 400 weights, not searched
+            self.up = nn.ConvTranspose1d(8, 8, 2)       # 128 weights, not searched
+            self.mid = nn.Linear(8, 8)                  # 64, searched
+            self.head = nn.Linear(8, 50, bias=False)    # tied to emb: covered
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.up(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+            return self.head(torch.relu(self.mid(h)))
+
+    model = Mixed().eval()
+    assert unsearched_weights(model, quantizable_modules(model)) == {"ConvTranspose1d": 128}
+    untied = Mixed()
+    untied.head = nn.Linear(8, 50)
+    assert unsearched_weights(untied, quantizable_modules(untied)) == {
+        "Embedding": 400, "ConvTranspose1d": 128}
+    assert unsearched_weights(untied, quantizable_modules(untied, exclude="mid")) == {
+        "Embedding": 400, "ConvTranspose1d": 128}  # excluded by choice: not counted
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        mpsearch.search(untied.eval(), 4.0, data=[torch.randint(0, 50, (2, 5))] * 2,
+                        refine=False, progress=False)
+    said = [r.getMessage() for r in caplog.records if "stay float" in r.message]
+    # 528 of 528 + 64 + 400 searched weights
+    assert said == ["53% of the model's weights stay float, outside the search and its "
+                    "budget: mpsearch does not quantize Embedding (400 weights), "
+                    "ConvTranspose1d (128 weights)"]
