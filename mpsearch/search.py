@@ -191,7 +191,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             :data:`DEFAULT_BITS_PROFILE` (2, 3, 4, 8, 32: each offered where the device
             has a kernel for it); with a reused sensitivity table, the table's bits.
         sensitivity: ``"qerror"`` (default: each layer quantized alone at each width and
-            the loss increase measured; the best search quality over the six models of
+            the loss increase measured; the best search quality over the seven models of
             ``results/sensitivity_fidelity.md``; L × B probes, each replaying the network
             only from the probed layer on), ``"fisher_block"`` (per-sample Fisher along
             each layer's quantization error: a few times cheaper, the choice for large
