@@ -16,6 +16,7 @@ from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
 from mpsearch.search import SearchResult, search
 from mpsearch.sensitivity import Fisher, Hutchinson, QError, SensitivityTable
+from mpsearch.slices import SlicePlan, merge_slices, slice_model
 from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver, solve
 from mpsearch.validate import ValidationReport, validate
 
@@ -38,11 +39,13 @@ __all__ = [
     "QuantConfig",
     "SearchResult",
     "SensitivityTable",
+    "SlicePlan",
     "Solution",
     "ValidationReport",
     "__version__",
     "discover",
     "export_onnx",
+    "merge_slices",
     "plot_bitmap",
     "plot_front",
     "plot_sensitivity",
@@ -50,6 +53,7 @@ __all__ = [
     "quantize",
     "quantize_",
     "search",
+    "slice_model",
     "solve",
     "validate",
 ]

@@ -28,12 +28,14 @@ from mpsearch.layers import (
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
+from mpsearch.slices import ChannelSlices, SlicePlan
 
 FORMAT = "mpsearch.bitmap"
 FORMAT_VERSION = 1
 _ENTRY_KEYS = {"w_bits", "a_bits", "granularity", "group_size", "symmetric", "range_method",
                "percentile", "tie", "kind", "shape"}
-_TOP_KEYS = {"format", "format_version", "model", "layers", "budget", "predicted", "provenance"}
+_TOP_KEYS = {"format", "format_version", "model", "layers", "budget", "predicted", "provenance",
+             "slices"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +109,8 @@ class BitMap(Mapping[str, LayerEntry]):
     def __init__(self, layers: Mapping[str, LayerEntry], *, model_class: str | None = None,
                  fingerprint: str | None = None, budget: Mapping[str, Any] | None = None,
                  predicted: Mapping[str, Any] | None = None,
-                 provenance: Mapping[str, Any] | None = None) -> None:
+                 provenance: Mapping[str, Any] | None = None,
+                 slices: SlicePlan | None = None) -> None:
         if not layers:
             raise ValueError("a bit map needs at least one layer")
         self._layers = {k: layers[k] for k in sorted(layers)}
@@ -116,6 +119,10 @@ class BitMap(Mapping[str, LayerEntry]):
         self.budget = dict(budget or {})
         self.predicted = dict(predicted or {})
         self.provenance = dict(provenance or {})
+        self.slices = slices
+        """The channel-slice plan of a sliced search (``search(..., slices=n)``): the
+        entries name slices ``<layer>.parts.<k>`` of the model :func:`mpsearch.slice_model`
+        builds from the original and this bit map. None for an ordinary bit map."""
 
     def __getitem__(self, name: str) -> LayerEntry:
         try:
@@ -207,7 +214,8 @@ class BitMap(Mapping[str, LayerEntry]):
         """A copy with every entry changed (e.g. ``a_bits=8``)."""
         return BitMap({n: replace(e, **changes) for n, e in self._layers.items()},
                       model_class=self.model_class, fingerprint=self.fingerprint,
-                      budget=self.budget, predicted=self.predicted, provenance=self.provenance)
+                      budget=self.budget, predicted=self.predicted, provenance=self.provenance,
+                      slices=self.slices)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`BitMapError` naming every layer that does not fit ``model``."""
@@ -228,19 +236,27 @@ class BitMap(Mapping[str, LayerEntry]):
         if changed:
             problems.append(f"shape changed: {changed[:10]}")
         if problems:
+            hint = ""
+            if self.slices is not None and missing and not any(
+                    isinstance(m, ChannelSlices) for m in model.modules()):
+                hint = ("; this bit map is from a sliced search: build the model it "
+                        "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "
-                              + "; ".join(problems))
+                              + "; ".join(problems) + hint)
 
     # -- JSON -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, as plain dicts and lists."""
-        return {
+        doc = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": {"class": self.model_class, "fingerprint": self.fingerprint},
             "layers": {n: e.to_dict() for n, e in self._layers.items()},
             "budget": self.budget, "predicted": self.predicted, "provenance": self.provenance,
         }
+        if self.slices is not None:
+            doc["slices"] = self.slices.to_dict()
+        return doc
 
     def to_json(self) -> str:
         """Sorted, indented JSON text."""
@@ -284,9 +300,15 @@ class BitMap(Mapping[str, LayerEntry]):
         for key in ("budget", "predicted", "provenance"):
             if not isinstance(doc.get(key, {}), Mapping):
                 raise BitMapError(f"'{key}' must be an object")
+        slices = None
+        if doc.get("slices") is not None:
+            try:
+                slices = SlicePlan.from_dict(doc["slices"])
+            except (TypeError, ValueError) as exc:
+                raise BitMapError(str(exc)) from None
         return cls(entries, model_class=model.get("class"), fingerprint=model.get("fingerprint"),
                    budget=doc.get("budget"), predicted=doc.get("predicted"),
-                   provenance=doc.get("provenance"))
+                   provenance=doc.get("provenance"), slices=slices)
 
     @classmethod
     def from_json(cls, text: str) -> BitMap:

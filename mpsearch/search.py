@@ -39,6 +39,15 @@ from mpsearch.quant.apply import weight_cache
 from mpsearch.refine import Refine, Refinement
 from mpsearch.refine import refine as refine_map
 from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
+from mpsearch.slices import (
+    PART,
+    SlicePlan,
+    channel_scores,
+    plan_slices,
+    reference_bits,
+    slice_model,
+    sliceable_layers,
+)
 from mpsearch.solvers import Solver, solve
 
 if TYPE_CHECKING:
@@ -75,6 +84,8 @@ class SearchResult:
         layers: the discovered layers.
         timings_s: seconds per stage.
         refinement: what the measured refinement did (None when it did not run).
+        sliced_model: with ``slices=``: the channel-sliced copy of the model that the bit
+            map describes (quantize, validate and export this one); None otherwise.
     """
 
     bitmap: BitMap
@@ -85,6 +96,7 @@ class SearchResult:
     layers: tuple[LayerInfo, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
     refinement: Refinement | None = None
+    sliced_model: nn.Module | None = None
 
     def __repr__(self) -> str:
         return (f"SearchResult({self.bitmap!r}, predicted={self.bitmap.predicted}, "
@@ -110,7 +122,7 @@ class SearchResult:
         return BitMap({**{n: self.bitmap[n] for n in self.bitmap}, **entries},
                       model_class=self.bitmap.model_class, fingerprint=self.bitmap.fingerprint,
                       budget=self.bitmap.budget, predicted=predicted,
-                      provenance=self.bitmap.provenance)
+                      provenance=self.bitmap.provenance, slices=self.bitmap.slices)
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
@@ -170,7 +182,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
            exclude: Patterns = None, pin: Mapping[str, int] | None = None, tie: Ties = None,
            a_bits: int | None = None, qconfig: QuantConfig | None = None,
            refine: bool | Refine | Literal["auto"] = "auto",
-           progress: bool = True, profile: HardwareProfile | None = None) -> SearchResult:
+           progress: bool = True, profile: HardwareProfile | None = None,
+           slices: int | None = None) -> SearchResult:
     """Find the bit-width of every layer that loses the least within a budget.
 
     Args:
@@ -223,6 +236,12 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
+    if slices is not None:
+        return _sliced_search(
+            model, budget, slices, data=data, loss_fn=loss_fn, bits=bits,
+            sensitivity=sensitivity, solver=solver, seed=seed, include=include,
+            exclude=exclude, pin=pin, tie=tie, a_bits=a_bits, qconfig=qconfig, refine=refine,
+            progress=progress, profile=profile)
     timings: dict[str, float] = {}
     budget = Budget.coerce(budget)
     if bits is None:
@@ -298,6 +317,64 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
                         refinement)
+
+
+def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
+                   data: Iterable[Batch], loss_fn: LossSpec, bits: Sequence[int] | None,
+                   include: Patterns, exclude: Patterns, pin: Mapping[str, int] | None,
+                   tie: Ties, qconfig: QuantConfig | None, seed: int, progress: bool,
+                   profile: HardwareProfile | None, **rest: object) -> SearchResult:
+    """Rank each layer's channels, slice the model, search the sliced copy."""
+    if tie is not None:
+        raise ValueError("slices= and tie= do not combine: slices of one layer read the same "
+                         "input, and tying them would undo the slicing")
+    if profile is not None:
+        raise ValueError("slices= works with size budgets only: a hardware profile measures "
+                         "whole layers, not slices of them")
+    if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 2:
+        raise ValueError(f"slices must be an integer >= 2 (e.g. 4), got {n_slices!r}")
+    t = time.perf_counter()
+    batches = materialize(data, "data")
+    table_bits = rest["sensitivity"].bits if isinstance(rest["sensitivity"],
+                                                        SensitivityTable) else None
+    candidates = _check_bits(bits or table_bits or DEFAULT_BITS)
+    qconfig = qconfig or QuantConfig()
+    device = model_device(model)
+    model = plain_weights(model)
+    with preserved(model):
+        model.eval()
+        layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
+        modules = quantizable_modules(model, include, exclude)
+        pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
+        idle = set(idle_layers(model, layers, batches))
+        sliceable = set(sliceable_layers(modules)) - pinned - idle
+        ranked = [i for i in layers if i.name in sliceable]
+        plan = SlicePlan({})
+        if ranked:
+            objective = Objective(batches, loss_fn)
+            objective.prepare(model, device)
+            with weight_cache():
+                scores = channel_scores(model, modules, ranked, objective,
+                                        reference_bits(candidates), qconfig, device=device,
+                                        seed=seed, progress=progress)
+            plan = plan_slices(scores, n_slices)
+        if not plan.layers:
+            log.warning("slices=%d: no layer could be sliced (Linear and ungrouped or "
+                        "depthwise Conv layers with at least 8 output channels, not pinned)",
+                        n_slices)
+        sliced = slice_model(model, plan)
+    planning = time.perf_counter() - t
+    if include is not None:
+        include = [include] if isinstance(include, str) else list(include)
+        include += [f"{n}.{PART}.*" for n in plan.layers]
+    result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits, include=include,
+                    exclude=exclude, pin=pin, qconfig=qconfig, seed=seed, progress=progress,
+                    **rest)  # type: ignore[arg-type]
+    bitmap = result.bitmap
+    bitmap.slices = plan
+    bitmap.provenance["slices"] = n_slices
+    return dataclasses.replace(result, sliced_model=sliced,
+                               timings_s={"slice": planning, **result.timings_s})
 
 
 def _warn_unsearched(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:

@@ -26,6 +26,7 @@ from mpsearch.costs import weight_bytes
 from mpsearch.layers import discover
 from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
+from mpsearch.slices import needs_slicing, slice_model
 
 if TYPE_CHECKING:
     from mpsearch.hw.profile_data import HardwareProfile
@@ -148,6 +149,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         ValueError: empty data.
     """
     batches = materialize(data, "data")
+    if needs_slicing(model, bitmap):  # the float model the bit map's slices belong to
+        model = slice_model(model, bitmap)
     qmodel = quantize(model, bitmap)
     device = model_device(model)
     objective = Objective(batches, loss_fn)

@@ -58,6 +58,11 @@ class Format:
             carry per-layer bits back.
         text: written as lines of text rather than JSON.
         needs: options an export cannot run without (e.g. ``onnx_model``).
+        sliced: takes the bit map of a sliced search (``search(..., slices=n)``): the
+            tool is handed the sliced model itself (torchao's ``quantize_``, an ONNX graph
+            exported from it). Formats keyed by the tensors of the original checkpoint
+            (llama.cpp, GPTQModel, compressed-tensors, HQQ, HAWQ) set one width per
+            tensor and cannot.
     """
 
     name: str
@@ -66,13 +71,15 @@ class Format:
     import_: Callable[..., BitMap] | None = None
     text: bool = False
     needs: tuple[str, ...] = ()
+    sliced: bool = False
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("mpsearch", "mpsearch bit map JSON", mpsearch_json.export, mpsearch_json.import_),
+    Format("mpsearch", "mpsearch bit map JSON", mpsearch_json.export, mpsearch_json.import_,
+           sliced=True),
     Format("onnxruntime", "ONNX Runtime TensorQuantOverrides for quantize_static",
-           onnxruntime.export, needs=("onnx_model",)),
-    Format("torchao", "torchao FqnToConfig", torchao.export, torchao.import_),
+           onnxruntime.export, needs=("onnx_model",), sliced=True),
+    Format("torchao", "torchao FqnToConfig", torchao.export, torchao.import_, sliced=True),
     Format("hawq", "HAWQ bit_config", hawq.export, hawq.import_),
     Format("llamacpp", "llama-quantize --tensor-type PATTERN=TYPE lines", llamacpp.export,
            llamacpp.import_, text=True),
@@ -107,6 +114,14 @@ def export(bitmap: BitMap, fmt: str, **options: Any) -> Any:
     missing = [o for o in f.needs if options.get(o) is None]
     if missing:
         raise ValueError(f"{fmt} export needs {', '.join(missing)}=")
+    if bitmap.slices is not None and not f.sliced:
+        raise ValueError(
+            f"{fmt} sets one width per tensor of the original checkpoint, and this bit map "
+            "(from search(..., slices=)) gives channel slices of a layer widths of their own: "
+            "export a per-layer search (slices=None), or deploy the sliced model "
+            "(SearchResult.sliced_model / mpsearch.slice_model) with "
+            f"{', '.join(sorted(n for n, g in FORMATS.items() if g.sliced))} or "
+            "mpsearch.export_onnx")
     return f.export(bitmap, **options)
 
 

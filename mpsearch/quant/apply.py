@@ -133,9 +133,17 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
 def quantize(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """A quantized copy of ``model``; the argument is left untouched.
 
+    A bit map of a sliced search (``search(..., slices=n)``) applied to the original model
+    returns the quantized channel-sliced copy (:func:`mpsearch.slice_model`); pass it to
+    :func:`mpsearch.merge_slices` for the original structure.
+
     Raises:
         BitMapError: the bit map does not fit the model (naming the layers).
     """
+    from mpsearch.slices import needs_slicing, slice_model
+
+    if needs_slicing(model, bitmap):
+        return quantize_(slice_model(model, bitmap), bitmap)
     bitmap.check_model(model)
     return quantize_(copy.deepcopy(model), bitmap)
 
