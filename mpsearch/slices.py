@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mpsearch.layers import layer_kind, layer_weight
 
@@ -258,26 +257,18 @@ def channel_scores(model: nn.Module, modules: Mapping[str, nn.Module],
     from mpsearch.quant.apply import quantize_weight
     from mpsearch.sensitivity.fisher import Fisher
 
-    est = Fisher(block=True)
-    model.eval()
     names = [info.name for info in layers]
     weights = {n: layer_weight(modules[n]).detach() for n in names}
     deltas = {info.name: (quantize_weight(weights[info.name], info.kind, bits, qconfig)
                           - weights[info.name]).to(weights[info.name].dtype)
               for info in layers}
     scores = {n: np.zeros(int(weights[n].shape[0])) for n in names}
-    gen = torch.Generator().manual_seed(seed)
-    pieces = est._pieces(objective)
-    bar = tqdm(total=sum(p[1][1] - p[1][0] for p in pieces), desc="channel scores",
-               unit="sample", disable=not progress, leave=False)
-    for i, piece, weight in pieces:
-        grads = est._gradients(model, objective, i, piece, weights, device, gen)
+    for weight, grads in Fisher(block=True).gradients(model, weights, objective, device=device,
+                                                      seed=seed, progress=progress,
+                                                      desc="channel scores"):
         for n in names:
-            g = grads[n]
-            per_row = (g * deltas[n][None]).flatten(2).sum(-1).square().sum(0)
+            per_row = (grads[n] * deltas[n][None]).flatten(2).sum(-1).square().sum(0)
             scores[n] += 0.5 * weight * per_row.double().cpu().numpy()
-        bar.update(piece[1] - piece[0])
-    bar.close()
     return scores
 
 

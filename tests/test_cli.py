@@ -243,3 +243,26 @@ def test_zoo_face_classifier_by_name(capsys, tmp_path):
     assert code == 0, err
     assert set(json.loads(out)["bits"]) == {"conv1", "conv2", "conv3", "conv4", "dense5",
                                             "dense6_1"}
+
+
+def test_sliced_search_then_apply_and_validate(capsys, tmp_path, mnist_cnn):  # type: ignore[no-untyped-def]
+    import mpsearch
+
+    path = tmp_path / "sliced.json"
+    assert main(["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits", "4",
+                 "--sensitivity", "fisher", "--refine", "off", "--slices", "4",
+                 "--out", str(path), "-q"]) == 0
+    bitmap = BitMap.load(path)
+    assert bitmap.slices is not None and "classifier.0.parts.3" in bitmap
+    out = tmp_path / "q.pt"
+    assert run(capsys, "apply", "--model", "zoo:cnn", "--bitmap", str(path), "--out", str(out),
+               "-q")[0] == 0
+    saved = torch.load(out, weights_only=True)
+    want = quantize(mpsearch.slice_model(mnist_cnn, bitmap), bitmap).state_dict()
+    assert saved.keys() == want.keys()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    code, out_text, _ = run(capsys, "validate", "--model", "zoo:cnn", "--data", "zoo:mnist-eval",
+                            "--bitmap", str(path), "--json")
+    assert code == 0 and json.loads(out_text)["avg_bits"] <= 4.0
+    code, _, err = run(capsys, "export", "--bitmap", str(path), "--to", "llamacpp")
+    assert code == 1 and "one width per tensor" in err

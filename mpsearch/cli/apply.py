@@ -51,6 +51,8 @@ def run_apply(args: argparse.Namespace) -> int:
     with steps(args, total, "apply") as advance, collected_warnings(args, warned):
         model = load_model(args)
         bitmap = mpsearch.BitMap.load(args.bitmap)
+        if bitmap.slices is not None:  # a sliced search: its layers are the model's slices
+            model = mpsearch.slice_model(model, bitmap)
         bitmap.check_model(model)
         advance("loaded")
         if args.format == "state_dict":

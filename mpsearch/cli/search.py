@@ -52,7 +52,8 @@ def run_search(args: argparse.Namespace) -> int:
                           exclude=args.exclude, pin=_pins(args.pin),
                           tie="fused" if args.tie_fused else None, a_bits=args.a_bits,
                           refine=_REFINE[args.refine], loss_fn=args.loss,
-                          profile=profile, progress=not (args.quiet or args.json))
+                          profile=profile, progress=not (args.quiet or args.json),
+                          slices=args.slices)
     if args.save_sensitivity:
         res.sensitivity.save(args.save_sensitivity)
     path = res.bitmap.save(args.out)
@@ -133,6 +134,11 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--pin", nargs="*", help="NAME=BITS (NAME may be a glob)")
     s.add_argument("--tie-fused", action="store_true",
                    help="layers reading the same input (q/k/v, gate/up) share bits")
+    s.add_argument("--slices", type=int, default=None, metavar="N",
+                   help="give each of N slices of a layer's output channels its own width "
+                        "(e.g. 8); the bit map then names the slices and exports to "
+                        "mpsearch/torchao/onnxruntime only (`mpsearch apply` slices the "
+                        "model itself)")
     s.add_argument("--tol", type=float, default=0.1,
                    help="Hutchinson: relative standard error every layer must reach (0.1)")
     s.add_argument("--max-probes", type=int, default=200,

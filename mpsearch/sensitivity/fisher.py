@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,6 @@ class Fisher:
         from mpsearch.quant.apply import quantize_weight
 
         start = time.perf_counter()
-        model.eval()
         names = [info.name for info in layers]
         weights = {n: layer_weight(modules[n]).detach() for n in names}
         deltas = {
@@ -97,12 +96,8 @@ class Fisher:
         }
         per_step: list[np.ndarray] = []  # each sample's contribution to Ω[l, b] (before ½)
         per_step_fisher: list[np.ndarray] = []
-        gen = torch.Generator().manual_seed(seed)
-        pieces = self._pieces(objective)
-        bar = tqdm(total=sum(p[1][1] - p[1][0] for p in pieces), desc="fisher",
-                   unit="sample", disable=not progress, leave=False)
-        for i, piece, weight in pieces:
-            grads = self._gradients(model, objective, i, piece, weights, device, gen)
+        for weight, grads in self.gradients(model, weights, objective, device=device, seed=seed,
+                                            progress=progress, desc=self.name):
             k = next(iter(grads.values())).shape[0]
             contrib = np.zeros((k, len(layers), len(bits)))
             fisher = np.zeros((k, len(layers)))
@@ -119,8 +114,6 @@ class Fisher:
                     contrib[:, li, j] = weight * value.double().numpy()
             per_step.extend(contrib)
             per_step_fisher.extend(fisher)
-            bar.update(k)
-        bar.close()
         steps = np.stack(per_step)
         m = len(steps)
         omega = 0.5 * steps.sum(0)
@@ -143,6 +136,21 @@ class Fisher:
                          "fisher": "sampled" if objective.is_divergence else "empirical",
                          "time_s": time.perf_counter() - start},
         )
+
+    def gradients(self, model: nn.Module, weights: Mapping[str, Tensor], objective: Objective,
+                  *, device: torch.device, seed: int = 0, progress: bool = False,
+                  desc: str = "fisher") -> Iterator[tuple[float, dict[str, Tensor]]]:
+        """The scaled per-sample (or per-micro-batch) gradients of the pseudo-loss with
+        respect to ``weights`` (FQN → weight), piece by piece: ``(c_m, {FQN: (k, *shape)})``,
+        so that Σ c_m g g estimates the Hessian of the mean calibration loss."""
+        model.eval()
+        gen = torch.Generator().manual_seed(seed)
+        pieces = self._pieces(objective)
+        with tqdm(total=sum(p[1][1] - p[1][0] for p in pieces), desc=desc, unit="sample",
+                  disable=not progress, leave=False) as bar:
+            for i, piece, weight in pieces:
+                yield weight, self._gradients(model, objective, i, piece, weights, device, gen)
+                bar.update(piece[1] - piece[0])
 
     def _pieces(self, objective: Objective) -> list[tuple[int, tuple[int, int, Any], float]]:
         """(batch index, (first row, end row, sub-batch), weight c_m = 1 / batches)."""
