@@ -347,8 +347,8 @@ def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
         modules = quantizable_modules(model, include, exclude)
         pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
         idle = set(idle_layers(model, layers, batches))
-        sliceable = set(sliceable_layers(modules)) - pinned - idle
-        ranked = [i for i in layers if i.name in sliceable]
+        sliceable = set(sliceable_layers(model, modules)) - pinned - idle
+        ranked = [i for i in layers if i.name in sliceable and not i.read_by]
         plan = SlicePlan({})
         if ranked:
             objective = Objective(batches, loss_fn)
@@ -359,9 +359,9 @@ def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
                                         seed=seed, progress=progress)
             plan = plan_slices(scores, n_slices)
         if not plan.layers:
-            log.warning("slices=%d: no layer could be sliced (Linear and ungrouped or "
-                        "depthwise Conv layers with at least 8 output channels, not pinned)",
-                        n_slices)
+            log.warning("slices=%d: no layer could be sliced (plain Linear and ungrouped or "
+                        "depthwise Conv layers with at least 8 output channels, not pinned "
+                        "and not sharing their weight); the search is per layer", n_slices)
         sliced = slice_model(model, plan)
     planning = time.perf_counter() - t
     if include is not None:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mpsearch.layers import layer_kind, layer_weight
+from mpsearch.layers import layer_weight
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -58,13 +58,14 @@ PART = "parts"
 
 
 def _sliceable(module: nn.Module) -> bool:
-    """Linear, or a Conv1d/Conv2d that is ungrouped or depthwise (one channel per group)."""
-    if layer_kind(module) == "Linear" and isinstance(module, nn.Linear):
+    """A plain Linear, or a plain Conv1d/Conv2d that is ungrouped or depthwise (one
+    channel per group). Subclasses (``out_proj`` of attention, adapters) may compute
+    something else with their weight, so they stay whole."""
+    if type(module) is nn.Linear:
         return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and layer_kind(module) in ("Conv1d", "Conv2d"):
-        if module.groups == 1:
-            return True
-        return module.groups == module.in_channels == module.out_channels
+    if type(module) in (nn.Conv1d, nn.Conv2d):
+        conv: Any = module
+        return conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels
     return False
 
 
@@ -295,9 +296,14 @@ def plan_slices(scores: Mapping[str, np.ndarray], n_slices: int, *,
     return SlicePlan(layers)
 
 
-def sliceable_layers(modules: Mapping[str, nn.Module]) -> list[str]:
-    """FQNs of the layers :class:`ChannelSlices` can split."""
-    return [n for n, m in modules.items() if _sliceable(m)]
+def sliceable_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[str]:
+    """FQNs of the layers :class:`ChannelSlices` can split: plain Linear / Conv layers
+    whose weight no other module shares (slicing would untie it)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [n for n, m in modules.items()
+            if _sliceable(m) and uses.get(id(layer_weight(m)), 0) <= 1]
 
 
 def reference_bits(bits: Sequence[int]) -> int:

@@ -232,3 +232,40 @@ def test_sliced_model_runs_on_real_kernels_in_onnxruntime(mnist_cnn, mnist_calib
     # W8A8 layers quantize activations at run time; the classes must agree
     assert (y.argmax(1) == ref.argmax(1)).all()
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()
+
+
+class _Tied(nn.Module):
+    """A tiny language model: attention (whose ``out_proj`` the attention reads directly),
+    a plain Linear, and an output head sharing the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h + torch.relu(self.mlp(h)))
+
+
+def test_layers_that_slicing_would_break_stay_whole() -> None:
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    data = [torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    before = _state(model)
+    result = mpsearch.search(model, 6.0, data=data, sensitivity="fisher", slices=4,
+                             progress=False, refine=False)
+    _assert_same(before, model)
+    assert result.bitmap.slices is not None
+    # out_proj is read by the attention, head shares the embedding's weight: only mlp is cut
+    assert set(result.bitmap.slices.layers) == {"mlp"}
+    assert "attn.out_proj" in result.bitmap and "head" in result.bitmap
+    assert result.sliced_model is not None
+    assert result.sliced_model.head.weight is result.sliced_model.embed.weight
+    torch.testing.assert_close(result.sliced_model(data[0]), model(data[0]),
+                               rtol=1e-5, atol=1e-5)

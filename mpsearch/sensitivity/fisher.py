@@ -125,7 +125,8 @@ class Fisher:
         flat = [n for li, n in enumerate(names) if trace[li] == 0.0]
         if flat:
             log.warning("zero Fisher information for %d layer(s) (no per-sample gradient "
-                        "reaches them; the solver will give them the fewest bits): %s",
+                        "reaches them, e.g. a slice of ReLU channels that never fire; the "
+                        "solver will give them the fewest bits): %s",
                         len(flat), ", ".join(flat[:5]))
         return SensitivityTable(
             tuple(names), tuple(bits), omega, omega_se,
