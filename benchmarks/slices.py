@@ -109,6 +109,10 @@ def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float,
            threads: int) -> list[Path]:
     """Write the Markdown tables, the CSV and the plot."""
     out.mkdir(parents=True, exist_ok=True)
+    frame = frame.assign(model=pd.Categorical(frame.model, [m for m in MODELS
+                                                            if m in set(frame.model)],
+                                              ordered=True),
+                         estimator=pd.Categorical(frame.estimator, ESTIMATORS, ordered=True))
     frame = frame.sort_values(["model", "estimator", "budget", "slices"])
     frame.to_csv(out / "slices.csv", index=False)
     at4 = frame[frame.budget == 4.0]

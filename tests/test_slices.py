@@ -48,7 +48,7 @@ def test_sliced_model_computes_what_the_original_does() -> None:
     torch.manual_seed(0)
     model = _Mixed().eval()
     x = torch.randn(5, 3, 8, 8)
-    for parts in (2, 3):
+    for parts in (2, 3, 12):  # 12: one channel per slice (a depthwise slice of one)
         sliced = slice_model(model, _random_plan(model, parts, seed=parts))
         assert sum(isinstance(m, ChannelSlices) for m in sliced.modules()) == 5
         torch.testing.assert_close(sliced(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,140 @@
+"""What channel slices cost at run time: the same widths, whole layers against slices.
+
+Each model is deployed on ONNX Runtime's real CPU kernels (``mpsearch.export_onnx``'s
+graph: ``MatMulInteger`` / ``ConvInteger`` W8A8 at 8 bits, ``MatMulNBits`` at 4 bits
+for Linear layers, convolutions then at 8 as ORT has no INT4 convolution on CPU) three ways with the *same* width for every weight — the
+original model, and its copies cut into 4 and 8 slices per layer (each slice its own
+kernel call, then ``Concat`` and a ``Gather`` back to the channel order) — so the
+difference is the cost of the slicing alone, not of the widths a search picks. The three
+graphs of a map are timed interleaved in one run (shuffled rounds, one thread, lower
+quartile), and the ratio sliced / whole is the figure to read on this noisy machine.
+
+Which channels form a slice does not change the work, so the plan here ranks channels by
+a seeded random score (a search ranks them by Fisher, see ``mpsearch/slices.py``).
+
+Writes ``results/slices_latency.{md,csv}``.
+
+    python benchmarks/slices_latency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import torch
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent), str(_HERE)]
+
+from mpsearch import BitMap
+from mpsearch.hw.runtime import OrtModel
+from mpsearch.hw.timing import central, stats_us, time_interleaved
+from mpsearch.layers import quantizable_modules
+from mpsearch.slices import plan_slices, slice_model, sliceable_layers
+
+SLICES = (4, 8)
+
+
+def cases() -> dict[str, tuple[torch.nn.Module, Any, str]]:
+    """Model, one input batch, description."""
+    from mpsearch.zoo.imagenet import imagenet_batches, load_mobilenet_v2
+    from mpsearch.zoo.minilm import load_minilm, text_batches
+    from mpsearch.zoo.mnist import mnist_batches, pretrained_mnist
+
+    model, tok = load_minilm()
+    text = text_batches(tok, "calib", n_batches=1, batch_size=1, max_length=128)[0]
+    return {
+        "mnist_cnn": (pretrained_mnist("cnn"), mnist_batches("calib", batch_size=64)[0][0],
+                      "MNIST CNN, batch 64"),
+        "mobilenet_v2": (load_mobilenet_v2(), imagenet_batches("calib", batch_size=1)[0],
+                         "ImageNet MobileNetV2, 1 × 224²"),
+        "minilm": (model, text, "all-MiniLM-L6-v2, one sentence"),
+    }
+
+
+def random_plan(model: torch.nn.Module, n: int, seed: int = 0) -> Any:
+    rng = np.random.default_rng(seed)
+    modules = quantizable_modules(model)
+    names = sliceable_layers(model, modules)
+    return plan_slices({k: rng.random(modules[k].weight.shape[0]) for k in names}, n)
+
+
+def measure(name: str, model: torch.nn.Module, batch: Any, bits: int) -> list[dict[str, Any]]:
+    model.eval()
+    graphs: dict[str, OrtModel] = {}
+    units: dict[str, int] = {}
+    for n in (1, *SLICES):
+        m = model if n == 1 else slice_model(model, random_plan(model, n))
+        bitmap = BitMap.from_bits(m, {k: bits if isinstance(v, torch.nn.Linear) else 8
+                                      for k, v in quantizable_modules(m).items()})
+        graphs[str(n)] = OrtModel(m, bitmap, batch, threads=1)
+        units[str(n)] = sum(1 for e in bitmap.values() if e.w_bits < 32)
+    ref = graphs["1"].run(batch)
+    for k, g in graphs.items():  # the same computation, whatever the cut
+        out = g.run(batch)
+        err = float(np.abs(out - ref).max() / (np.abs(ref).max() + 1e-12))
+        if err > 0.05:
+            raise RuntimeError(f"{name} at {bits} bits, slices={k}: output differs by {err:.3f}")
+    feeds = {k: g.feed(batch) for k, g in graphs.items()}
+    samples = time_interleaved({k: (lambda g=g, f=feeds[k]: g.session.run(None, f))
+                                for k, g in graphs.items()}, rounds=15, warmup=3,
+                               round_s=0.1, seed=bits)
+    whole = central(stats_us(samples["1"]))
+    return [{"model": name, "bits": bits, "slices": int(k), "layers": units[k],
+             "latency_us": central(stats_us(v)), "p10_us": float(np.percentile(v, 10)),
+             "p90_us": float(np.percentile(v, 90)),
+             "ratio_to_whole": central(stats_us(v)) / whole} for k, v in samples.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
+    rows, descs = [], {}
+    for name, (model, batch, desc) in cases().items():
+        descs[name] = desc
+        for bits in (8, 4):
+            rows += measure(name, model, batch, bits)
+            print(f"[{time.strftime('%H:%M:%S')}] {name} {bits} bits done", file=sys.stderr,
+                  flush=True)
+    frame = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.out / "slices_latency.csv", index=False)
+    lines = [
+        "# What channel slices cost at run time", "",
+        (f"`python benchmarks/slices_latency.py` — {time.strftime('%Y-%m-%d %H:%M')}, "
+         f"{(time.perf_counter() - start) / 60:.1f} min; onnxruntime, one thread, "
+         f"{platform.machine()}, {os.cpu_count()} CPUs; load average {load0:.1f} at the start, "
+         f"{os.getloadavg()[0]:.1f} at the end."), "",
+        ("Every weight at the same width (8: W8A8 `MatMulInteger`/`ConvInteger`; 4: "
+        "`MatMulNBits` for Linear layers, convolutions float as ORT has no INT4 convolution "
+        "on CPU); the original model against its copies with 4 and 8 slices per layer. "
+        "Lower-quartile latency of interleaved calls; **ratio** = sliced / whole, same run."),
+        "", "Models: " + "; ".join(f"`{k}`: {v}" for k, v in descs.items()) + ".", "",
+        "| model | bits | slices | kernel calls (quantized) | latency µs (p10–p90) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in frame.itertuples():
+        lines.append(f"| {r.model} | {r.bits} | {'whole' if r.slices == 1 else r.slices} | "
+                     f"{r.layers} | {r.latency_us:,.0f} ({r.p10_us:,.0f}–{r.p90_us:,.0f}) | "
+                     f"{r.ratio_to_whole:.2f}× |")
+    (args.out / "slices_latency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out / 'slices_latency.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
