@@ -16,7 +16,7 @@ from mpsearch.quant import QuantConfig
 from mpsearch.quant.apply import quantize, quantize_
 from mpsearch.search import SearchResult, search
 from mpsearch.sensitivity import Fisher, Hutchinson, QError, SensitivityTable
-from mpsearch.slices import SlicePlan, merge_slices, slice_model
+from mpsearch.slices import SlicePlan, coalesce, merge_slices, slice_model
 from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver, solve
 from mpsearch.validate import ValidationReport, validate
 
@@ -43,6 +43,7 @@ __all__ = [
     "Solution",
     "ValidationReport",
     "__version__",
+    "coalesce",
     "discover",
     "export_onnx",
     "merge_slices",

@@ -314,3 +314,50 @@ def reference_bits(bits: Sequence[int]) -> int:
         raise ValueError(f"slices need a candidate width of 2-8 bits, got {list(bits)}")
     above = [b for b in low if b >= 3]
     return above[0] if above else low[-1]
+
+
+def coalesce(bitmap: Any) -> Any:
+    """The same quantization with fewer slices: slices of a layer that got the same
+    settings merge into one, and a layer whose slices all agree is whole again.
+
+    A search rates and places slices one by one, but a deployment pays per slice (one
+    kernel call each, then a concatenation); merging slices of equal width changes no
+    quantized value (per-channel and per-group quantization are row-wise) and leaves as many calls per
+    layer as it has distinct widths. Returns a new bit map (``slices`` None if no layer
+    stays sliced); build its model with :func:`slice_model` (or quantize the original
+    model with it directly).
+    """
+    from dataclasses import replace
+
+    from mpsearch.bitmap import BitMap
+    from mpsearch.layers import fingerprint
+
+    plan = bitmap.slices
+    if plan is None:
+        raise ValueError("coalesce needs the bit map of a sliced search (search(..., slices=n))")
+    entries = {n: e for n, e in bitmap.items()
+               if not any(n.startswith(f"{layer}.{PART}.") for layer in plan.layers)}
+    layers: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for layer, parts in plan.layers.items():
+        groups: dict[Any, list[int]] = {}
+        first: dict[Any, Any] = {}
+        for k, rows in enumerate(parts):
+            entry = bitmap[f"{layer}.{PART}.{k}"]
+            key = (entry.w_bits, entry.a_bits, entry.qconfig, entry.tie)
+            groups.setdefault(key, []).extend(rows)
+            first.setdefault(key, entry)
+        merged = [tuple(sorted(rows)) for rows in groups.values()]
+        if len(merged) > 1:
+            layers[layer] = tuple(merged)
+        for j, (key, rows) in enumerate(groups.items()):
+            entry = first[key]
+            shape = (None if entry.shape is None
+                     else (len(rows), *entry.shape[1:]) if len(merged) > 1
+                     else (sum(len(p) for p in parts), *entry.shape[1:]))
+            name = f"{layer}.{PART}.{j}" if len(merged) > 1 else layer
+            entries[name] = replace(entry, shape=shape)
+    new_plan = SlicePlan(layers) if layers else None
+    return BitMap(entries, model_class=bitmap.model_class,
+                  fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),
+                  budget=bitmap.budget, predicted=bitmap.predicted,
+                  provenance={**bitmap.provenance, "coalesced": True}, slices=new_plan)

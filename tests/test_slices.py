@@ -269,3 +269,24 @@ def test_layers_that_slicing_would_break_stay_whole() -> None:
     assert result.sliced_model.head.weight is result.sliced_model.embed.weight
     torch.testing.assert_close(result.sliced_model(data[0]), model(data[0]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_coalesce_merges_equal_widths_without_changing_a_value(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    result = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity="fisher",
+                             slices=8, progress=False, refine=False)
+    bitmap = result.bitmap
+    small = mpsearch.coalesce(bitmap)
+    assert small.avg_bits() == pytest.approx(bitmap.avg_bits())
+    for layer, parts in bitmap.slices.layers.items():  # type: ignore[union-attr]
+        widths = {bitmap[f"{layer}.parts.{k}"].w_bits for k in range(len(parts))}
+        if len(widths) == 1:
+            assert small[layer].w_bits == widths.pop()  # whole again
+        else:
+            assert small.slices is not None and len(small.slices.layers[layer]) == len(widths)
+    x = mnist_calib[0][0][:32]
+    torch.testing.assert_close(mpsearch.quantize(mnist_cnn, small)(x),
+                               mpsearch.quantize(mnist_cnn, bitmap)(x), rtol=1e-5, atol=1e-5)
+    again = BitMap.from_json(small.to_json())
+    assert again.slices == small.slices
+    with pytest.raises(ValueError, match="sliced search"):
+        mpsearch.coalesce(BitMap.uniform(mnist_cnn, 4))
