@@ -96,37 +96,80 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     Weights are replaced by their fake-quantized values; layers with ``a_bits`` get a
     forward pre-hook that fake-quantizes their input.
 
+    A bit map of a sliced search (``search(..., slices=n)``) applies to the original
+    model too: each layer's channels take their slice's width, with the very values the
+    sliced model would hold (per-channel and per-group scales are row-wise).
+
     Raises:
-        BitMapError: the bit map does not fit the model (naming the layers).
+        BitMapError: the bit map does not fit the model (naming the layers), or gives the
+            slices of one layer different activation widths (apply it to the sliced model,
+            :func:`mpsearch.slice_model`, instead).
     """
+    from mpsearch.slices import needs_slicing
+
+    if needs_slicing(model, bitmap):
+        return _quantize_sliced_(model, bitmap)
     bitmap.check_model(model)
+    baked = [n for n in parametrized_layers(model) if n in bitmap and bitmap[n].w_bits < 32]
+    if baked:  # the quantized values are stored; a parametrization would recompute them
+        bake_parametrizations(model, baked)
     modules = quantizable_modules(model)
+    with torch.no_grad():
+        for name, entry in bitmap.items():
+            if entry.w_bits < 32:
+                weight = layer_weight(modules[name])
+                weight.copy_(quantize_weight(weight, entry.kind or layer_kind(modules[name]),
+                                             entry.w_bits, entry.qconfig))
+    _hook_inputs(model, modules, {n: e.a_bits for n, e in bitmap.items()})
+    return model
+
+
+def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
+                 a_bits: dict[str, int | None]) -> None:
+    """Fake-quantize the input of each named layer to its width (None, 32: float)."""
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj; recurrent
     # modules read their matrices themselves
     unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention)}
     unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentWeight)}
     skipped = []
-    baked = [n for n in parametrized_layers(model) if n in bitmap and bitmap[n].w_bits < 32]
-    if baked:  # the quantized values are stored; a parametrization would recompute them
-        bake_parametrizations(model, baked)
-        modules = quantizable_modules(model)
-    with torch.no_grad():
-        for name, entry in bitmap.items():
-            module = modules[name]
-            if entry.w_bits < 32:
-                weight = layer_weight(module)
-                weight.copy_(quantize_weight(weight, entry.kind or layer_kind(module),
-                                             entry.w_bits, entry.qconfig))
-            if entry.a_bits is not None and entry.a_bits < 32:
-                if name in unhooked:
-                    skipped.append(name)
-                    continue
-                module.register_forward_pre_hook(ActivationQuantizer(entry.a_bits))
+    for name, bits in a_bits.items():
+        if bits is not None and bits < 32:
+            if name in unhooked:
+                skipped.append(name)
+                continue
+            modules[name].register_forward_pre_hook(ActivationQuantizer(bits))
     if skipped:
         log.warning("a_bits not applied to %s: their weight is read by an enclosing module "
                     "(nn.MultiheadAttention, a recurrent module), so no input of their own "
                     "can be quantized", ", ".join(skipped[:5]))
+
+
+def _quantize_sliced_(model: nn.Module, bitmap: BitMap) -> nn.Module:
+    """:func:`quantize_` of a sliced bit map on the original model: quantize the sliced
+    copy, merge its slices back and write each layer's weight into ``model``."""
+    from mpsearch.bitmap import BitMapError
+    from mpsearch.slices import merge_slices, slice_model
+
+    assert bitmap.slices is not None
+    a_bits = {n: e.a_bits for n, e in bitmap.items()}  # per original layer, below
+    for layer, parts in bitmap.slices.slice_names().items():
+        widths = {a_bits.pop(p) for p in parts if p in a_bits}
+        if len(widths) > 1:
+            raise BitMapError(f"the slices of {layer!r} quantize their input to different "
+                              f"widths {sorted(widths, key=str)}, but the layer has one "
+                              "input: apply this bit map to mpsearch.slice_model(model, "
+                              "bitmap) instead")
+        a_bits[layer] = widths.pop() if widths else None
+    merged = merge_slices(quantize_(slice_model(model, bitmap), bitmap))
+    baked = [n for n in parametrized_layers(model) if n in a_bits]
+    if baked:
+        bake_parametrizations(model, baked)
+    source, target = quantizable_modules(merged), quantizable_modules(model)
+    with torch.no_grad():
+        for name in a_bits:
+            layer_weight(target[name]).copy_(layer_weight(source[name]))
+    _hook_inputs(model, target, a_bits)
     return model
 
 
