@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mpsearch.front import Front
+from mpsearch.slices import PART
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,7 +24,10 @@ __all__ = ["plot_bitmap", "plot_demo", "plot_front", "plot_sensitivity", "unifor
 
 def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
                 order: Sequence[str] | None = None) -> Any:
-    """Bar chart of weight bits per layer (float layers grey), in ``order`` if given."""
+    """Bar chart of weight bits per layer (float layers grey), in ``order`` if given.
+
+    A sliced bit map has one bar per slice; each layer is named once, under its first
+    slice, and a thin line separates the layers."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -31,8 +35,15 @@ def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
     names = list(order) if order is not None else list(bitmap)
     bits = [bitmap[n].w_bits for n in names]
     ax.bar(range(len(names)), bits, color=["tab:gray" if b >= 32 else "tab:blue" for b in bits])
+    labels = names
+    if bitmap.slices is not None:
+        owners = [n.rsplit(f".{PART}.", 1)[0] for n in names]
+        labels = [o if i == 0 or owners[i - 1] != o else "" for i, o in enumerate(owners)]
+        for i in range(1, len(owners)):
+            if owners[i] != owners[i - 1]:
+                ax.axvline(i - 0.5, color="0.7", lw=0.6)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title(title or f"{bitmap.model_class}: {bitmap.avg_bits():.2f} avg bits")
     return ax
@@ -46,15 +57,18 @@ def plot_demo(summary: pd.DataFrame, result: SearchResult, title: str, path: Pat
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    unit = "layer" if result.bitmap.slices is None else "channel slice"
     plot_bitmap(result.bitmap, axes[0], order=list(result.table.index),
-                title=f"bits per layer at {result.bitmap.avg_bits():.2f} avg bits")
+                title=f"bits per {unit} at {result.bitmap.avg_bits():.2f} avg bits")
+    how = (f"mpsearch ({result.sensitivity.estimator} + "
+           f"{result.bitmap.provenance.get('solver', 'solver')})")
     searched = summary[summary["map"] == "searched"].sort_values("avg_bits")
     uniform = summary[summary["map"] == "uniform"].sort_values("avg_bits")
     float_row = summary[summary["map"] == "float"]
     metric = "accuracy" if summary["accuracy"].notna().any() else None
     ax = axes[1]
     if metric:
-        ax.plot(searched["avg_bits"], searched[metric], "o-", label="mpsearch (Hutchinson + ILP)")
+        ax.plot(searched["avg_bits"], searched[metric], "o-", label=how)
         ax.plot(uniform["avg_bits"], uniform[metric], "s--", label="uniform")
         if len(float_row):
             ax.axhline(float(float_row[metric].iloc[0]), color="k", lw=0.8, label="float")

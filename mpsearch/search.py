@@ -67,6 +67,20 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_BITS_PROFILE = (2, 3, 4, 8, 32)
 """Candidate bit-widths with a hardware profile (each only where a kernel exists)."""
 
+AUTO_SLICES = 8
+"""Slices per layer of ``slices="auto"`` where it slices (``results/slices.md``: 8 slices
+gave the MNIST CNN 8.7-8.9×, 4 slices 4.6×)."""
+
+AUTO_SLICE_LAYERS = 5.0
+"""``slices="auto"`` slices where the searched weights sit in fewer than this many layers'
+worth, by the effective count (Σ p)² / Σ p² over the layers' weight counts p (1 when one
+layer holds them all, L for L equal layers), and the sliceable layers hold at least half
+of them: per-layer allocation then has little to trade. Over the seven models of
+``results/slices.md``: the MNIST CNN (1.06), ONet (1.65) and the depthwise-separable CNN
+(4.39) gained from 8 slices (4.0 bits: 1.0-1.1× → 8.7-8.9×, 11.6× → 30-40×, 3.0-3.3× →
+7.1-8.4× below uniform INT4); MobileNetV2 (5.88) lost a little at 4 bits (17-20× → 16-18×)
+for 9× the qerror time; CRAFT (8.6), the CRNN (12.7) and MiniLM (24.6) stay per layer."""
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -183,7 +197,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
            a_bits: int | None = None, qconfig: QuantConfig | None = None,
            refine: bool | Refine | Literal["auto"] = "auto",
            progress: bool = True, profile: HardwareProfile | None = None,
-           slices: int | None = None) -> SearchResult:
+           slices: int | Literal["auto"] | None = "auto") -> SearchResult:
     """Find the bit-width of every layer that loses the least within a budget.
 
     Args:
@@ -240,15 +254,25 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             (``results/slices.md``, which also has the models where it gains little or
             loses). The estimator's work grows with the number of units (``qerror``:
             probes per slice). The bit map names the slices and records the plan;
-            :func:`~mpsearch.quantize` and :func:`~mpsearch.validate` take the original
-            model and slice it, :attr:`SearchResult.sliced_model` is the sliced copy to
-            export. Size budgets only (no ``profile``), no ``tie``.
+            :func:`~mpsearch.quantize`, :func:`~mpsearch.quantize_` and
+            :func:`~mpsearch.validate` take the original model as well as
+            :attr:`SearchResult.sliced_model`, the sliced copy to export
+            (:func:`~mpsearch.coalesce` first merges slices of equal width). Exports to
+            formats with one width per tensor (llama.cpp, GPTQModel, compressed-tensors,
+            HQQ, HAWQ) need ``slices=None``. Size budgets only (no ``profile``), no
+            ``tie``. ``"auto"`` (default): :data:`AUTO_SLICES` slices where the weights sit
+            in fewer than :data:`AUTO_SLICE_LAYERS` layers' worth (one Linear holding
+            most of them, as in small CNNs: the bit map's provenance says why), per layer
+            otherwise and always with a ``profile``, ``tie`` or a per-layer table;
+            ``None``: always per layer.
 
     Raises:
         InfeasibleBudget: no allocation meets the budget (the message says the smallest
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
+    if slices == "auto":
+        slices = _auto_slices(sensitivity, tie, profile)
     if slices is not None:
         return _sliced_search(
             model, budget, slices, data=data, loss_fn=loss_fn, bits=bits,
@@ -332,7 +356,36 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                         refinement)
 
 
-def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
+def _auto_slices(sensitivity: object, tie: Ties,
+                 profile: HardwareProfile | None) -> int | Literal["auto"] | None:
+    """What ``slices="auto"`` means before the model is looked at: per layer (None) with
+    a profile, ties or a per-layer table; a sliced table's slice count; else "auto"."""
+    if tie is not None or profile is not None:
+        return None
+    if isinstance(sensitivity, SensitivityTable):
+        counts = [int(n.rsplit(".", 1)[1]) + 1 for n in sensitivity.layers
+                  if n.rsplit(".", 2)[-2:-1] == [PART] and n.rsplit(".", 1)[1].isdigit()]
+        return max(counts) if counts else None
+    return "auto"
+
+
+def _few_layers(layers: Sequence[LayerInfo], sliceable: Iterable[str]) -> str | None:
+    """Why ``slices="auto"`` slices (see :data:`AUTO_SLICE_LAYERS`), or None."""
+    sizes = [info.params for info in layers]
+    total = sum(sizes)
+    if not total:
+        return None
+    count = total * total / sum(p * p for p in sizes)
+    names = set(sliceable)
+    if count >= AUTO_SLICE_LAYERS or sum(i.params for i in layers if i.name in names) < total / 2:
+        return None
+    big = max(layers, key=lambda info: info.params)
+    return (f"the weights sit in {count:.2f} layers' worth ({big.name} holds "
+            f"{big.params / total:.0%})")
+
+
+def _sliced_search(model: nn.Module, budget: Budget | float,
+                   n_slices: int | Literal["auto"], *,
                    data: Iterable[Batch], loss_fn: LossSpec, bits: Sequence[int] | None,
                    include: Patterns, exclude: Patterns, pin: Mapping[str, int] | None,
                    tie: Ties, qconfig: QuantConfig | None, seed: int, progress: bool,
@@ -344,9 +397,13 @@ def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
     if profile is not None:
         raise ValueError("slices= works with size budgets only: a hardware profile measures "
                          "whole layers, not slices of them")
-    if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 2:
-        raise ValueError(f"slices must be an integer >= 2 (e.g. 4), got {n_slices!r}")
+    auto = n_slices == "auto"
+    if not auto and (isinstance(n_slices, bool) or not isinstance(n_slices, int)
+                     or n_slices < 2):
+        raise ValueError(f"slices must be an integer >= 2 (e.g. 4), 'auto' or None, "
+                         f"got {n_slices!r}")
     t = time.perf_counter()
+    original = model
     batches = materialize(data, "data")
     table_bits = rest["sensitivity"].bits if isinstance(rest["sensitivity"],
                                                         SensitivityTable) else None
@@ -359,33 +416,59 @@ def _sliced_search(model: nn.Module, budget: Budget | float, n_slices: int, *,
         layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
         modules = quantizable_modules(model, include, exclude)
         pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
-        idle = set(idle_layers(model, layers, batches))
-        sliceable = set(sliceable_layers(model, modules)) - pinned - idle
-        ranked = [i for i in layers if i.name in sliceable and not i.read_by]
-        plan = SlicePlan({})
-        if ranked:
-            objective = Objective(batches, loss_fn)
-            objective.prepare(model, device)
-            with weight_cache():
-                scores = channel_scores(model, modules, ranked, objective,
-                                        reference_bits(candidates), qconfig, device=device,
-                                        seed=seed, progress=progress)
-            plan = plan_slices(scores, n_slices)
-        if not plan.layers:
-            log.warning("slices=%d: no layer could be sliced (plain Linear and ungrouped or "
-                        "depthwise Conv layers with at least 8 output channels, not pinned "
-                        "and not sharing their weight); the search is per layer", n_slices)
-        sliced = slice_model(model, plan)
+        sliceable = set(sliceable_layers(model, modules)) - pinned
+        why = (_few_layers(layers, [i.name for i in layers
+                                    if i.name in sliceable and not i.read_by])
+               if auto else None)
+        sliced = None
+        if why or not auto:
+            # what the search below would refuse, refused before the channel scores
+            if not isinstance(rest["sensitivity"], SensitivityTable):
+                _resolve_estimator(rest["sensitivity"])  # type: ignore[arg-type]
+            names = [i.name for i in layers]
+            _, limits = _hardware_costs(None, model, layers, candidates, qconfig, {},
+                                        Budget.coerce(budget))
+            AllocationProblem(names, candidates, np.zeros((len(names), len(candidates))),
+                              cost_tables(layers, candidates, qconfig, rest["a_bits"]),  # type: ignore[arg-type]
+                              limits, pinned=_resolve_pins(pin, names, candidates)
+                              ).check_budgets()
+            count = AUTO_SLICES if auto else int(n_slices)
+            sliceable -= set(idle_layers(model, layers, batches))
+            ranked = [i for i in layers if i.name in sliceable and not i.read_by]
+            plan = SlicePlan({})
+            if ranked:
+                objective = Objective(batches, loss_fn)
+                objective.prepare(model, device)
+                with weight_cache():
+                    scores = channel_scores(model, modules, ranked, objective,
+                                            reference_bits(candidates), qconfig,
+                                            device=device, seed=seed, progress=progress)
+                plan = plan_slices(scores, count)
+            if not plan.layers:
+                log.warning("slices=%d: no layer could be sliced (plain Linear and ungrouped "
+                            "or depthwise Conv layers with at least 8 output channels, not "
+                            "pinned and not sharing their weight); the search is per layer",
+                            count)
+            sliced = slice_model(model, plan)
     planning = time.perf_counter() - t
+    if sliced is None:  # "auto" and no layer dominates: per layer
+        return search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                      include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                      progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+    if why:
+        log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
+                 "%d channel slices per layer (slices=None: per layer)", why, count)
     if include is not None:
         include = [include] if isinstance(include, str) else list(include)
         include += [f"{n}.{PART}.*" for n in plan.layers]
     result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits, include=include,
                     exclude=exclude, pin=pin, qconfig=qconfig, seed=seed, progress=progress,
-                    **rest)  # type: ignore[arg-type]
+                    slices=None, **rest)  # type: ignore[arg-type]
     bitmap = result.bitmap
     bitmap.slices = plan
-    bitmap.provenance["slices"] = n_slices
+    bitmap.provenance["slices"] = count
+    if why:
+        bitmap.provenance["slices_auto"] = why
     return dataclasses.replace(result, sliced_model=sliced,
                                timings_s={"slice": planning, **result.timings_s})
 

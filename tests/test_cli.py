@@ -33,7 +33,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Pat
     os.environ.setdefault("MPSEARCH_CACHE", str(model_cache))
     path = tmp_path_factory.mktemp("cli") / "bitmap.json"
     code = main(["search", *MODEL, *CALIB, "--avg-bits", "4", "--max-probes", "4",
-                 "--out", str(path), "--json", "-q"])
+                 "--slices", "none", "--out", str(path), "--json", "-q"])
     assert code == 0
     return path
 
@@ -77,6 +77,7 @@ def test_search_json_is_one_object(capsys, tmp_path, model_cache):
     doc = json.loads(out)
     assert code == 0 and doc["bitmap"] == str(out_path) and doc["status"] == "optimal"
     assert doc["bits"] == BitMap.load(out_path).bits()
+    assert doc["slices"]["classifier.0"] == 8  # --slices auto: one layer holds 97 %
     ref = doc["refinement"]  # on by default; measured, never worse than the solver's map
     assert ref["measured_after"] <= ref["measured_before"]
     assert ref["stopped_by"] in ("converged", "max_passes") and 0 < ref["passes"] <= 65
@@ -193,7 +194,7 @@ def test_search_loss_option(tmp_path):  # type: ignore[no-untyped-def]
     table = tmp_path / "t.json"
     base = ["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits", "4",
             "--sensitivity", "fisher", "--refine", "off", "--out", str(tmp_path / "bm.json"),
-            "--save-sensitivity", str(table), "-q"]
+            "--save-sensitivity", str(table), "--slices", "none", "-q"]
     assert main(base) == 0
     assert mpsearch.SensitivityTable.load(table).data_fingerprint.endswith(":kl")
     assert main([*base, "--loss", "task"]) == 0
@@ -238,8 +239,8 @@ def test_zoo_face_classifier_by_name(capsys, tmp_path):
         ["search", "--model", "zoo:onet", "--data", "zoo:faces-eval", "--avg-bits", "4"]))
     assert len(batches) == 9 and tuple(batches[0][0].shape) == (16, 3, 48, 48)
     code, out, err = run(capsys, "search", "--model", "zoo:onet", "--data", "zoo:faces-calib",
-                         "--avg-bits", "4", "--refine", "off", "--json", "-q",
-                         "--out", str(tmp_path / "onet.json"))
+                         "--avg-bits", "4", "--refine", "off", "--json", "-q", "--slices",
+                         "none", "--out", str(tmp_path / "onet.json"))
     assert code == 0, err
     assert set(json.loads(out)["bits"]) == {"conv1", "conv2", "conv3", "conv4", "dense5",
                                             "dense6_1"}
@@ -266,3 +267,16 @@ def test_sliced_search_then_apply_and_validate(capsys, tmp_path, mnist_cnn):  # 
     assert code == 0 and json.loads(out_text)["avg_bits"] <= 4.0
     code, _, err = run(capsys, "export", "--bitmap", str(path), "--to", "llamacpp")
     assert code == 1 and "one width per tensor" in err
+
+
+def test_slices_option_takes_a_count_auto_or_none(capsys) -> None:  # type: ignore[no-untyped-def]
+    parse = build_parser().parse_args
+    base = ["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits", "4"]
+    assert parse(base).slices == "auto"
+    assert parse([*base, "--slices", "none"]).slices is None
+    assert parse([*base, "--slices", "Auto"]).slices == "auto"
+    assert parse([*base, "--slices", "8"]).slices == 8
+    for bad in ("1", "x", "2.5"):
+        with pytest.raises(SystemExit):
+            parse([*base, "--slices", bad])
+        assert "expected an integer >= 2, 'auto' or 'none'" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_profile_search_keeps_attention_float() -> None:
     prof = mpsearch.profile(model, x, **FAST)
     fp32 = predict_latency(prof, model, BitMap.uniform(model, 32))["latency_us"]
     res = mpsearch.search(model, Budget(avg_bits=20.0, latency_us=fp32 * 10), data=[x],
-                          profile=prof, refine=False, progress=False)
+                          profile=prof, refine=False, progress=False, slices=None)
     assert all(res.bitmap[n].w_bits == 32 for n in ATTN)
     assert res.bitmap["0.layers.0.linear1"].w_bits < 32
     rep = mpsearch.validate(model, res.bitmap, data=[x], profile=prof, measure_latency=True,
@@ -102,7 +102,7 @@ def test_recurrent_search_quantize_and_deploy(estimator: str) -> None:
     model = _Tagger().eval()
     data = [torch.randint(0, 40, (4, 7)) for _ in range(3)]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    res = mpsearch.search(model, 4.0, data=data, sensitivity=estimator, progress=False)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=estimator, progress=False, slices=None)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     row = res.table.loc["rnn.weight_hh_l0"]
     assert row["omega_2"] > row[f"omega_{res.problem.bits[-1]}"] >= 0

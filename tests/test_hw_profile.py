@@ -115,25 +115,25 @@ def test_search_respects_latency_budgets(cnn_profile: HardwareProfile,
     fp32 = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 32))["latency_us"]
     first = mpsearch.search(mnist_cnn, Budget(latency_us=fp32 * 10), data=mnist_calib[:1],
                             profile=cnn_profile, progress=False,
-                            sensitivity=Hutchinson(max_probes=8, min_probes=4, tol=0.5))
+                            sensitivity=Hutchinson(max_probes=8, min_probes=4, tol=0.5), slices=None)
     # unconstrained in latency: every layer keeps float (no loss at all)
     assert set(first.bitmap.bits().values()) == {32}
     lo = min(first.problem.min_cost("latency_us"), fp32)
     for budget_us in np.linspace(lo, fp32, 3)[1:]:
         res = mpsearch.search(mnist_cnn, Budget(latency_us=float(budget_us)), data=mnist_calib[:1],
-                              profile=cnn_profile, sensitivity=first.sensitivity, progress=False)
+                              profile=cnn_profile, sensitivity=first.sensitivity, progress=False, slices=None)
         assert res.bitmap.predicted["latency_us"] <= budget_us * (1 + 1e-9)
         for conv in ("features.0", "features.3"):
             assert res.bitmap[conv].w_bits in (8, 32)
     with pytest.raises(InfeasibleBudget, match="latency_us"):
         mpsearch.search(mnist_cnn, Budget(latency_us=lo * 0.5), data=mnist_calib[:1],
-                        profile=cnn_profile, sensitivity=first.sensitivity, progress=False)
+                        profile=cnn_profile, sensitivity=first.sensitivity, progress=False, slices=None)
     with pytest.raises(ValueError, match="profile"):
         mpsearch.search(mnist_cnn, Budget(latency_ratio=0.7), data=mnist_calib[:1],
-                        progress=False)
+                        progress=False, slices=None)
     res = mpsearch.search(mnist_cnn, Budget(latency_ratio=1.0, avg_bits=12.0),
                           data=mnist_calib[:1], profile=cnn_profile,
-                          sensitivity=first.sensitivity, progress=False)
+                          sensitivity=first.sensitivity, progress=False, slices=None)
     int8 = predict_latency(cnn_profile, mnist_cnn, BitMap.uniform(mnist_cnn, 8))["latency_us"]
     assert res.bitmap.predicted["latency_us"] <= int8 * (1 + 1e-9)
     assert res.bitmap.predicted["avg_bits"] <= 12.0 + 1e-9

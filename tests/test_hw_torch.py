@@ -123,7 +123,7 @@ def test_profile_search_validate_on_torch_backend(
     fp32 = predict_latency(prof, mnist_cnn, BitMap.uniform(mnist_cnn, 32))["latency_us"]
     res = mpsearch.search(mnist_cnn, Budget(latency_us=fp32 * 10, avg_bits=8.0),
                           data=mnist_calib[:1], profile=prof, progress=False, refine=False,
-                          bits=(4, 8, 16, 32))
+                          bits=(4, 8, 16, 32), slices=None)
     for conv_name in ("features.0", "features.3"):  # no integer convolution in PyTorch
         assert res.bitmap[conv_name].w_bits in (16, 32)
     data = [(x[:8], y[:8]) for x, y in mnist_eval[:2]]

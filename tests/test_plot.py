@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def result(mnist_cnn: Any, mnist_calib: Any) -> mpsearch.SearchResult:
     return mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, solver=NSGA2Solver(n_gen=20),
                            sensitivity=Hutchinson(tol=0.2, min_probes=5, max_probes=20),
-                           progress=False)
+                           progress=False, slices=None)
 
 
 def test_uniform_points_known_answer() -> None:

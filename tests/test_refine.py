@@ -29,10 +29,10 @@ def _calib_loss(model, bitmap, batches) -> float:  # type: ignore[no-untyped-def
 def test_refine_improves_dwsep_within_budget(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     calib = [x for x, _ in mnist_calib[:3]]
     plain = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity="qerror", refine=False,
-                            progress=False)
+                            progress=False, slices=None)
     table = plain.sensitivity
     refined = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity=table,
-                              refine=Refine(max_evals=60), progress=False)
+                              refine=Refine(max_evals=60), progress=False, slices=None)
     r = refined.refinement
     assert r is not None and r.evaluations > 0
     assert r.measured_after <= r.measured_before
@@ -52,7 +52,7 @@ def test_refine_respects_pins_ties_and_budget(mnist_cnn, mnist_calib) -> None:  
     calib = [x for x, _ in mnist_calib[:2]]
     res = mpsearch.search(mnist_cnn, mpsearch.Budget(avg_bits=3.5, size_bytes=60_000),
                           data=calib, sensitivity="qerror", pin={"features.0": 8},
-                          tie=[["classifier.0", "classifier.2"]], refine=True, progress=False)
+                          tie=[["classifier.0", "classifier.2"]], refine=True, progress=False, slices=None)
     bits = res.bitmap.bits()
     assert bits["features.0"] == 8
     assert bits["classifier.0"] == bits["classifier.2"]
@@ -76,10 +76,10 @@ def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None: 
     and it stops at the budget (overshooting by at most one measured map)."""
     calib = [x for x, _ in mnist_calib[:2]]
     table = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity="fisher", refine=False,
-                            progress=False).sensitivity
+                            progress=False, slices=None).sensitivity
     settings = Refine(max_passes=12, time_budget_s=600)
     runs = [mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity=table,
-                            refine=settings, progress=False) for _ in range(2)]
+                            refine=settings, progress=False, slices=None) for _ in range(2)]
     first, second = (r.refinement for r in runs)
     assert first is not None and second is not None
     assert first.stopped_by == "max_passes"
@@ -89,7 +89,7 @@ def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None: 
         second.passes, second.evaluations, second.measured_after)
     # Unlimited passes: it runs until no candidate improves.
     free = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity=table,
-                           refine=Refine(max_passes=None, time_budget_s=600), progress=False)
+                           refine=Refine(max_passes=None, time_budget_s=600), progress=False, slices=None)
     assert free.refinement is not None and free.refinement.stopped_by == "converged"
     assert free.refinement.passes > 12
 
@@ -97,22 +97,22 @@ def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None: 
 def test_refine_off_and_with_activation_bits(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     calib = [x for x, _ in mnist_calib[:1]]
     assert mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="qerror", refine=False,
-                           progress=False).refinement is None
+                           progress=False, slices=None).refinement is None
     assert mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="qerror", a_bits=8,
-                           progress=False).refinement is None
+                           progress=False, slices=None).refinement is None
     with pytest.raises(ValueError, match="refine must be"):
         mpsearch.search(mnist_cnn, 4.0, data=calib, refine="always",  # type: ignore[arg-type]
-                        progress=False)
+                        progress=False, slices=None)
 
 
 def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     calib = [x for x, _ in mnist_calib[:1]]
     res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
-                          progress=False)
+                          progress=False, slices=None)
     assert res.sensitivity.model_fingerprint.startswith("sha256:")
     assert res.sensitivity.data_fingerprint.endswith(":kl")
     again = mpsearch.search(mnist_cnn, 3.0, data=calib, sensitivity=res.sensitivity,
-                            refine=False, progress=False)
+                            refine=False, progress=False, slices=None)
     assert again.timings_s["sensitivity"] < 0.5
     import copy
 
@@ -120,7 +120,7 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
     with torch.no_grad():
         other.classifier[0].weight.mul_(1.01)
     with pytest.raises(ValueError, match="other weights"):
-        mpsearch.search(other, 4.0, data=calib, sensitivity=res.sensitivity, progress=False)
+        mpsearch.search(other, 4.0, data=calib, sensitivity=res.sensitivity, progress=False, slices=None)
 
 
 def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
@@ -133,10 +133,10 @@ def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:
     # (Ratings on the label loss with bits 2/3/4/8 make that mix.)
     solved = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, seed=0, progress=False,
                              sensitivity="fisher_block", refine=False, loss_fn="task",
-                             bits=(2, 3, 4, 8))
+                             bits=(2, 3, 4, 8), slices=None)
     assert solved.bitmap["classifier.0"].w_bits == 3  # the ratings' mix
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=solved.sensitivity,
-                          loss_fn="task", progress=False)
+                          loss_fn="task", progress=False, slices=None)
     uniform = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 4), data=mnist_calib,
                                 progress=False).loss_increase
     assert res.refinement is not None
@@ -154,17 +154,17 @@ def test_check_corrects_a_table_that_rates_a_large_layer_too_cheap(mnist_cnn, mn
 
     calib = mnist_calib[:2]
     measured = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="qerror",
-                               refine=False, progress=False).sensitivity
+                               refine=False, progress=False, slices=None).sensitivity
     omega = measured.omega.copy()
     fc = measured.layers.index("classifier.0")
     omega[fc] *= 1e-4
     wrong = dataclasses.replace(measured, omega=omega, omega_stderr=measured.omega_stderr * 0,
                                 estimator="fisher")
     plain = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong, refine=False,
-                            progress=False)
+                            progress=False, slices=None)
     assert plain.bitmap["classifier.0"].w_bits == 3
     res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong,
-                          refine=Refine(max_evals=40), progress=False)
+                          refine=Refine(max_evals=40), progress=False, slices=None)
     r = res.refinement
     assert r is not None
     assert r.checked["classifier.0"][3][1] > 100 * r.checked["classifier.0"][3][0]
@@ -174,11 +174,11 @@ def test_check_corrects_a_table_that_rates_a_large_layer_too_cheap(mnist_cnn, mn
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9
     # Off: no probe is spent on the check.
     off = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=wrong,
-                          refine=Refine(max_evals=40, check_rounds=0), progress=False)
+                          refine=Refine(max_evals=40, check_rounds=0), progress=False, slices=None)
     assert off.refinement is not None and off.refinement.checked == {}
 
 
 def test_check_is_skipped_for_a_measured_table(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="qerror",
-                          refine=Refine(max_evals=10), progress=False)
+                          refine=Refine(max_evals=10), progress=False, slices=None)
     assert res.refinement is not None and res.refinement.checked == {}

@@ -42,7 +42,7 @@ def test_search_cnn_end_to_end(mnist_cnn, mnist_calib, mnist_eval) -> None:  # t
     model.features[0].weight.requires_grad_(False)  # and a frozen weight stays frozen
     before = _state(model)
     res = mpsearch.search(model, 4.0, data=mnist_calib, sensitivity=FAST, seed=0,
-                          progress=False, refine=False)  # the solver's own answer
+                          progress=False, refine=False, slices=None)  # the solver's own answer
     _assert_same(before, model)
     bm = res.bitmap
     assert set(bm) == {"features.0", "features.3", "classifier.0", "classifier.2"}
@@ -64,12 +64,12 @@ def test_search_cnn_end_to_end(mnist_cnn, mnist_calib, mnist_eval) -> None:  # t
 
 def test_reproducible_and_table_reuse(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     a = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, seed=3,
-                        progress=False)
+                        progress=False, slices=None)
     b = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, seed=3,
-                        progress=False)
+                        progress=False, slices=None)
     np.testing.assert_array_equal(a.sensitivity.omega, b.sensitivity.omega)
     c = mpsearch.search(mnist_cnn, 5.0, data=mnist_calib, sensitivity=a.sensitivity,
-                        progress=False)
+                        progress=False, slices=None)
     assert c.timings_s["sensitivity"] < 0.5 * a.timings_s["sensitivity"]
     np.testing.assert_array_equal(c.sensitivity.omega, a.sensitivity.omega)
     assert c.bitmap.predicted["loss_increase"] <= a.bitmap.predicted["loss_increase"]
@@ -81,22 +81,22 @@ def test_reproducible_and_table_reuse(mnist_cnn, mnist_calib) -> None:  # type: 
     for table in (a.sensitivity, back):
         with pytest.raises(ValueError, match="qconfig"):
             mpsearch.search(mnist_cnn, 5.0, data=mnist_calib, sensitivity=table,
-                            qconfig=QuantConfig(symmetric=True), progress=False)
+                            qconfig=QuantConfig(symmetric=True), progress=False, slices=None)
 
 
 def test_budgets_pins_and_ties(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
-    first = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, progress=False)
+    first = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=FAST, progress=False, slices=None)
     table = first.sensitivity
     res = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=table,
                           pin={"classifier.2": 8, "features.*": 2},
-                          tie=[["features.0", "features.3"]], progress=False)
+                          tie=[["features.0", "features.3"]], progress=False, slices=None)
     bm = res.bitmap
     assert bm["classifier.2"].w_bits == 8 and bm["features.0"].w_bits == 2
     assert bm["features.0"].w_bits == bm["features.3"].w_bits
     assert bm["features.0"].tie == bm["features.3"].tie is not None
     size_limit = 60_000.0
     res = mpsearch.search(mnist_cnn, Budget(size_bytes=size_limit, bops=3e8), data=mnist_calib,
-                          sensitivity=table, progress=False)
+                          sensitivity=table, progress=False, slices=None)
     assert res.bitmap.predicted["size_bytes"] <= size_limit
     assert res.bitmap.predicted["bops"] <= 3e8
     report = mpsearch.validate(mnist_cnn, res.bitmap, data=mnist_calib[:1], progress=False)
@@ -141,13 +141,13 @@ def test_nan_gradient_names_layer(mnist_cnn, mnist_calib, estimator) -> None:  #
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), Sqrt(), nn.Linear(16, 10))
     before = _state(model)
     with pytest.raises(ValueError, match=r"NaN/inf gradient .*\['1'\]"):
-        mpsearch.search(model, 4.0, data=mnist_calib[:1], sensitivity=estimator, progress=False)
+        mpsearch.search(model, 4.0, data=mnist_calib[:1], sensitivity=estimator, progress=False, slices=None)
     _assert_same(before, model)
 
 
 def test_custom_loss_and_divergence_default(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     images = [x for x, _ in mnist_calib[:2]]  # no targets: KL to the float output
-    res = mpsearch.search(mnist_cnn, 4.0, data=images, sensitivity=FAST, progress=False)
+    res = mpsearch.search(mnist_cnn, 4.0, data=images, sensitivity=FAST, progress=False, slices=None)
     assert res.sensitivity.diagnostics["loss"] == "kl"
     assert (res.table["trace"] > 0).all()  # Gauss-Newton: positive semi-definite
 
@@ -155,7 +155,7 @@ def test_custom_loss_and_divergence_default(mnist_cnn, mnist_calib) -> None:  # 
         return nn.functional.cross_entropy(out, batch[1], label_smoothing=0.1)
 
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], loss_fn=loss_fn,
-                          sensitivity=FAST, progress=False)
+                          sensitivity=FAST, progress=False, slices=None)
     assert res.sensitivity.diagnostics["loss"] == "custom"
 
 
@@ -168,11 +168,11 @@ def test_dwsep_searched_beats_uniform(mnist_dwsep, mnist_calib, mnist_eval) -> N
     little to lose on this model).
     """
     res = mpsearch.search(mnist_dwsep, 3.0, data=mnist_calib, seed=0, progress=False,
-                          sensitivity=Hutchinson(max_probes=60))
+                          sensitivity=Hutchinson(max_probes=60), slices=None)
     for bits in (3.0, 4.0):
         bm = res.bitmap if bits == 3.0 else mpsearch.search(
             mnist_dwsep, bits, data=mnist_calib, sensitivity=res.sensitivity,
-            progress=False).bitmap
+            progress=False, slices=None).bitmap
         searched = mpsearch.validate(mnist_dwsep, bm, data=mnist_eval, progress=False)
         uniform = mpsearch.validate(mnist_dwsep, BitMap.uniform(mnist_dwsep, int(bits)),
                                     data=mnist_eval, progress=False)
@@ -194,7 +194,7 @@ def test_minilm_tokenizer_batches(minilm) -> None:  # type: ignore[no-untyped-de
     before = _state(model)
     res = mpsearch.search(model, 4.0, data=calib, tie="fused",
                           sensitivity=Hutchinson(tol=0.3, min_probes=4, max_probes=8),
-                          progress=False)
+                          progress=False, slices=None)
     _assert_same(before, model)
     bm = res.bitmap
     assert len(bm) == 37 and bm.avg_bits() <= 4.0 + 1e-9
@@ -219,7 +219,7 @@ def test_torch_transformer_out_proj_is_searched(estimator: str) -> None:
     before = _state(model)
     sens = (Hutchinson(tol=0.5, min_probes=3, max_probes=6) if estimator == "hutchinson"
             else estimator)
-    res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False, slices=None)
     _assert_same(before, model)
     name = "0.layers.0.self_attn.out_proj"
     row = res.table.loc[name]
@@ -235,7 +235,7 @@ def test_torch_transformer_out_proj_is_searched(estimator: str) -> None:
                                model[0].layers[0].self_attn.get_parameter(attr))
     if estimator == "qerror":
         act = mpsearch.search(model, 4.0, data=data, sensitivity="qerror", a_bits=8,
-                              progress=False)
+                              progress=False, slices=None)
         assert act.bitmap[name].a_bits is None
         assert act.bitmap["0.layers.0.linear1"].a_bits == 8
 
@@ -254,7 +254,7 @@ def test_parametrized_weights_are_searched_and_left_intact(estimator: str) -> No
     with torch.no_grad():
         y = model(data[0])
     before = _state(model)
-    res = mpsearch.search(model, 4.0, data=data, sensitivity=estimator, progress=False)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=estimator, progress=False, slices=None)
     _assert_same(before, model)
     assert set(res.bitmap.bits()) == {"0", "3"}  # not mistaken for one shared weight
     assert all(parametrize.is_parametrized(model[i], "weight") for i in (0, 3))
@@ -302,7 +302,7 @@ def test_layers_no_batch_runs_are_left_float_with_a_warning(estimator: str,
     sens = (Hutchinson(tol=0.5, min_probes=3, max_probes=6) if estimator == "hutchinson"
             else estimator)
     with caplog.at_level("WARNING", logger="mpsearch"):
-        res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False)
+        res = mpsearch.search(model, 4.0, data=data, sensitivity=sens, progress=False, slices=None)
     _assert_same(before, model)
     assert list(res.problem.layers) == ["trunk", "used", "wide"]  # `wide` ran on batch 1
     assert res.bitmap["unused"].w_bits == 32
@@ -324,7 +324,7 @@ def test_no_layer_running_is_an_error() -> None:
 
     model = Bypass()
     with pytest.raises(ValueError, match="none of the 1 quantizable layer"):
-        mpsearch.search(model, 4.0, data=[torch.randn(2, 3)], progress=False)
+        mpsearch.search(model, 4.0, data=[torch.randn(2, 3)], progress=False, slices=None)
 
 
 def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
@@ -348,7 +348,7 @@ def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="mpsearch"):
         res = mpsearch.search(TwoOut().eval(), 4.0, data=[torch.randn(4, 8)] * 2,
-                              progress=False)
+                              progress=False, slices=None)
     said = [r.getMessage() for r in caplog.records if "only the first" in r.message]
     assert len(said) == 1 and "[1] (4, 5)" in said[0] and "loss_fn=" in said[0]
     assert res.table.loc["b", "omega_2"] == 0  # what the warning is about
@@ -382,7 +382,7 @@ def test_weights_of_kinds_not_searched_are_named_with_their_share(
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="mpsearch"):
         mpsearch.search(untied.eval(), 4.0, data=[torch.randint(0, 50, (2, 5))] * 2,
-                        refine=False, progress=False)
+                        refine=False, progress=False, slices=None)
     said = [r.getMessage() for r in caplog.records if "stay float" in r.message]
     # 528 float weights against 464 searched (mid 64, head 400): 53 %
     assert said == [("53% of the model's weights stay float, outside the search and its "

@@ -170,8 +170,10 @@ def test_slices_beat_uniform_int4_fourfold_where_layers_cannot(  # type: ignore[
     x = mnist_eval[0][0][:16]
     torch.testing.assert_close(mpsearch.quantize(mnist_cnn, bitmap)(x),
                                mpsearch.quantize(result.sliced_model, bitmap)(x))
-    with pytest.raises(BitMapError, match=r"slice_model\(model, bitmap\)"):
-        mpsearch.quantize_(copy.deepcopy(mnist_cnn), bitmap)
+    # in place on the original: the same values, the original structure
+    inplace = mpsearch.quantize_(copy.deepcopy(mnist_cnn), bitmap)
+    assert not any(isinstance(m, ChannelSlices) for m in inplace.modules())
+    torch.testing.assert_close(inplace(x), mpsearch.quantize(mnist_cnn, bitmap)(x))
     # a second budget from the same table costs no estimator pass and keeps the plan
     again = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib, sensitivity=result.sensitivity,
                             slices=8, progress=False, refine=False)
@@ -290,3 +292,76 @@ def test_coalesce_merges_equal_widths_without_changing_a_value(mnist_cnn, mnist_
     assert again.slices == small.slices
     with pytest.raises(ValueError, match="sliced search"):
         mpsearch.coalesce(BitMap.uniform(mnist_cnn, 4))
+
+
+def test_auto_slices_where_one_layer_holds_most_weights(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """The default ``slices="auto"`` is ``slices=8`` on the MNIST CNN (classifier.0 holds
+    97 % of its weights), and its table brings the plan back at another budget."""
+    opts = {"data": mnist_calib[:1], "sensitivity": "fisher", "refine": False,
+            "progress": False}
+    auto = mpsearch.search(mnist_cnn, 4.0, **opts)
+    eight = mpsearch.search(mnist_cnn, 4.0, slices=8, **opts)
+    assert auto.bitmap.slices == eight.bitmap.slices and auto.bitmap.slices is not None
+    assert auto.bitmap.bits() == eight.bitmap.bits()
+    assert auto.bitmap.provenance["slices"] == 8
+    assert "classifier.0 holds 97%" in auto.bitmap.provenance["slices_auto"]
+    assert "slices_auto" not in eight.bitmap.provenance
+    again = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:1], sensitivity=auto.sensitivity,
+                            refine=False, progress=False)
+    assert again.bitmap.slices == auto.bitmap.slices
+    per_layer = mpsearch.search(mnist_cnn, 4.0, slices=None, **opts)
+    assert per_layer.bitmap.slices is None and "classifier.0" in per_layer.bitmap
+    # the per-layer table stays per layer under "auto"
+    reused = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:1],
+                             sensitivity=per_layer.sensitivity,
+                             refine=False, progress=False)
+    assert reused.bitmap.slices is None
+    # so do ties, which slicing would undo
+    tied = mpsearch.search(mnist_cnn, 4.0, tie=[["features.0", "features.3"]], **opts)
+    assert tied.bitmap.slices is None
+
+
+def test_auto_rule_counts_layers_by_weight() -> None:
+    """Known answers of the effective layer count (Σ p)² / Σ p² against the threshold 5."""
+    from mpsearch.layers import LayerInfo
+    from mpsearch.search import _few_layers
+
+    def layers(*sizes: int) -> list[LayerInfo]:
+        return [LayerInfo(f"l{i}", "Linear", (p, 1), p) for i, p in enumerate(sizes)]
+
+    everything = [f"l{i}" for i in range(8)]
+    assert "1.06 layers' worth (l0 holds 97%)" in _few_layers(layers(970, 20, 10), everything)  # type: ignore[operator]
+    assert "4.00" in _few_layers(layers(5, 5, 5, 5), everything)  # type: ignore[operator]
+    assert _few_layers(layers(5, 5, 5, 5, 5), everything) is None  # five equal layers: 5.00
+    assert _few_layers(layers(970, 20, 10), ["l1", "l2"]) is None  # the big one can't be cut
+    assert _few_layers([], everything) is None
+
+
+def test_auto_stays_per_layer_where_weights_are_spread(mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """Six layers of which five equal (effective count 5.3): "auto" is the per-layer
+    search, map for map."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.AvgPool1d(12, 12), nn.Linear(65, 64), nn.ReLU(),
+                          *[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())],
+                          nn.Linear(64, 10)).eval()
+    opts = {"data": mnist_calib[:2], "sensitivity": "fisher", "refine": False,
+            "progress": False}
+    auto = mpsearch.search(model, 4.0, **opts)
+    assert auto.bitmap.slices is None and auto.sliced_model is None
+    assert auto.bitmap.bits() == mpsearch.search(model, 4.0, slices=None, **opts).bitmap.bits()
+
+
+def test_quantize_in_place_refuses_slices_with_different_input_widths(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    result = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity="fisher",
+                             slices=4, refine=False, progress=False)
+    doc = json.loads(result.bitmap.to_json())
+    doc["layers"]["classifier.0.parts.0"]["a_bits"] = 8
+    mixed = BitMap.from_json(json.dumps(doc))
+    with pytest.raises(BitMapError, match="different widths"):
+        mpsearch.quantize_(copy.deepcopy(mnist_cnn), mixed)
+    for k in range(4):
+        doc["layers"][f"classifier.0.parts.{k}"]["a_bits"] = 8
+    same = BitMap.from_json(json.dumps(doc))
+    model = mpsearch.quantize_(copy.deepcopy(mnist_cnn), same)
+    x = mnist_calib[0][0][:16]
+    torch.testing.assert_close(model(x), mpsearch.quantize(mnist_cnn, same)(x))

@@ -103,11 +103,11 @@ def test_fused_ties_on_minilm(minilm: Any) -> None:  # type: ignore[misc]
     model, tok = minilm
     calib = text_batches(tok, "calib", n_batches=2, batch_size=4, max_length=32)
     first = mpsearch.search(model, 4.0, data=calib, tie="fused", progress=False,
-                            sensitivity=Hutchinson(tol=0.3, min_probes=4, max_probes=8))
+                            sensitivity=Hutchinson(tol=0.3, min_probes=4, max_probes=8), slices=None)
     assert len(first.problem.ties) == 6  # one q/k/v group per encoder layer
     for solver in sorted(SOLVERS):
         res = mpsearch.search(model, 4.0, data=calib, tie="fused", solver=make(solver),
-                              sensitivity=first.sensitivity, progress=False)
+                              sensitivity=first.sensitivity, progress=False, slices=None)
         for group in res.problem.ties:
             for index in range(len(res.front)):
                 bitmap = res.bitmap_at(index)

@@ -210,16 +210,15 @@ def test_search_gives_a_front_of_bit_maps(mnist_cnn: Any, mnist_calib: Any,
     from mpsearch import BitMap, Hutchinson
 
     table = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, progress=False,
-                            sensitivity=Hutchinson(tol=0.2, min_probes=5, max_probes=20)
-                            ).sensitivity
+                            sensitivity=Hutchinson(tol=0.2, min_probes=5, max_probes=20), slices=None).sensitivity
     # refine=False: the front's own best point (refinement may replace it by a measured map)
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table, solver="nsga2",
-                          progress=False, refine=False)
+                          progress=False, refine=False, slices=None)
     frame = res.front.to_frame()
     assert len(frame) == len(res.front) > 3  # a trade-off, not one point
     assert (frame["avg_bits"] <= 4.0 + 1e-9).all()
     exact = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
-                            progress=False, refine=False)
+                            progress=False, refine=False, slices=None)
     assert res.bitmap.predicted["loss_increase"] == pytest.approx(
         exact.bitmap.predicted["loss_increase"], rel=1e-9)
     for i in (0, len(frame) // 2, -1):
@@ -236,6 +235,6 @@ def test_search_gives_a_front_of_bit_maps(mnist_cnn: Any, mnist_calib: Any,
     with pytest.raises(IndexError, match="outside"):
         res.bitmap_at(len(frame))
     greedy = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
-                             solver="greedy", progress=False)
+                             solver="greedy", progress=False, slices=None)
     assert greedy.bitmap.provenance["solver"] == "greedy"
     assert greedy.bitmap.avg_bits() <= 4.0 + 1e-9

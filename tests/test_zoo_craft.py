@@ -85,7 +85,7 @@ def test_qerror_search_beats_uniform_int4(craft: torch.nn.Module) -> None:
     calib = scene_batches("calib", 2, 8, size=96)
     evals = scene_batches("eval", 2, 8, size=96)
     before = {k: v.clone() for k, v in craft.state_dict().items()}
-    res = mpsearch.search(craft, 4.0, data=calib, refine=False, progress=False)
+    res = mpsearch.search(craft, 4.0, data=calib, refine=False, progress=False, slices=None)
     assert len(res.bitmap) == 27
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9
     uniform = mpsearch.validate(craft, mpsearch.BitMap.uniform(craft, 4), data=evals,

@@ -45,7 +45,7 @@ def test_each_estimator_beats_uniform_int4_by_4x(onet: ONetFace, estimator: str)
     before = {k: v.clone() for k, v in onet.state_dict().items()}
     sens = Hutchinson(max_probes=64) if estimator == "hutchinson" else estimator
     res = mpsearch.search(onet, 4.0, data=calib, sensitivity=sens, refine=False,
-                          progress=False)
+                          progress=False, slices=None)
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9
     uniform = mpsearch.validate(onet, mpsearch.BitMap.uniform(onet, 4), data=evals,
                                 progress=False)

@@ -76,7 +76,7 @@ def test_search_handles_the_lstm_model(crnn: torch.nn.Module) -> None:
     # searched; the model is restored.
     calib = ocr_batches("calib", n_batches=1, batch_size=4)
     before = {k: v.clone() for k, v in crnn.state_dict().items()}
-    res = mpsearch.search(crnn, 4.0, data=calib, refine=False, progress=False)
+    res = mpsearch.search(crnn, 4.0, data=calib, refine=False, progress=False, slices=None)
     assert len(res.bitmap.bits()) == 18
     assert sum(e.kind == "LSTM" for e in res.bitmap.values()) == 8
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9

@@ -22,6 +22,21 @@ def _pins(items: Sequence[str] | None) -> dict[str, int]:
 _REFINE: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
 
 
+def _slices(text: str) -> int | Literal["auto"] | None:
+    """``--slices``: a count of at least 2, ``auto`` or ``none``."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return "auto" if low == "auto" else None
+    try:
+        count = int(low)
+    except ValueError:
+        count = 0
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, 'auto' or 'none', "
+                                         f"got {text!r}")
+    return count
+
+
 def _budget(args: argparse.Namespace) -> Any:
     from mpsearch import Budget
 
@@ -71,8 +86,16 @@ def run_search(args: argparse.Namespace) -> int:
         refined = (f"\nrefinement: measured calibration loss increase {r.measured_before:.4g}"
                    f" -> {r.measured_after:.4g}, {len(r.moves)} move(s), {r.evaluations} maps "
                    f"measured ({r.passes:.1f} passes, {r.time_s:.1f} s; {r.stopped_by})")
+    sliced = ""
+    if res.bitmap.slices is not None:
+        payload["slices"] = {n: len(p) for n, p in res.bitmap.slices.layers.items()}
+        why = res.bitmap.provenance.get("slices_auto")
+        sliced = (f"\nchannel slices in {len(res.bitmap.slices.layers)} layer(s)"
+                  + (f" (--slices auto: {why})" if why else "")
+                  + "; --slices none searches per layer")
     text = (markdown_table(res.table, index=True, floatfmt=".3g")
-            + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}{refined}\nwrote {path}")
+            + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}{refined}{sliced}"
+            + f"\nwrote {path}")
     emit(args, payload, text)
     return EXIT_OK
 
@@ -134,11 +157,12 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--pin", nargs="*", help="NAME=BITS (NAME may be a glob)")
     s.add_argument("--tie-fused", action="store_true",
                    help="layers reading the same input (q/k/v, gate/up) share bits")
-    s.add_argument("--slices", type=int, default=None, metavar="N",
+    s.add_argument("--slices", type=_slices, default="auto", metavar="N|auto|none",
                    help="give each of N slices of a layer's output channels its own width "
                         "(e.g. 8); the bit map then names the slices and exports to "
                         "mpsearch/torchao/onnxruntime only (`mpsearch apply` slices the "
-                        "model itself)")
+                        "model itself). auto (default): 8 slices where one layer holds "
+                        "half the weights, per layer otherwise; none: per layer")
     s.add_argument("--tol", type=float, default=0.1,
                    help="Hutchinson: relative standard error every layer must reach (0.1)")
     s.add_argument("--max-probes", type=int, default=200,

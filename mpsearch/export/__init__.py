@@ -117,7 +117,8 @@ def export(bitmap: BitMap, fmt: str, **options: Any) -> Any:
     if bitmap.slices is not None and not f.sliced:
         raise ValueError(
             f"{fmt} sets one width per tensor of the original checkpoint, and this bit map "
-            "(from search(..., slices=)) gives channel slices of a layer widths of their own: "
+            "(a sliced search: slices=n, or the default slices='auto' on a model whose "
+            "weights sit in a few layers) gives channel slices of a layer widths of their own: "
             "export a per-layer search (slices=None), or deploy the sliced model "
             "(SearchResult.sliced_model / mpsearch.slice_model) with "
             f"{', '.join(sorted(n for n, g in FORMATS.items() if g.sliced))} or "
