@@ -6,7 +6,9 @@ they were not tuned on: EasyOCR's CRNN text recognizer and its CRAFT text detect
 MTCNN's ONet face classifier) and
 each estimator (Hutchinson, diagonal Fisher, block Fisher, qerror on the calibration
 data), with the library's default candidate bits (2/3/4/5/6/8) and loss (the
-divergence from the float model's output):
+divergence from the float model's output), every search per layer (``slices=None``: this
+benchmark judges how each estimator rates whole layers; ``benchmarks/slices.py`` measures
+allocation below the layer):
 
 1. rank correlation (Spearman, Kendall) of Ω[l, b] with the *held-out* single-layer loss
    increase: each layer quantized alone, measured on the evaluation data
@@ -259,7 +261,8 @@ class Runner:
         """The estimator's table, computed through ``search`` (as a user would)."""
         def make() -> SensitivityTable:
             res = mpsearch.search(self.model, self.map_budgets[0], data=self.case.calib,
-                                  sensitivity=est, bits=BITS, refine=False, progress=False)
+                                  sensitivity=est, bits=BITS, refine=False, slices=None,
+                                  progress=False)
             return res.sensitivity
 
         log(f"{self.case.name}: estimator {key}")
@@ -317,7 +320,7 @@ class Runner:
         col = {b: j for j, b in enumerate(BITS)}
         for budget in self.map_budgets:
             res = mpsearch.search(self.model, budget, data=self.case.calib, sensitivity=table,
-                                  bits=BITS, refine=False, progress=False)
+                                  bits=BITS, refine=False, slices=None, progress=False)
             rep = self.validate(res.bitmap)
             chosen = res.bitmap.bits()
             gt_sum = float(sum(gt.omega[i, col[chosen[n]]] for i, n in enumerate(self.names)))
@@ -335,7 +338,7 @@ class Runner:
                 t = time.perf_counter()
                 refined = mpsearch.search(self.model, budget, data=self.case.calib,
                                           sensitivity=table, bits=BITS, refine=self.refine,
-                                          progress=False)
+                                          slices=None, progress=False)
                 done = refined.refinement
                 self.rows["quality"].append({
                     "model": self.case.name, "budget": budget, "method": f"{key}+refine",
@@ -357,14 +360,14 @@ class Runner:
             self.rows["quality"].append({"model": self.case.name, "budget": budget,
                                          "method": "uniform", **_quality(rep)})
             oracle = mpsearch.search(self.model, budget, data=self.case.calib, sensitivity=gt,
-                                     bits=BITS, refine=False, progress=False)
+                                     bits=BITS, refine=False, slices=None, progress=False)
             self.rows["quality"].append({"model": self.case.name, "budget": budget,
                                          "method": ORACLE, **_quality(self.validate(oracle.bitmap))})
             runs = []
             for seed in range(self.n_random):
                 res = mpsearch.search(self.model, budget, data=self.case.calib,
                                       sensitivity=random_table(self.names, BITS, seed), bits=BITS,
-                                      refine=False, progress=False)
+                                      refine=False, slices=None, progress=False)
                 runs.append(_quality(self.validate(res.bitmap)))
             frame = pd.DataFrame(runs)
             row: dict[str, Any] = {"model": self.case.name, "budget": budget,
@@ -388,7 +391,7 @@ class Runner:
                 for refine in (False, self.refine):
                     res = mpsearch.search(self.model, budget, data=self.case.calib,
                                           sensitivity=est, bits=bits, loss_fn=loss_fn,
-                                          refine=refine, progress=False)
+                                          refine=refine, slices=None, progress=False)
                     rep = self.validate(res.bitmap)
                     self.rows["ablation"].append({
                         "model": self.case.name, "setting": label, "estimator": key,

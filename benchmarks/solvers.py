@@ -47,14 +47,14 @@ def _compute_table(name: str) -> AllocationProblem:
 
         model = pretrained_mnist(name.split("-")[1])  # type: ignore[arg-type]
         res = mpsearch.search(model, 4.0, data=mnist_batches("calib", batch_size=100),
-                              bits=BITS, progress=False)
+                              bits=BITS, slices=None, progress=False)
     else:
         from mpsearch.zoo.minilm import load_minilm, text_batches
 
         model, tok = load_minilm()
         res = mpsearch.search(model, 4.0, data=text_batches(tok, "calib", n_batches=4,
                                                             batch_size=8),
-                              bits=BITS, tie="fused", progress=False)
+                              bits=BITS, tie="fused", slices=None, progress=False)
     return res.problem
 
 

@@ -47,7 +47,7 @@ def run(which: list[str], budget: float, out_dir: Path) -> pd.DataFrame:
     rows = []
     for name, (model, calib, evals) in _models(which).items():
         t0 = time.perf_counter()
-        res = mpsearch.search(model, budget, data=calib, progress=False)
+        res = mpsearch.search(model, budget, data=calib, slices=None, progress=False)
         t_search = time.perf_counter() - t0
         t = time.perf_counter()
         mpsearch.quantize(model, res.bitmap)
