@@ -286,14 +286,15 @@ class Hutchinson:
             loss, weights, n_batches, tol=self.tol, min_probes=min_probes,
             max_probes=max_probes, seed=seed, method=self.method, progress=progress,
         )
+        idle = [n for n in est.mean if est.mean[n] == 0.0 and est.stderr[n] == 0.0]
         if not est.converged:
+            # exact zeros (idle layers) were never waited for; name the ones that were
             rel = {n: est.stderr[n] / abs(est.mean[n]) if est.mean[n] else math.inf
-                   for n in est.mean}
+                   for n in est.mean if n not in idle}
             worst = sorted(rel, key=rel.__getitem__, reverse=True)[:3]
             log.warning("Hutchinson stopped at %d probes before every relative standard error "
                         "reached %.3g; worst: %s", est.n_probes, self.tol,
                         ", ".join(f"{n} ({rel[n]:.2f})" for n in worst))
-        idle = [n for n in est.mean if est.mean[n] == 0.0 and est.stderr[n] == 0.0]
         if idle:
             log.warning("the loss does not depend on %d layer(s) (zero curvature; the solver "
                         "will give them the fewest bits): %s", len(idle), ", ".join(idle[:5]))

@@ -1,0 +1,206 @@
+"""The issue's bar on models the library was never tuned on (issue #3).
+
+Three small MNIST classifiers that are not in ``mpsearch.zoo`` and were written after the
+defaults were settled, as a user would write them: LeNet-5, a 784-256-128-10 MLP, and
+the convolutional net of PyTorch's MNIST example (two 3×3 convolutions, a 9216 → 128
+Linear). Each is trained on the train split of the real MNIST digits
+(``mpsearch.zoo.mnist.train_mnist``, seed 0), then for each of the issue's three
+estimators ``search`` runs with every default (ILP, bits 2/3/4/5/6/8, divergence loss,
+measured refinement, ``slices="auto"``) and again per layer (``slices=None``), at 4.0
+and 3.0 average bits (the 3-bit search reuses the 4-bit search's table). Each map is
+validated on the 1,000 held-out digits: ratio = output KL of uniform INT4 (INT3) / that
+of the searched map; the issue's bar is 4× at 4 bits.
+
+Writes ``results/unseen_models.{md,csv,png}``.
+
+    python benchmarks/unseen_models.py            # about 6 min on one thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent), str(_HERE)]
+
+from slices import BAR, ESTIMATORS, _fmt, estimator
+
+import mpsearch
+from mpsearch.layers import discover
+from mpsearch.zoo.mnist import accuracy, mnist_batches, train_mnist
+
+
+def lenet5() -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling."""
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                         nn.Linear(84, 10))
+
+
+def mlp() -> nn.Module:
+    """A 784-256-128-10 multilayer perceptron."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128),
+                         nn.ReLU(), nn.Linear(128, 10))
+
+
+def mnist_example() -> nn.Module:
+    """The network of PyTorch's MNIST example (without its dropout)."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"lenet5": lenet5, "mlp": mlp,
+                                             "mnist_example": mnist_example}
+BUDGETS = (4.0, 3.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def effective_layers(model: nn.Module, batch: torch.Tensor) -> float:
+    """(Σ p)² / Σ p² over the quantizable layers' weight counts (what ``"auto"`` reads)."""
+    sizes = np.array([i.params for i in discover(model, batch, warn=False)], dtype=float)
+    return float(sizes.sum() ** 2 / (sizes ** 2).sum())
+
+
+def run_model(name: str) -> list[dict[str, Any]]:
+    calib = mnist_batches("calib", batch_size=100)
+    evals = mnist_batches("eval", batch_size=250)
+    torch.manual_seed(0)
+    model = train_mnist(MODELS[name](), seed=0).eval()
+    acc = accuracy(model, evals)
+    eff = effective_layers(model, calib[0][0])
+    log(f"{name}: trained, held-out accuracy {acc:.3f}, effective layers {eff:.2f}")
+    uniform = {b: mpsearch.validate(model, mpsearch.BitMap.uniform(model, int(b)), data=evals,
+                                    progress=False) for b in BUDGETS}
+    rows = []
+    for est in ESTIMATORS:
+        for mode in ("auto", None):
+            table = None
+            for budget in BUDGETS:
+                t = time.perf_counter()
+                res = mpsearch.search(model, budget, data=calib, slices=mode,
+                                      sensitivity=table or estimator(est, name), progress=False)
+                seconds = time.perf_counter() - t
+                table = res.sensitivity
+                rep = mpsearch.validate(model, res.bitmap, data=evals, progress=False)
+                ratio = uniform[budget].output_divergence / rep.output_divergence
+                rows.append({
+                    "model": name, "effective_layers": eff, "float_accuracy": acc,
+                    "estimator": est, "mode": "default (auto)" if mode else "per layer",
+                    "slices": res.bitmap.provenance.get("slices") or 1, "budget": budget,
+                    "avg_bits": round(res.bitmap.avg_bits(), 4),
+                    "uniform_divergence": uniform[budget].output_divergence,
+                    "divergence": rep.output_divergence, "uniform_ratio": ratio,
+                    "accuracy": rep.accuracy_quantized,
+                    "uniform_accuracy": uniform[budget].accuracy_quantized,
+                    "time_s": seconds, "table_reused": budget != BUDGETS[0]})
+                log(f"{name} {est} {rows[-1]['mode']} {budget}: {ratio:.2f}x below uniform "
+                    f"INT{int(budget)}, {seconds:.0f} s")
+    return rows
+
+
+def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "unseen_models.csv", index=False)
+    order = [m for m in MODELS if m in set(frame.model)]
+    lines = [
+        "# The 4× bar on models the library was not tuned on", "",
+        (f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {total_s / 60:.1f} min; torch "
+         f"{torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+         f"{torch.get_num_threads()} torch thread(s)."), "",
+        (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
+        "## At 4.0 average bits: held-out KL of uniform INT4 / searched", "",
+        ("| model | effective layers | float accuracy | estimator | default (auto) | per layer "
+        "| accuracy: default / per layer / uniform INT4 | seconds: default / per layer |"),
+        "|---|---|---|---|---|---|---|---|"]
+    at4 = frame[frame.budget == 4.0]
+    for m in order:
+        for est in ESTIMATORS:
+            sub = at4[(at4.model == m) & (at4.estimator == est)]
+            if sub.empty:
+                continue
+            auto = sub[sub["mode"] == "default (auto)"].iloc[0]
+            per = sub[sub["mode"] == "per layer"].iloc[0]
+
+            def cell(v: float) -> str:
+                return f"**{_fmt(v)}**" if v >= BAR else _fmt(v)
+            lines.append(
+                f"| {m} | {auto.effective_layers:.2f} | {auto.float_accuracy:.3f} | {est} | "
+                f"{cell(auto.uniform_ratio)} ({auto.slices} slices) | {cell(per.uniform_ratio)} | "
+                f"{auto.accuracy:.3f} / {per.accuracy:.3f} / "
+                f"{auto.uniform_accuracy:.3f} | {auto.time_s:.0f} / {per.time_s:.0f} |")
+    worst = at4.groupby(["model", "mode"]).uniform_ratio.min().unstack()
+    lines += ["", "Worst estimator per model at 4.0 bits: " + "; ".join(
+        f"{m}: default {_fmt(worst.loc[m, 'default (auto)'])}, per layer "
+        f"{_fmt(worst.loc[m, 'per layer'])}" for m in order) + ".", "",
+              "## Every run", "",
+              ("| model | estimator | mode | slices | budget | avg bits | divergence (uniform) | "
+              "ratio | accuracy | time s |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in frame.itertuples():
+        lines.append(f"| {r.model} | {r.estimator} | {r.mode} | {r.slices} | {r.budget:g} | "
+                     f"{r.avg_bits:.3f} | {r.divergence:.3g} ({r.uniform_divergence:.3g}) | "
+                     f"{_fmt(r.uniform_ratio)} | {r.accuracy:.3f} | {r.time_s:.1f}"
+                     f"{' (table reused)' if r.table_reused else ''} |")
+    md = out / "unseen_models.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    labels = [f"{m}\n{e}" for m in order for e in ESTIMATORS]
+    xs = np.arange(len(labels))
+    for k, mode in enumerate(("per layer", "default (auto)")):
+        vals = [at4[(at4.model == m) & (at4.estimator == e) & (at4["mode"] == mode)]
+                .uniform_ratio.mean() for m in order for e in ESTIMATORS]
+        ax.bar(xs + (k - 0.5) * 0.4, vals, 0.4, label=mode)
+    ax.axhline(BAR, color="k", ls="--", lw=1, label="the issue's bar (4×)")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, labels, fontsize=7)
+    ax.set_ylabel("uniform INT4 / searched KL (held-out)")
+    ax.set_title("4.0 bits, models not in the zoo")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "unseen_models.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [md, out / "unseen_models.csv", png]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows += run_model(name)
+    frame = pd.DataFrame(rows)
+    for p in report(frame, args.out, command=" ".join(
+            ["python", "benchmarks/unseen_models.py", *(argv or sys.argv[1:])]),
+            total_s=time.perf_counter() - start):
+        log(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
