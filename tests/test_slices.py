@@ -234,6 +234,18 @@ def test_sliced_model_runs_on_real_kernels_in_onnxruntime(mnist_cnn, mnist_calib
     # W8A8 layers quantize activations at run time; the classes must agree
     assert (y.argmax(1) == ref.argmax(1)).all()
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()
+    # the original model: slices of equal width merged first, the same quantized values
+    merged = mpsearch.export_onnx(mnist_cnn, result.bitmap, tmp_path / "c.onnx", sample_batch=x)
+    kernels = [n.op_type for n in onnx.load(str(merged)).graph.node
+               if n.op_type in ("MatMulNBits", "MatMulInteger", "ConvInteger", "QLinearConv")]
+    widths = {layer: {result.bitmap[f"{layer}.parts.{k}"].w_bits for k in range(len(parts))}
+              for layer, parts in result.bitmap.slices.layers.items()}  # type: ignore[union-attr]
+    assert len(kernels) <= sum(len(w - {32}) for w in widths.values())
+    sess = ort.InferenceSession(str(merged))
+    z = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    # the same weights; the run-time quantization of activations sees whole layers now
+    assert (z.argmax(1) == y.argmax(1)).all()
+    assert np.abs(z - y).max() < 0.02 * np.abs(y).max()
 
 
 class _Tied(nn.Module):

@@ -256,10 +256,20 @@ def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], 
             shapes recorded for this model in ``profile`` are used.
         profile: a :class:`~mpsearch.HardwareProfile` that profiled this model.
 
+    A bit map of a sliced search may come with the original model: its slices of equal
+    width are merged first (:func:`~mpsearch.coalesce`, the same quantized values with
+    one kernel call per distinct width) and the model sliced as the merged map says.
+
     Raises:
         ValueError: no sample batch and no profile record of the model, or a layer's bits
             have no real kernel.
     """
+    from mpsearch.slices import coalesce, needs_slicing, slice_model
+
+    if needs_slicing(model, bitmap):
+        bitmap = coalesce(bitmap)
+        if bitmap.slices is not None:
+            model = slice_model(model, bitmap)
     if sample_batch is None:
         fp = fingerprint(model_shapes(model))
         rec = profile.model_record(fp) if profile is not None else None
