@@ -180,3 +180,27 @@ def test_loss_fn_names_are_checked() -> None:
         Objective([torch.randn(2, 6)], "kl")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs targets"):
         Objective([torch.randn(2, 6)], "task").prepare(model, CPU)
+
+
+def test_fisher_takes_fewer_samples_a_call_on_big_models(mnist_cnn, mnist_calib, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Per-sample gradients are held a few samples at a time when all of them at once
+    would pass the memory cap (VGG-16 at 32 samples: 18 GB); the table is the same."""
+    import mpsearch.sensitivity.fisher as fisher
+
+    def table() -> np.ndarray:
+        return mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:1], sensitivity="fisher",
+                               slices=None, refine=False, progress=False).sensitivity.omega
+
+    whole = table()
+    pieces: list[int] = []
+    real = fisher.Fisher._pieces
+
+    def spy(self, objective, rows=32):  # type: ignore[no-untyped-def]
+        out = real(self, objective, rows)
+        pieces.extend(p[1][1] - p[1][0] for p in out)
+        return out
+
+    monkeypatch.setattr(fisher, "_VMAP_BYTES", 4 * 206_736 * 7)  # the CNN's weights, 7 times
+    monkeypatch.setattr(fisher.Fisher, "_pieces", spy)
+    np.testing.assert_allclose(table(), whole, rtol=1e-5, atol=1e-9)
+    assert max(pieces) == 7 and sum(pieces) == 100

@@ -146,16 +146,19 @@ class Fisher:
         so that Σ c_m g g estimates the Hessian of the mean calibration loss."""
         model.eval()
         gen = torch.Generator().manual_seed(seed)
-        pieces = self._pieces(objective)
+        numel = max(1, sum(int(w.numel()) for w in weights.values()))
+        pieces = self._pieces(objective, max(1, min(_VMAP_ROWS, _VMAP_BYTES // (4 * numel))))
         with tqdm(total=sum(p[1][1] - p[1][0] for p in pieces), desc=desc, unit="sample",
                   disable=not progress, leave=False) as bar:
             for i, piece, weight in pieces:
                 yield weight, self._gradients(model, objective, i, piece, weights, device, gen)
                 bar.update(piece[1] - piece[0])
 
-    def _pieces(self, objective: Objective) -> list[tuple[int, tuple[int, int, Any], float]]:
-        """(batch index, (first row, end row, sub-batch), weight c_m = 1 / batches)."""
-        rows_per_piece = _VMAP_ROWS if self.micro_batch == 1 else self.micro_batch
+    def _pieces(self, objective: Objective,
+                rows: int = 32) -> list[tuple[int, tuple[int, int, Any], float]]:
+        """(batch index, (first row, end row, sub-batch), weight c_m = 1 / batches), at
+        most ``rows`` samples a piece when gradients are per sample."""
+        rows_per_piece = rows if self.micro_batch == 1 else self.micro_batch
         out = []
         n_batches = len(objective.batches)
         for i, batch in enumerate(objective.batches):
@@ -188,6 +191,9 @@ class Fisher:
 
 #: samples per vmapped per-sample-gradient call
 _VMAP_ROWS = 32
+#: at most this many bytes of float32 per-sample gradients at once: fewer samples a call
+#: for models above 33 M searched weights (VGG-16's 138 M: 7 a call, 3.9 GB, not 18 GB)
+_VMAP_BYTES = 4 << 30
 
 
 class _Probe:
