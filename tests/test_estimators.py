@@ -185,7 +185,7 @@ def test_loss_fn_names_are_checked() -> None:
 def test_fisher_takes_fewer_samples_a_call_on_big_models(mnist_cnn, mnist_calib, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Per-sample gradients are held a few samples at a time when all of them at once
     would pass the memory cap (VGG-16 at 32 samples: 18 GB); the table is the same."""
-    import mpsearch.sensitivity.fisher as fisher
+    from mpsearch.sensitivity import fisher
 
     def table() -> np.ndarray:
         return mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:1], sensitivity="fisher",
