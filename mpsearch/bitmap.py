@@ -141,7 +141,11 @@ class BitMap(Mapping[str, LayerEntry]):
         for e in self._layers.values():
             counts[e.w_bits] = counts.get(e.w_bits, 0) + 1
         hist = ", ".join(f"{b}b×{n}" for b, n in sorted(counts.items()))
-        return f"BitMap({len(self)} layers: {hist}; model={self.model_class})"
+        units = f"{len(self)} layers"
+        if self.slices is not None:
+            units = (f"{len(self)} units, {sum(len(p) for p in self.slices.layers.values())} "
+                     f"of them channel slices of {len(self.slices.layers)} layers")
+        return f"BitMap({units}: {hist}; model={self.model_class})"
 
     # -- constructors ---------------------------------------------------------------------
 

@@ -318,6 +318,7 @@ def test_auto_slices_where_one_layer_holds_most_weights(mnist_cnn, mnist_calib) 
     assert auto.bitmap.provenance["slices"] == 8
     assert "classifier.0 holds 97%" in auto.bitmap.provenance["slices_auto"]
     assert "slices_auto" not in eight.bitmap.provenance
+    assert "22 units, 22 of them channel slices of 4 layers" in repr(auto.bitmap)
     again = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:1], sensitivity=auto.sensitivity,
                             refine=False, progress=False)
     assert again.bitmap.slices == auto.bitmap.slices
