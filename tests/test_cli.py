@@ -259,8 +259,9 @@ def test_sliced_search_then_apply_and_validate(capsys, tmp_path, mnist_cnn):  # 
     assert run(capsys, "apply", "--model", "zoo:cnn", "--bitmap", str(path), "--out", str(out),
                "-q")[0] == 0
     saved = torch.load(out, weights_only=True)
-    want = quantize(mpsearch.slice_model(mnist_cnn, bitmap), bitmap).state_dict()
-    assert saved.keys() == want.keys()
+    # the original structure, each channel at its slice's width: loads into the model
+    want = mpsearch.merge_slices(quantize(mnist_cnn, bitmap)).state_dict()
+    assert saved.keys() == want.keys() == mnist_cnn.state_dict().keys()
     assert all(torch.equal(saved[k], want[k]) for k in want)
     code, out_text, _ = run(capsys, "validate", "--model", "zoo:cnn", "--data", "zoo:mnist-eval",
                             "--bitmap", str(path), "--json")

@@ -51,16 +51,19 @@ def run_apply(args: argparse.Namespace) -> int:
     with steps(args, total, "apply") as advance, collected_warnings(args, warned):
         model = load_model(args)
         bitmap = mpsearch.BitMap.load(args.bitmap)
-        if bitmap.slices is not None:  # a sliced search: its layers are the model's slices
-            model = mpsearch.slice_model(model, bitmap)
-        bitmap.check_model(model)
-        advance("loaded")
         if args.format == "state_dict":
-            qmodel = mpsearch.quantize(model, bitmap)
+            # in place, so that a sliced map's values land in the original layers: the
+            # state_dict loads into the model's own class
+            advance("loaded")
+            qmodel = mpsearch.quantize_(model, bitmap)
             advance("quantized")
             _save_state_dict(qmodel, out)
             advance("saved")
         else:
+            if bitmap.slices is not None:  # a sliced search: its layers are the model's slices
+                model = mpsearch.slice_model(model, bitmap)
+            bitmap.check_model(model)
+            advance("loaded")
             from mpsearch.export import onnxruntime as ort_export
 
             batches = list(load_data(args))
