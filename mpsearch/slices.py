@@ -238,6 +238,16 @@ def needs_slicing(model: nn.Module, bitmap: Any) -> bool:
             and not any(isinstance(m, ChannelSlices) for m in model.modules()))
 
 
+def for_deployment(model: nn.Module, bitmap: Any) -> tuple[nn.Module, Any]:
+    """The model and bit map a deployment runs: for a sliced bit map and the original
+    model, the slices of equal width merged (:func:`coalesce`: the same values, one kernel
+    call per distinct width) and the model sliced as the merged map says; else as given."""
+    if not needs_slicing(model, bitmap):
+        return model, bitmap
+    merged = coalesce(bitmap)
+    return (slice_model(model, merged) if merged.slices is not None else model), merged
+
+
 def merge_slices(model: nn.Module) -> nn.Module:
     """Replace every :class:`ChannelSlices` in ``model`` (in place) by one layer of the
     original kind with its slices' weights: e.g. after :func:`~mpsearch.quantize`, a model

@@ -26,7 +26,7 @@ from mpsearch.costs import weight_bytes
 from mpsearch.layers import discover
 from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
-from mpsearch.slices import needs_slicing, slice_model
+from mpsearch.slices import for_deployment, needs_slicing, slice_model
 
 if TYPE_CHECKING:
     from mpsearch.hw.profile_data import HardwareProfile
@@ -149,6 +149,7 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         ValueError: empty data.
     """
     batches = materialize(data, "data")
+    original = model
     if needs_slicing(model, bitmap):  # the float model the bit map's slices belong to
         model = slice_model(model, bitmap)
     qmodel = quantize(model, bitmap)
@@ -192,7 +193,9 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     size_q = sum(weight_bytes(info, bitmap[info.name].w_bits, bitmap[info.name].qconfig)
                  for info in infos)
     predicted = bitmap.predicted.get("loss_increase")
-    deployed = _deployed(model, bitmap, batches, qmodel, profile) if measure_latency else {}
+    # a sliced map deploys with its slices of equal width merged, as export_onnx does
+    deployed = (_deployed(*for_deployment(original, bitmap), batches, qmodel, profile)
+                if measure_latency else {})
     if profile is not None and "latency_us_predicted" not in deployed:
         from mpsearch.hw.cost import predict_latency
 

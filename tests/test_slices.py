@@ -241,6 +241,12 @@ def test_sliced_model_runs_on_real_kernels_in_onnxruntime(mnist_cnn, mnist_calib
     widths = {layer: {result.bitmap[f"{layer}.parts.{k}"].w_bits for k in range(len(parts))}
               for layer, parts in result.bitmap.slices.layers.items()}  # type: ignore[union-attr]
     assert len(kernels) <= sum(len(w - {32}) for w in widths.values())
+    # validate runs what export_onnx writes, against the simulated quantization
+    rep = mpsearch.validate(mnist_cnn, result.bitmap, data=[x], measure_latency=True,
+                            progress=False)
+    assert rep.latency_us_measured is not None and rep.latency_us_measured > 0
+    assert rep.deployed_vs_simulated_rel_error is not None
+    assert rep.deployed_vs_simulated_rel_error < 0.05
     sess = ort.InferenceSession(str(merged))
     z = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     # the same weights; the run-time quantization of activations sees whole layers now

@@ -264,12 +264,9 @@ def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], 
         ValueError: no sample batch and no profile record of the model, or a layer's bits
             have no real kernel.
     """
-    from mpsearch.slices import coalesce, needs_slicing, slice_model
+    from mpsearch.slices import for_deployment
 
-    if needs_slicing(model, bitmap):
-        bitmap = coalesce(bitmap)
-        if bitmap.slices is not None:
-            model = slice_model(model, bitmap)
+    model, bitmap = for_deployment(model, bitmap)
     if sample_batch is None:
         fp = fingerprint(model_shapes(model))
         rec = profile.model_record(fp) if profile is not None else None
