@@ -36,8 +36,12 @@ def _method(res: SearchResult) -> str:
     work = (f"{d['gradients']} per-sample gradients" if "gradients" in d
             else f"{d['probes']} probes" if "probes" in d else "")
     refined = "" if res.refinement is None else ", measured refinement"
+    plan = res.bitmap.slices
+    units = ("" if plan is None else
+             f"; {sum(len(p) for p in plan.layers.values())} channel slices of "
+             f"{len(plan.layers)} layers, each with its own width")
     return (f"`{table.estimator}` sensitivity ({work}; loss: {d.get('loss', '?')}) + exact ILP"
-            f"{refined}; candidate bits {', '.join(map(str, table.bits))}")
+            f"{refined}; candidate bits {', '.join(map(str, table.bits))}{units}")
 
 
 @dataclass(frozen=True)
