@@ -115,14 +115,27 @@ class ChannelSlices(nn.Module):
         y = torch.cat(outs, dim=self.channel_dim)
         return y.index_select(self.channel_dim % y.dim(), self.inverse)
 
+    @property
+    def weight(self) -> Tensor:
+        """The whole layer's weight in the original channel order, built from the slices'
+        current (possibly quantized) weights, for a parent module that reads its child's
+        weight instead of calling it (``nn.TransformerEncoderLayer``'s fused fast path)."""
+        return torch.cat([layer_weight(p) for p in self.parts], 0).index_select(0, self.inverse)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The whole layer's bias in the original channel order (None without one)."""
+        biases = [b for p in self.parts if isinstance(b := getattr(p, "bias", None), Tensor)]
+        if len(biases) != len(self.parts):
+            return None
+        return torch.cat(biases, 0).index_select(0, self.inverse)
+
     def merged(self) -> nn.Module:
         """One layer of the original kind holding every slice's (possibly quantized)
         weights in the original channel order."""
-        weight = torch.cat([layer_weight(p).detach() for p in self.parts], 0)
-        biases = [b for p in self.parts if isinstance(b := getattr(p, "bias", None), Tensor)]
-        bias = (torch.cat([b.detach() for b in biases], 0).index_select(0, self.inverse)
-                if len(biases) == len(self.parts) else None)
-        return _like(self.parts[0], weight.index_select(0, self.inverse), bias,
+        with torch.no_grad():
+            weight, bias = self.weight.detach(), self.bias
+        return _like(self.parts[0], weight, None if bias is None else bias.detach(),
                      depthwise=self.depthwise)
 
 

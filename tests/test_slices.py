@@ -409,3 +409,51 @@ def test_default_search_beats_uniform_int4_fourfold_on_lenet5(sensitivity, mnist
                                 progress=False).output_divergence
     searched = mpsearch.validate(lenet, result.bitmap, data=mnist_eval, progress=False)
     assert uniform / searched.output_divergence >= 4.0
+
+
+class _Encoder(nn.Module):
+    """A one-layer ``nn.TransformerEncoder`` classifier: in eval mode without gradients its
+    layer may take PyTorch's fused fast path, which reads ``linear1.weight`` directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(
+            16, 2, 48, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
+def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(caplog) -> None:  # type: ignore[no-untyped-def]
+    from mpsearch._state import unfused_attention
+    from mpsearch.quant import QuantConfig
+    from mpsearch.quant.quantizer import fake_quantize
+
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x = torch.randn(3, 7, 6)
+    gen = torch.Generator().manual_seed(1)
+    plan = SlicePlan({n: tuple(tuple(sorted(c.tolist())) for c in
+                               torch.randperm(rows, generator=gen).chunk(3))
+                      for n, rows in (("enc.layers.0.linear1", 48), ("enc.layers.0.linear2", 16))})
+    sliced = slice_model(model, plan).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(x), model(x), rtol=1e-5, atol=1e-5)
+        part = sliced.enc.layers[0].linear1.parts[1]
+        part.weight.copy_(fake_quantize(part.weight, 2, QuantConfig()))
+        fused = sliced(x)
+        with unfused_attention():
+            unfused = sliced(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)  # the quantized slice counts
+    assert not torch.allclose(fused, model(x).detach(), atol=1e-4)
+    # a search through the sliced layer: no replay self-check failure from float rounding
+    data = [torch.randn(8, 7, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before = _state(model)
+    with caplog.at_level("WARNING"):
+        result = mpsearch.search(model, 4.0, data=data, sensitivity="qerror", slices=4,
+                                 progress=False, refine=False)
+    _assert_same(before, model)
+    assert {"enc.layers.0.linear1", "enc.layers.0.linear2"} <= set(result.bitmap.slices.layers)
+    assert "does not reproduce" not in caplog.text
