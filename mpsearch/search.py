@@ -384,6 +384,23 @@ def _few_layers(layers: Sequence[LayerInfo], sliceable: Iterable[str]) -> str | 
             f"{big.params / total:.0%})")
 
 
+def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
+    """``slices="auto"`` would slice, but most weights sit in layers it cannot cut."""
+    names = set(cut)
+    kinds: dict[str, int] = {}
+    for info in layers:
+        if info.name not in names:
+            kinds[info.kind] = kinds.get(info.kind, 0) + info.params
+    total = sum(i.params for i in layers)
+    log.warning("slices='auto': %s, but channel slices cannot cut %.0f%% of them (%s; they "
+                "cut plain Linear and Conv layers that are not pinned, tied or read by "
+                "their parent): the search is per layer, where so few layers leave the "
+                "solver little to trade against uniform widths",
+                _few_layers(layers, [i.name for i in layers]), 100 * sum(kinds.values()) / total,
+                ", ".join(f"{k} weights {n / total:.0%}" for k, n in
+                          sorted(kinds.items(), key=lambda kv: -kv[1])))
+
+
 def _sliced_search(model: nn.Module, budget: Budget | float,
                    n_slices: int | Literal["auto"], *,
                    data: Iterable[Batch], loss_fn: LossSpec, bits: Sequence[int] | None,
@@ -417,9 +434,10 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         modules = quantizable_modules(model, include, exclude)
         pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
         sliceable = set(sliceable_layers(model, modules)) - pinned
-        why = (_few_layers(layers, [i.name for i in layers
-                                    if i.name in sliceable and not i.read_by])
-               if auto else None)
+        cut = [i.name for i in layers if i.name in sliceable and not i.read_by]
+        why = _few_layers(layers, cut) if auto else None
+        if auto and not why and _few_layers(layers, [i.name for i in layers]):
+            _warn_uncut(layers, cut)
         sliced = None
         if why or not auto:
             # what the search below would refuse, refused before the channel scores

@@ -457,3 +457,26 @@ def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(caplog)
     _assert_same(before, model)
     assert {"enc.layers.0.linear1", "enc.layers.0.linear2"} <= set(result.bitmap.slices.layers)
     assert "does not reproduce" not in caplog.text
+
+
+def test_auto_says_so_when_the_few_layers_cannot_be_cut(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A GRU holds 97 % of the weights: "auto" would slice, cannot, and says why."""
+
+    class RowGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(28, 64, batch_first=True)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = RowGRU().eval()
+    data = [torch.randn(8, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with caplog.at_level("WARNING"):
+        result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
+                                 refine=False)
+    assert result.bitmap.slices is None and len(result.bitmap) == 3
+    assert "1.86 layers' worth" in caplog.text
+    assert "cannot cut 97% of them (GRU weights 97%" in caplog.text
