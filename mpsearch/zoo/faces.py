@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ONET_SIZE", "ONetFace", "face_batches", "faces", "load_onet"]
+__all__ = ["ONET_SIZE", "ONetFace", "face_batches", "faces", "load_onet", "mtcnn_state"]
 
 #: Side of ONet's square input, in pixels.
 ONET_SIZE = 48
@@ -71,13 +71,31 @@ def _weights_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
+def mtcnn_state(stage: str) -> dict[str, Tensor]:
+    """The pretrained weights facenet-pytorch ships for one MTCNN stage, on the CPU.
+
+    Args:
+        stage: ``"pnet"``, ``"rnet"`` or ``"onet"``. Parameter names are facenet-pytorch's
+            (``conv1.weight``, ``prelu1.weight``, ..., every head included).
+
+    Raises:
+        ValueError: unknown stage.
+        ImportError: facenet-pytorch is not installed.
+    """
+    if stage not in ("pnet", "rnet", "onet"):
+        raise ValueError(f"stage must be 'pnet', 'rnet' or 'onet', got {stage!r}")
+    state: dict[str, Tensor] = torch.load(_weights_dir() / f"{stage}.pt", map_location="cpu",
+                                          weights_only=True)
+    return state
+
+
 def load_onet() -> ONetFace:
     """MTCNN's pretrained ONet face classifier, in eval mode, on the CPU.
 
     Raises:
         ImportError: facenet-pytorch is not installed.
     """
-    state = torch.load(_weights_dir() / "onet.pt", map_location="cpu", weights_only=True)
+    state = mtcnn_state("onet")
     model = ONetFace()
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     return model.eval()
