@@ -55,3 +55,16 @@ def test_each_estimator_beats_uniform_int4_by_4x(onet: ONetFace, estimator: str)
     assert searched.divergence_kind == "kl" and searched.accuracy_quantized is not None
     assert searched.accuracy_quantized >= 0.95
     assert all(torch.equal(v, onet.state_dict()[k]) for k, v in before.items())
+
+
+def test_every_mtcnn_stage_ships_its_weights() -> None:
+    from mpsearch.zoo.faces import mtcnn_state
+
+    shapes = {stage: {k: tuple(v.shape) for k, v in mtcnn_state(stage).items()}
+              for stage in ("pnet", "rnet", "onet")}
+    assert shapes["pnet"]["conv1.weight"] == (10, 3, 3, 3)
+    assert shapes["pnet"]["conv4_1.weight"] == (2, 32, 1, 1)
+    assert shapes["rnet"]["dense4.weight"] == (128, 576)
+    assert shapes["onet"]["dense5.weight"] == (256, 1152)
+    with pytest.raises(ValueError, match="stage must be"):
+        mtcnn_state("qnet")
