@@ -161,8 +161,8 @@ def add_parsers(sub: Any) -> None:
                    help="give each of N slices of a layer's output channels its own width "
                         "(e.g. 8); the bit map then names the slices and exports to "
                         "mpsearch/torchao/onnxruntime only (`mpsearch apply` slices the "
-                        "model itself). auto (default): 8 slices where one layer holds "
-                        "half the weights, per layer otherwise; none: per layer")
+                        "model itself). auto (default): 16 slices where the weights sit in "
+                        "fewer than 5 layers' worth, per layer otherwise; none: per layer")
     s.add_argument("--tol", type=float, default=0.1,
                    help="Hutchinson: relative standard error every layer must reach (0.1)")
     s.add_argument("--max-probes", type=int, default=200,
