@@ -284,7 +284,7 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
         if b >= 32:
             return None
         w = originals[name]
-        return quantize_weight(w, kinds[name], b, qconfig).to(w.dtype)
+        return quantize_weight(w, kinds[name], b, qconfig, modules[name]).to(w.dtype)
 
     def weights_of(unit_choice: np.ndarray, units: Sequence[int]) -> dict[str, Tensor]:
         out = {}

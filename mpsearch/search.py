@@ -42,10 +42,10 @@ from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
 from mpsearch.slices import (
     PART,
     SlicePlan,
-    channel_scores,
     plan_slices,
     reference_bits,
     slice_model,
+    slice_scores,
     sliceable_layers,
 )
 from mpsearch.solvers import Solver, solve
@@ -462,10 +462,11 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                 objective = Objective(batches, loss_fn)
                 objective.prepare(model, device)
                 with weight_cache():
-                    scores = channel_scores(model, modules, ranked, objective,
-                                            reference_bits(candidates), qconfig,
-                                            device=device, seed=seed, progress=progress)
-                plan = plan_slices(scores, count)
+                    scores, columns = slice_scores(
+                        model, modules, ranked, objective, reference_bits(candidates),
+                        qconfig, device=device, seed=seed, progress=progress,
+                        inputs=qconfig.granularity != "group")  # slices cut groups
+                plan = plan_slices(scores, count, input_scores=columns, bits=candidates)
             if not plan.layers:
                 log.warning("slices=%d: no layer could be sliced (plain Linear and ungrouped "
                             "or depthwise Conv layers with at least 8 output channels, not "

@@ -14,7 +14,14 @@ from torch import nn
 import mpsearch
 from mpsearch import BitMap, BitMapError, Hutchinson, SlicePlan
 from mpsearch.layers import quantizable_modules
-from mpsearch.slices import ChannelSlices, merge_slices, plan_slices, slice_model
+from mpsearch.quant import QuantConfig, quantize_tensor
+from mpsearch.slices import (
+    ChannelSlices,
+    merge_slices,
+    plan_slices,
+    predicted_gain,
+    slice_model,
+)
 from tests.test_search import _assert_same, _state
 
 
@@ -86,6 +93,97 @@ def test_quantized_slices_hold_the_values_of_the_whole_layer_at_their_width() ->
         expect = mpsearch.quantize(model, BitMap.uniform(model, bits)).fc.weight[list(rows)]
         torch.testing.assert_close(merged.fc.weight[list(rows)], expect)
         assert not torch.equal(merged.fc.weight[list(rows)], w[list(rows)])
+
+
+def test_slices_by_input_features_quantize_with_the_whole_rows_ranges() -> None:
+    """A Linear cut by input features sums bias-free parts; each part at b bits holds its
+    columns of the whole layer at b bits (the rows' ranges of the whole layer, not its
+    own), so uniform INT-b of the sliced model is uniform INT-b of the original and only
+    where the bits go changes."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    gen = torch.Generator().manual_seed(0)
+    cols = tuple(tuple(sorted(c.tolist())) for c in torch.randperm(24, generator=gen).chunk(3))
+    plan = SlicePlan({"0": cols, "2": ((0, 2, 4, 6), (1, 3, 5, 7))}, frozenset({"0"}))
+    sliced = slice_model(model, plan)
+    assert sliced[0].inputs and not sliced[2].inputs
+    assert sliced[0].parts[1].weight.shape == (16, len(cols[1]))
+    assert sliced[0].parts[1].bias is None  # the bias is added once, by the slices' module
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(sliced(x), model(x), rtol=1e-5, atol=1e-5)
+    for bits in (2, 3, 4, 8):
+        torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, bits))(x),
+                                   mpsearch.quantize(model, BitMap.uniform(model, bits))(x),
+                                   rtol=1e-5, atol=1e-5)
+    # mixed widths, in place on the original: each column group is the whole layer's at
+    # its width; a part quantized on its own rows' ranges would differ
+    widths = {"0.parts.0": 2, "0.parts.1": 8, "0.parts.2": 3, "2.parts.0": 4, "2.parts.1": 6}
+    bitmap = BitMap.from_bits(sliced, widths)
+    bitmap.slices = plan
+    inplace = mpsearch.quantize_(copy.deepcopy(model), bitmap)
+    w = model[0].weight.detach()
+    for k, c in enumerate(cols):
+        whole = mpsearch.quantize(model, BitMap.uniform(model, widths[f"0.parts.{k}"]))
+        torch.testing.assert_close(inplace[0].weight[:, list(c)], whole[0].weight[:, list(c)])
+    alone = _linear(w[:, list(cols[0])])
+    own = mpsearch.quantize(alone, BitMap.uniform(alone, 2))
+    assert not torch.equal(own[0].weight, inplace[0].weight[:, list(cols[0])])
+    torch.testing.assert_close(merge_slices(mpsearch.quantize(sliced, bitmap))(x), inplace(x))
+    # copies and dtype moves keep each part pointing at its own layer
+    twin = copy.deepcopy(sliced).double()
+    assert twin[0].parts[0].slice_of.parent is twin[0]
+    torch.testing.assert_close(twin(x.double()), model.double()(x.double()))
+    model.float()
+    # activation widths: the layer's whole input is quantized, once; the slices of one
+    # input cannot take different widths
+    same = BitMap.from_bits(sliced, {n: 4 for n in widths}, a_bits=8)
+    same.slices = plan
+    torch.testing.assert_close(mpsearch.quantize(sliced, same)(x),
+                               mpsearch.quantize(model, same)(x), rtol=1e-5, atol=1e-5)
+    doc = same.to_dict()
+    doc["layers"]["0.parts.1"]["a_bits"] = 6
+    with pytest.raises(BitMapError, match="different widths"):
+        mpsearch.quantize(sliced, BitMap.from_dict(doc))
+    with pytest.raises(ValueError, match="by input features, Linear only"):
+        ChannelSlices(nn.Conv2d(4, 4, 1), ((0, 1), (2, 3)), inputs=True)
+    with pytest.raises(ValueError, match="partition the 24 input features"):
+        ChannelSlices(model[0], ((0, 1), (2, 3)), inputs=True)
+
+
+def _linear(weight: torch.Tensor) -> nn.Sequential:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return nn.Sequential(layer)
+
+
+def test_predicted_gain_of_a_cut() -> None:
+    """Half the slices cost nothing: they drop to 2 bits and hand 2 bits each to the other
+    half (4 → 6 bits, 16× less loss); equal slices gain nothing."""
+    scores = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    parts = ((0, 1), (4, 5), (2, 3), (6, 7))
+    assert predicted_gain(scores, parts, (2, 3, 4, 5, 6, 8), 3) == pytest.approx(16.0)
+    assert predicted_gain(np.ones(8), parts, (2, 3, 4, 5, 6, 8), 3) == pytest.approx(1.0)
+    assert predicted_gain(scores, parts, (4,), 3) == 1.0  # one width: nothing to trade
+
+
+def test_plan_cuts_a_linear_by_input_features_where_they_differ_more() -> None:
+    flat = np.ones(16)
+    spread = np.r_[np.zeros(8), np.ones(6), 50.0, 80.0]
+    plan = plan_slices({"a": flat, "b": spread}, 4,
+                       input_scores={"a": spread[::-1].copy(), "b": flat})
+    assert plan.inputs == {"a"}
+    # least sensitive first: the eight features that cost nothing share two slices
+    assert plan.layers["a"] == ((8, 9, 10, 11), (12, 13, 14, 15), (2, 3, 4, 5), (0, 1, 6, 7))
+    assert plan.layers["b"] == plan_slices({"b": spread}, 4).layers["b"]  # rows kept
+    # JSON: a layer cut by input features is an object; malformed ones are refused
+    assert plan.to_dict()["a"] == {"inputs": [list(p) for p in plan.layers["a"]]}
+    assert SlicePlan.from_dict(plan.to_dict()) == plan
+    for bad in ({"a": {"inputs": []}}, {"a": {"input": [[0]]}}, {"a": {"inputs": "0"}}):
+        with pytest.raises(ValueError, match="slices of 'a'"):
+            SlicePlan.from_dict(bad)
+    with pytest.raises(ValueError, match="not in the plan"):
+        SlicePlan({"a": ((0,), (1,))}, frozenset({"b"}))
 
 
 def test_plan_cuts_sorted_scores_into_equal_runs() -> None:
@@ -161,7 +259,11 @@ def test_slices_beat_uniform_int4_fourfold_where_layers_cannot(  # type: ignore[
     assert bitmap.slices is not None and set(bitmap.slices.layers) == {
         "features.0", "features.3", "classifier.0", "classifier.2"}
     assert len(bitmap.slices.layers["classifier.0"]) == 8
-    assert len(bitmap.slices.layers["classifier.2"]) == 2  # 10 channels, >= 4 per slice
+    # both Linear layers are cut by their input features, the way predicted to lose less
+    # than by their output channels (the 10-way head: 128 features in 8 slices, not 10
+    # channels in 2, >= 4 per slice)
+    assert bitmap.slices.inputs == {"classifier.0", "classifier.2"}
+    assert len(bitmap.slices.layers["classifier.2"]) == 8
     assert "classifier.0.parts.7" in bitmap and "classifier.0" not in bitmap
     assert result.sliced_model is not None
     # the bit map applies to the original model (sliced on the way) and to the sliced one
@@ -252,6 +354,37 @@ def test_sliced_model_runs_on_real_kernels_in_onnxruntime(mnist_cnn, mnist_calib
     # the same weights; the run-time quantization of activations sees whole layers now
     assert (z.argmax(1) == y.argmax(1)).all()
     assert np.abs(z - y).max() < 0.02 * np.abs(y).max()
+
+
+def test_slices_by_input_features_export_the_values_they_simulate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """MatMulNBits per input slice, summed: each slice's integers carry its rows' scales in
+    the whole layer, so ONNX Runtime computes what ``quantize`` simulates."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    plan = SlicePlan({"0": (tuple(range(0, 64, 2)), tuple(range(1, 64, 2))),
+                      "2": (tuple(range(16)), tuple(range(16, 32)))}, frozenset({"0", "2"}))
+    sliced = slice_model(model, plan)
+    bitmap = BitMap.from_bits(sliced, {"0.parts.0": 2, "0.parts.1": 4, "2.parts.0": 4,
+                                       "2.parts.1": 2})
+    bitmap.slices = plan
+    x = torch.randn(8, 64)
+    path = mpsearch.export_onnx(sliced, bitmap, tmp_path / "m.onnx", sample_batch=x)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    for layer, k in (("0", 0), ("0", 1), ("2", 0), ("2", 1)):
+        bits = bitmap[f"{layer}.parts.{k}"].w_bits
+        whole = quantize_tensor(model.get_submodule(layer).weight.detach(), bits, QuantConfig())
+        part = quantize_tensor(sliced.get_submodule(f"{layer}.parts.{k}").weight.detach(), bits,
+                               QuantConfig())
+        scale = inits[f"{layer}.parts.{k}/weight_scale"]  # one block per row here
+        np.testing.assert_allclose(scale, whole.scale.flatten().numpy(), rtol=1e-6)
+        assert not np.allclose(scale, part.scale.flatten().numpy(), rtol=1e-3)  # not its own
+    sess = ort.InferenceSession(str(path))
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    ref = mpsearch.quantize(model, bitmap)(x).detach().numpy()
+    # MatMulNBits with accuracy_level=4 quantizes its input to 8 bits, hence the tolerance
+    np.testing.assert_allclose(y, ref, atol=0.02 * np.abs(ref).max())
 
 
 class _Tied(nn.Module):

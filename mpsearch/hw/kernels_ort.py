@@ -21,7 +21,7 @@ profiled kernel is the deployed kernel.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +176,9 @@ def _add_bias(b: _Nodes, y0: str, y: str, bias: np.ndarray | None, shape: tuple[
 
 def build_layer(spec: LayerSpec, fmt: str, x: str, y: str, weight: torch.Tensor,
                 bias: torch.Tensor | None, cfg: QuantConfig, prefix: str,
-                out_range: tuple[float, float] | None = None) -> tuple[list[Any], list[Any]]:
+                out_range: tuple[float, float] | None = None,
+                quantized: Callable[[int], QuantizedTensor] | None = None,
+                ) -> tuple[list[Any], list[Any]]:
     """Nodes and initializers computing ``y = layer(x)`` in format ``fmt``.
 
     Args:
@@ -189,6 +191,9 @@ def build_layer(spec: LayerSpec, fmt: str, x: str, y: str, weight: torch.Tensor,
         prefix: unique prefix of every new name (e.g. the layer FQN).
         out_range: (min, max) of the layer's pre-bias output on calibration data: the static
             uint8 output scale of ``w8a8`` convolutions (``QLinearConv``); None: ±4.
+        quantized: bits → the integer weight to write, where it is not ``weight``
+            quantized on its own (a slice by input features takes its rows' scales in the
+            whole layer); None: ``quantize_tensor(weight, bits, cfg)``.
 
     Raises:
         ValueError: the format has no kernel for this layer kind.
@@ -210,24 +215,26 @@ def build_layer(spec: LayerSpec, fmt: str, x: str, y: str, weight: torch.Tensor,
             _add_bias(b, b.name("mm"), y, bias_np, bshape)
         return b.nodes, b.inits
     if fmt == "w8a8":
-        _w8a8(b, spec, x, y, weight, bias_np, cfg, bshape, out_range)
+        _w8a8(b, spec, x, y, weight, bias_np, cfg, bshape, out_range, quantized)
         return b.nodes, b.inits
     parsed = parse_weight_only(fmt)
     if parsed is None or conv:
         raise ValueError(f"format {fmt!r} has no onnxruntime kernel for a {spec.kind} layer; "
                          "known: fp32, w8a8 (all kinds), w{2,4,8}b{block} (Linear, Conv1D)")
-    _nbits(b, spec, x, y, _matrix(weight, spec.kind), bias_np, cfg, *parsed)
+    _nbits(b, spec, x, y, _matrix(weight, spec.kind), bias_np, cfg, *parsed, quantized)
     return b.nodes, b.inits
 
 
 def _w8a8(b: _Nodes, spec: LayerSpec, x: str, y: str, weight: torch.Tensor,
           bias_np: np.ndarray | None, cfg: QuantConfig, bshape: tuple[int, ...],
-          out_range: tuple[float, float] | None) -> None:
+          out_range: tuple[float, float] | None,
+          quantized: Callable[[int], QuantizedTensor] | None = None) -> None:
     _, tp, _ = _helpers()
     n_out = spec.out_features
     conv = spec.kind in CONV_KINDS
     w = weight.detach().float()
-    qt = quantize_tensor(w.t().contiguous() if spec.kind == "Conv1D" else w, 8, cfg)
+    qt = (quantized(8) if quantized is not None else
+          quantize_tensor(w.t().contiguous() if spec.kind == "Conv1D" else w, 8, cfg))
     q, zp, scale = _int8_weights(qt, n_out)
     xq, xs, xz = b.name("xq"), b.name("xs"), b.name("xz")
     b.node("DynamicQuantizeLinear", [x], [xq, xs, xz])
@@ -273,15 +280,16 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def nbits_weights(w: torch.Tensor, bits: int, block: int,
-                  cfg: QuantConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def nbits_weights(w: torch.Tensor, bits: int, block: int, cfg: QuantConfig,
+                  quantized: Callable[[int], QuantizedTensor] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``MatMulNBits`` inputs (B, scales, zero_points) for a float (N, K) weight.
 
     Values come from our quantizer; a symmetric grid is shifted to unsigned with zero point
     ``2^(bits−1)``; per-channel (or per-tensor) parameters are repeated in every block.
     """
     n, k = w.shape
-    qt = quantize_tensor(w, bits, cfg)
+    qt = quantized(bits) if quantized is not None else quantize_tensor(w, bits, cfg)
     n_blocks = -(-k // block)
     q = qt.int_values.to(torch.int16).numpy().reshape(n, k)
     if cfg.granularity == "group":
@@ -301,9 +309,10 @@ def nbits_weights(w: torch.Tensor, bits: int, block: int,
 
 
 def _nbits(b: _Nodes, spec: LayerSpec, x: str, y: str, w: torch.Tensor, bias_np: np.ndarray | None,
-           cfg: QuantConfig, bits: int, block: int) -> None:
+           cfg: QuantConfig, bits: int, block: int,
+           quantized: Callable[[int], QuantizedTensor] | None = None) -> None:
     n, k = w.shape
-    blob, scales, zps = nbits_weights(w, bits, block, cfg)
+    blob, scales, zps = nbits_weights(w, bits, block, cfg, quantized)
     y0 = b.name("y0")
     b.node("MatMulNBits", [x, b.const("weight_q", blob), b.const("weight_scale", scales),
                            b.const("weight_zp", zps)], [y0], domain=MS_DOMAIN,

@@ -12,6 +12,7 @@ with weights quantized by our quantizer, so the ONNX model computes what
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -209,9 +210,12 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
         seen[fqn] = seen.get(fqn, 0) + 1
         prefix = fqn if seen[fqn] == 1 else f"{fqn}#{seen[fqn]}"
         bias = getattr(module, "bias", None)
+        part_of = getattr(module, "slice_of", None)  # a slice by input features
+        quantized = (None if part_of is None or entry.qconfig.granularity == "group" else
+                     functools.partial(part_of.quantized_tensor, qconfig=entry.qconfig))
         nodes, inits = build_layer(spec, choice.name, node.input[0], node.output[0],
                                    layer_weight(module), bias if isinstance(bias, Tensor) else None,
-                                   entry.qconfig, prefix, ranges.get(fqn))
+                                   entry.qconfig, prefix, ranges.get(fqn), quantized)
         new_nodes.extend(nodes)
         new_inits.extend(inits)
     used = {i for n in new_nodes for i in n.input}

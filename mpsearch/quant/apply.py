@@ -47,12 +47,18 @@ def weight_cache() -> Iterator[None]:
         _CACHE.reset(token)
 
 
-def quantize_weight(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig) -> Tensor:
+def quantize_weight(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig,
+                    module: nn.Module | None = None) -> Tensor:
     """Fake-quantized copy of a layer weight, channels taken along the output dimension.
 
     Hugging Face ``Conv1D`` stores its weight ``(in, out)``; it is transposed so that
-    channels are output channels for every layer kind.
+    channels are output channels for every layer kind. ``module``: the layer ``w`` belongs
+    to; a slice of a layer sliced by input features (:class:`mpsearch.slices.ChannelSlices`)
+    is quantized with its rows' ranges in the whole layer, not its own.
     """
+    part_of = getattr(module, "slice_of", None)
+    if part_of is not None:
+        return part_of.quantized(bits, cfg).to(w.dtype)
     cache = _CACHE.get()
     key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, kind, bits, cfg)
     if cache is not None and key in cache:
@@ -66,11 +72,12 @@ def quantize_weight(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig) ->
     return out
 
 
-def weight_error_sq(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig) -> float:
-    """‖Q_b(W) − W‖² for a layer weight."""
+def weight_error_sq(w: Tensor, kind: str | None, bits: int, cfg: QuantConfig,
+                    module: nn.Module | None = None) -> float:
+    """‖Q_b(W) − W‖² for a layer weight (``module``: see :func:`quantize_weight`)."""
     if bits >= 32:
         return 0.0
-    diff = quantize_weight(w, kind, bits, cfg).double() - w.detach().double()
+    diff = quantize_weight(w, kind, bits, cfg, module).double() - w.detach().double()
     return float(diff.pow(2).sum())
 
 
@@ -119,7 +126,7 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
             if entry.w_bits < 32:
                 weight = layer_weight(modules[name])
                 weight.copy_(quantize_weight(weight, entry.kind or layer_kind(modules[name]),
-                                             entry.w_bits, entry.qconfig))
+                                             entry.w_bits, entry.qconfig, modules[name]))
     _hook_inputs(model, modules, {n: e.a_bits for n, e in bitmap.items()})
     return model
 
@@ -133,12 +140,28 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
                 if isinstance(m, nn.MultiheadAttention)}
     unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentWeight)}
     skipped = []
+    parents: dict[int, int] = {}  # layers sliced by input features: id → width of their input
     for name, bits in a_bits.items():
         if bits is not None and bits < 32:
             if name in unhooked:
                 skipped.append(name)
                 continue
-            modules[name].register_forward_pre_hook(ActivationQuantizer(bits))
+            part_of = getattr(modules[name], "slice_of", None)
+            if part_of is None:
+                modules[name].register_forward_pre_hook(ActivationQuantizer(bits))
+                continue
+            # a slice by input features reads some of the layer's input: the layer's whole
+            # input is quantized, as the unsliced layer's would be
+            key = id(part_of.parent)
+            if key not in parents:
+                parents[key] = bits
+                part_of.parent.register_forward_pre_hook(ActivationQuantizer(bits))
+            elif parents[key] != bits:
+                from mpsearch.bitmap import BitMapError
+
+                raise BitMapError(f"the slices by input features of the layer holding "
+                                  f"{name!r} quantize their input to different widths; "
+                                  "the layer has one input")
     if skipped:
         log.warning("a_bits not applied to %s: their weight is read by an enclosing module "
                     "(nn.MultiheadAttention, a recurrent module), so no input of their own "

@@ -90,7 +90,7 @@ class Fisher:
         names = [info.name for info in layers]
         weights = {n: layer_weight(modules[n]).detach() for n in names}
         deltas = {
-            (i, j): (quantize_weight(weights[info.name], info.kind, b, qconfig)
+            (i, j): (quantize_weight(weights[info.name], info.kind, b, qconfig, modules[info.name])
                      - weights[info.name]).to(weights[info.name].dtype)
             for i, info in enumerate(layers) for j, b in enumerate(bits) if b < 32
         }

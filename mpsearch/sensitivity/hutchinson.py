@@ -314,7 +314,7 @@ class Hutchinson:
             per_param = max(est.mean[info.name], est.stderr[info.name]) / info.params
             per_param_se = est.stderr[info.name] / info.params
             for j, b in enumerate(bits):
-                err = weight_error_sq(w, info.kind, b, qconfig)
+                err = weight_error_sq(w, info.kind, b, qconfig, modules[info.name])
                 omega[i, j] = 0.5 * per_param * err
                 omega_se[i, j] = 0.5 * per_param_se * err
                 bar.update(1)

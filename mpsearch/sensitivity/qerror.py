@@ -109,7 +109,7 @@ class QError:
             for i, j in bar:
                 info = layers[i]
                 w = layer_weight(modules[info.name]).detach()
-                q = quantize_weight(w, info.kind, bits[j], qconfig).to(w.dtype)
+                q = quantize_weight(w, info.kind, bits[j], qconfig, modules[info.name]).to(w.dtype)
                 delta = replay.losses({info.name: q}, replay=self.replay) - base
                 omega[i, j] = float(delta.mean())
                 n = len(delta)
