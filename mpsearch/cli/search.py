@@ -158,7 +158,8 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--tie-fused", action="store_true",
                    help="layers reading the same input (q/k/v, gate/up) share bits")
     s.add_argument("--slices", type=_slices, default="auto", metavar="N|auto|none",
-                   help="give each of N slices of a layer's output channels its own width "
+                   help="give each of N slices of a layer's output channels (or of a Linear's "
+                        "input features, where that is predicted to lose less) its own width "
                         "(e.g. 8); the bit map then names the slices and exports to "
                         "mpsearch/torchao/onnxruntime only (`mpsearch apply` slices the "
                         "model itself). auto (default): 16 slices where the weights sit in "
