@@ -68,11 +68,14 @@ DEFAULT_BITS_PROFILE = (2, 3, 4, 8, 32)
 """Candidate bit-widths with a hardware profile (each only where a kernel exists)."""
 
 AUTO_SLICES = 16
-"""Slices per layer of ``slices="auto"`` where it slices. On the MNIST CNN 4 slices gave
-4.6×, 8 gave 8.7-8.9×, 16 gave 8.2-9.3× (``results/slices.md``). 16 rather than 8 for the
-model closest to the bar. On the MLP of ``results/unseen_models.md`` it went from 4.32× to
-4.9-5.3×. Some models that pass with a margin lost a little (the depthwise-separable CNN
-7.1× → 6.5×, a ResNet 13× → 11×); others gained (ONet 30× → 48×)."""
+"""Slices per layer of ``slices="auto"`` where it slices. Chosen with output-channel
+slices only: on the MNIST CNN 4 slices gave 4.6×, 8 gave 8.7-8.9×, 16 gave 8.2-9.3×
+below uniform INT4; on the MLP of ``results/unseen_models.md`` 8 → 16 went from 4.32× to
+4.9-5.3×; some models that pass with a margin lost a little (the depthwise-separable CNN
+7.1× → 6.5×, a ResNet 13× → 11×), others gained (ONet 30× → 48×). With slices by input
+features too (``results/slices.md``): the MNIST CNN 6.9× with 4, 7.0-15× with 8, 6.9-8.8×
+with 16; in an experiment 32 slices on two MNIST MLPs (fisher, qerror) gave 3.8-7.9×
+against 4.2-9.7× with 16."""
 
 AUTO_SLICE_LAYERS = 5.0
 """``slices="auto"`` slices where the searched weights sit in fewer than this many layers'
@@ -80,7 +83,7 @@ worth, by the effective count (Σ p)² / Σ p² over the layers' weight counts p
 layer holds them all, L for L equal layers), and the sliceable layers hold at least half
 of them: per-layer allocation then has little to trade. Over the seven models of
 ``results/slices.md``: the MNIST CNN (1.06), ONet (1.65) and the depthwise-separable CNN
-(4.39) gained from 16 slices (4.0 bits: 1.0-1.1× → 8.2-9.3×, 11.6× → 48-73×, 3.0-3.3× →
+(4.39) gained from 16 slices (4.0 bits: 1.0-1.1× → 6.9-8.8×, 11.6× → 48-56×, 3.0-3.3× →
 6.5-7.2× below uniform INT4); MobileNetV2 (5.88) lost a little at 4 bits with 8 slices
 (17-20× → 16-18×) for 9× the qerror time; CRAFT (8.6), the CRNN (12.7) and MiniLM (24.6)
 stay per layer."""
@@ -256,7 +259,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             pixels and hidden units differ more than their output units). Where one layer holds most of the
             weights, per-layer allocation has nothing to trade and this is where the gain
             is: held-out output KL at 4.0 bits on the MNIST CNN, 1.00-1.09× below uniform
-            INT4 per layer, 8.7-8.9× with 8 slices, 8.2-9.3× with 16, whichever estimator
+            INT4 per layer, 6.9-15× with 8 slices, 6.9-8.8× with 16, whichever estimator
             (``results/slices.md``, which also has the models where it gains little or
             loses). The estimator's work grows with the number of units (``qerror``:
             probes per slice). The bit map names the slices and records the plan;
