@@ -591,7 +591,9 @@ class _Encoder(nn.Module):
         return self.head(self.enc(self.embed(x)).mean(1))
 
 
-def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(caplog) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("inputs", [False, True], ids=["rows", "inputs"])
+def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(  # type: ignore[no-untyped-def]
+        inputs, caplog) -> None:
     from mpsearch._state import unfused_attention
     from mpsearch.quant import QuantConfig
     from mpsearch.quant.quantizer import fake_quantize
@@ -600,9 +602,11 @@ def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(caplog)
     model = _Encoder().eval()
     x = torch.randn(3, 7, 6)
     gen = torch.Generator().manual_seed(1)
+    sizes = (("enc.layers.0.linear1", 16 if inputs else 48),
+             ("enc.layers.0.linear2", 48 if inputs else 16))
     plan = SlicePlan({n: tuple(tuple(sorted(c.tolist())) for c in
                                torch.randperm(rows, generator=gen).chunk(3))
-                      for n, rows in (("enc.layers.0.linear1", 48), ("enc.layers.0.linear2", 16))})
+                      for n, rows in sizes}, frozenset(n for n, _ in sizes if inputs))
     sliced = slice_model(model, plan).eval()
     with torch.no_grad():
         torch.testing.assert_close(sliced(x), model(x), rtol=1e-5, atol=1e-5)
