@@ -3,10 +3,12 @@
 Each model is deployed on ONNX Runtime's real CPU kernels (``mpsearch.export_onnx``'s
 graph: ``MatMulInteger`` / ``ConvInteger`` W8A8 at 8 bits, ``MatMulNBits`` at 4 bits
 for Linear layers, convolutions then at 8 as ORT has no INT4 convolution on CPU) three ways with the *same* width for every weight — the
-original model, and its copies cut into 4 and 8 slices per layer (each slice its own
-kernel call, then ``Concat`` and a ``Gather`` back to the channel order) — so the
-difference is the cost of the slicing alone, not of the widths a search picks. The three
-graphs of a map are timed interleaved in one run (shuffled rounds, one thread, lower
+original model, its copies cut into 4 and 8 slices per layer by output channels (each
+slice its own kernel call, then ``Concat`` and a ``Gather`` back to the channel order),
+and its copies with the Linear layers cut into 4 and 8 slices by input features (a
+``Gather`` of each part's input columns, a kernel call per part, the parts' outputs
+added) — so the difference is the cost of the slicing alone, not of the widths a search
+picks. The five graphs of a model are timed interleaved in one run (shuffled rounds, one thread, lower
 quartile), and the ratio sliced / whole is the figure to read on this noisy machine. Each
 deployment's output error against the float model is reported beside it: the same weights
 at the same widths, but a depthwise slice quantizes only its own channels' activations
@@ -48,7 +50,7 @@ from mpsearch import BitMap
 from mpsearch.hw.runtime import OrtModel
 from mpsearch.hw.timing import central, stats_us, time_interleaved
 from mpsearch.layers import quantizable_modules
-from mpsearch.slices import plan_slices, slice_model, sliceable_layers
+from mpsearch.slices import SlicePlan, plan_slices, slice_model, sliceable_layers
 
 SLICES = (4, 8)
 
@@ -70,23 +72,34 @@ def cases() -> dict[str, tuple[torch.nn.Module, Any, str]]:
     }
 
 
-def random_plan(model: torch.nn.Module, n: int, seed: int = 0) -> Any:
+def random_plan(model: torch.nn.Module, n: int, seed: int = 0, *,
+                inputs: bool = False) -> SlicePlan:
+    """``n`` slices per layer by output channels, or (``inputs``) the Linear layers by
+    input features (the other layers whole)."""
     rng = np.random.default_rng(seed)
     modules = quantizable_modules(model)
     names = sliceable_layers(model, modules)
-    return plan_slices({k: rng.random(modules[k].weight.shape[0]) for k in names}, n)
+    if inputs:
+        names = [k for k in names if isinstance(modules[k], torch.nn.Linear)]
+    plan = plan_slices({k: rng.random(modules[k].weight.shape[1 if inputs else 0])
+                        for k in names}, n)
+    return SlicePlan(plan.layers, frozenset(plan.layers) if inputs else frozenset())
 
 
 def measure(name: str, model: torch.nn.Module, batch: Any, bits: int) -> list[dict[str, Any]]:
     model.eval()
     graphs: dict[str, OrtModel] = {}
     units: dict[str, int] = {}
-    for n in (1, *SLICES):
-        m = model if n == 1 else slice_model(model, random_plan(model, n))
+    variants = [(1, "rows"), *((n, "rows") for n in SLICES),
+                *((n, "inputs") for n in SLICES)]
+    for n, axis in variants:
+        m = model if n == 1 else slice_model(model, random_plan(model, n,
+                                                                inputs=axis == "inputs"))
         bitmap = BitMap.from_bits(m, {k: bits if isinstance(v, torch.nn.Linear) else 8
                                       for k, v in quantizable_modules(m).items()})
-        graphs[str(n)] = OrtModel(m, bitmap, batch, threads=1)
-        units[str(n)] = sum(1 for e in bitmap.values() if e.w_bits < 32)
+        key = f"{n} {axis}"
+        graphs[key] = OrtModel(m, bitmap, batch, threads=1)
+        units[key] = sum(1 for e in bitmap.values() if e.w_bits < 32)
     with torch.no_grad():
         out = model(**batch) if isinstance(batch, dict) else model(batch)
     ref = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out).numpy()
@@ -97,8 +110,9 @@ def measure(name: str, model: torch.nn.Module, batch: Any, bits: int) -> list[di
     samples = time_interleaved({k: (lambda g=g, f=feeds[k]: g.session.run(None, f))
                                 for k, g in graphs.items()}, rounds=15, warmup=3,
                                round_s=0.1, seed=bits)
-    whole = central(stats_us(samples["1"]))
-    return [{"model": name, "bits": bits, "slices": int(k), "layers": units[k],
+    whole = central(stats_us(samples["1 rows"]))
+    return [{"model": name, "bits": bits, "slices": int(k.split()[0]),
+             "axis": k.split()[1], "layers": units[k],
              "latency_us": central(stats_us(v)), "p10_us": float(np.percentile(v, 10)),
              "p90_us": float(np.percentile(v, 90)),
              "ratio_to_whole": central(stats_us(v)) / whole, "rel_error_vs_float": errors[k]}
@@ -115,7 +129,7 @@ def searched(name: str, model: torch.nn.Module, calib: Any, batch: Any,
     model.eval()
     opts = {"data": calib, "sensitivity": "fisher", "bits": (2, 4, 8), "refine": False,
             "include": include, "progress": False}
-    per_layer = mpsearch.search(model, 4.0, **opts).bitmap
+    per_layer = mpsearch.search(model, 4.0, slices=None, **opts).bitmap
     sliced = mpsearch.search(model, 4.0, slices=8, **opts).bitmap
     small = mpsearch.coalesce(sliced)
     variants = {"per layer": (model, per_layer), "slices=8": (slice_model(model, sliced), sliced),
@@ -134,6 +148,7 @@ def searched(name: str, model: torch.nn.Module, calib: Any, batch: Any,
     base = central(stats_us(samples["per layer"]))
     return [{"model": name, "map": k, "avg_bits": variants[k][1].avg_bits(),
              "layers": sum(1 for e in variants[k][1].values() if e.w_bits < 32),
+             "cut_by_inputs": len(variants[k][1].slices.inputs) if variants[k][1].slices else 0,
              "latency_us": central(stats_us(v)), "ratio_to_per_layer": central(stats_us(v)) / base,
              "rel_error_vs_float": errors[k]} for k, v in samples.items()]
 
@@ -175,7 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
          f"{os.getloadavg()[0]:.1f} at the end."), "",
         ("Every weight at the same width (8: W8A8 `MatMulInteger`/`ConvInteger`; 4: "
         "`MatMulNBits` for Linear layers, convolutions float as ORT has no INT4 convolution "
-        "on CPU); the original model against its copies with 4 and 8 slices per layer. "
+        "on CPU); the original model against its copies with 4 and 8 slices per layer by "
+        "output channels, and with its Linear layers cut into 4 and 8 slices by input "
+        "features (bias-free parts: a `Gather` of the input columns, a kernel call per "
+        "part, the parts' outputs added; its other layers whole). "
         "Lower-quartile latency of interleaved calls; **ratio** = sliced / whole, same run."),
         "", "Models: " + "; ".join(f"`{k}`: {v}" for k, v in descs.items()) + ".", "",
         ("| model | bits | slices | kernel calls (quantized) | latency µs (p10–p90) | ratio | "
@@ -183,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in frame.itertuples():
-        lines.append(f"| {r.model} | {r.bits} | {'whole' if r.slices == 1 else r.slices} | "
+        cut = "whole" if r.slices == 1 else f"{r.slices} by {'inputs' if r.axis == 'inputs' else 'channels'}"
+        lines.append(f"| {r.model} | {r.bits} | {cut} | "
                      f"{r.layers} | {r.latency_us:,.0f} ({r.p10_us:,.0f}–{r.p90_us:,.0f}) | "
                      f"{r.ratio_to_whole:.2f}× | {r.rel_error_vs_float:.3f} |")
     lines += [
@@ -192,12 +211,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Linear layers; the MNIST CNN's convolutions left float), no refinement: the "
         "per-layer map, the map with 8 slices, and that map coalesced "
         "(`mpsearch.coalesce`: slices of a layer with the same width merged, so a layer "
-        "costs one kernel call per distinct width; the same quantized values). Ratio = "
+        "costs one kernel call per distinct width; the same quantized values); the search "
+        "cuts a Linear layer by input features where that is predicted to lose less. Ratio = "
         "latency / the per-layer map's, same run."), "",
-        ("| model | map | avg bits | quantized kernel calls | latency µs | ratio | "
-        "‖y − y_float‖ / ‖y_float‖ |"), "|---|---|---|---|---|---|---|"]
+        ("| model | map | avg bits | quantized kernel calls | layers cut by inputs | "
+         "latency µs | ratio | ‖y − y_float‖ / ‖y_float‖ |"), "|---|---|---|---|---|---|---|---|"]
     for r in pd.DataFrame(search_rows).itertuples():
-        lines.append(f"| {r.model} | {r.map} | {r.avg_bits:.2f} | {r.layers} | "
+        lines.append(f"| {r.model} | {r.map} | {r.avg_bits:.2f} | {r.layers} | {r.cut_by_inputs} | "
                      f"{r.latency_us:,.0f} | {r.ratio_to_per_layer:.2f}× | "
                      f"{r.rel_error_vs_float:.3f} |")
     pd.DataFrame(search_rows).to_csv(args.out / "slices_latency_searched.csv", index=False)
