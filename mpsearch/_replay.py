@@ -142,6 +142,10 @@ class PrefixReplay:
         #: does not reproduce a full pass; every later measurement is then a full pass
         self.exact = True
         self._verified = False
+        #: also keep each sample's loss (:meth:`sample_losses`) where the objective splits
+        self.per_sample = False
+        self._samples: list[tuple[np.ndarray, np.ndarray] | None] = []
+        self._reference_samples: list[tuple[np.ndarray, np.ndarray] | None] = []
 
     # -- tracing -------------------------------------------------------------------------
 
@@ -231,7 +235,22 @@ class PrefixReplay:
         split = self._splits[i]
         value = self.objective.loss_of_output(out, i, self.objective.batches[i], split.targets,
                                               split.attention_mask)
+        if self.per_sample:
+            self._samples[i] = self.objective.sample_losses(
+                out, i, split.targets, split.attention_mask, split.batch_size)
         return float(value)
+
+    def sample_losses(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last :meth:`record` / :meth:`losses` call's loss per sample over all batches,
+        with weights giving the mean of the per-batch losses (each batch counts ``1 / B``,
+        its samples by their share of its loss); None unless :attr:`per_sample` is set and
+        the objective splits by sample on every batch."""
+        parts = self._samples
+        if not self.per_sample or not parts or any(p is None for p in parts):
+            return None
+        values = np.concatenate([p[0] for p in parts if p is not None])
+        weights = np.concatenate([p[1] / len(parts) for p in parts if p is not None])
+        return values, weights
 
     def record(self, weights: Mapping[str, Tensor] | None = None) -> np.ndarray:
         """Run every batch with ``weights`` (FQN → weight) and store what later passes replay.
@@ -250,6 +269,7 @@ class PrefixReplay:
 
         hooks = [self._modules[n].register_forward_hook(keep(n)) for n in self._wanted]
         losses = np.zeros(len(self._splits))
+        self._samples = [None] * len(self._splits)
         try:
             with torch.no_grad():
                 for i in range(len(self._splits)):
@@ -265,12 +285,14 @@ class PrefixReplay:
                       uneven[:5])
         self._store = {n: outs for n, outs in store.items() if n not in uneven}
         self.reference_losses = losses
+        self._reference_samples = list(self._samples)
         self.passes += 1.0
         size_mb = sum(_nbytes(v) for outs in self._store.values() for v in outs) / 2**20
         log.debug("replay store: %d submodules, %.1f MiB", len(self._store), size_mb)
         if not self._verified:
             self._verified = True
             self._verify()
+            self._samples = list(self._reference_samples)
         return losses.copy()
 
     #: layers (spread over the forward order) whose replay the self-check compares
@@ -313,6 +335,7 @@ class PrefixReplay:
         ``replay=False`` recomputes the whole network (same result, for comparisons).
         """
         if not changes:
+            self._samples = list(self._reference_samples)
             return self.reference_losses.copy()
         unknown = [n for n in changes if n not in self._start]
         if unknown:
@@ -322,6 +345,7 @@ class PrefixReplay:
         self.passes += self._work(first) if replay else 1.0
         weights = {**self._reference, **changes}
         out = np.zeros(len(self._splits))
+        self._samples = [None] * len(self._splits)
         self._active = self._plan(first) & self._store.keys() if replay else frozenset()
         try:
             with torch.no_grad():

@@ -27,9 +27,11 @@ divergence made it 1.09× better (``results/sensitivity_fidelity.md``, section 4
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,18 +62,56 @@ def _masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
     return per_position.mean()
 
 
-def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """KL(softmax(ref) ‖ softmax(logits)) over the last dimension, averaged over positions."""
+def _kl_per_position(logits: Tensor, ref_logits: Tensor) -> Tensor:
     log_q = F.log_softmax(logits.float(), dim=-1)
     log_p = F.log_softmax(ref_logits.float(), dim=-1)
-    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return _masked_mean(per_position, mask)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _mse_per_position(hidden: Tensor, ref_hidden: Tensor) -> Tensor:
+    return (hidden.float() - ref_hidden.float()).pow(2).mean(-1)
+
+
+def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(softmax(ref) ‖ softmax(logits)) over the last dimension, averaged over positions."""
+    return _masked_mean(_kl_per_position(logits, ref_logits), mask)
 
 
 def mse_divergence(hidden: Tensor, ref_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error over the last dimension, averaged over positions."""
-    per_position = (hidden.float() - ref_hidden.float()).pow(2).mean(-1)
-    return _masked_mean(per_position, mask)
+    return _masked_mean(_mse_per_position(hidden, ref_hidden), mask)
+
+
+def _per_sample(per_position: Tensor, mask: Tensor | None,
+                rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each sample's mean over its positions and its share of the batch mean (weights that
+    sum to 1 and give back :func:`_masked_mean`), or None where the leading dimension is
+    not the batch's samples (a time-major output)."""
+    if per_position.ndim == 0 or per_position.shape[0] != rows or rows < 1:
+        return None
+    flat = per_position.detach().reshape(rows, -1).double()
+    if mask is not None and tuple(mask.shape) == tuple(per_position.shape):
+        m = mask.detach().reshape(rows, -1).double()
+    else:
+        m = torch.ones_like(flat)
+    counts = m.sum(1)
+    values = (flat * m).sum(1) / counts.clamp_min(1.0)
+    weights = counts / counts.sum().clamp_min(1.0)
+    return values.cpu().numpy(), weights.cpu().numpy()
+
+
+def mean_and_stderr(values: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """Weighted mean of independent values (weights summing to 1) and its standard error:
+    ``sqrt(s² Σ w²)`` with ``s²`` the weighted variance, unbiased (``(Σ w (v − m)²) /
+    (1 − Σ w²)``); the plain ``std(ddof=1) / sqrt(n)`` for equal weights. 0 for one value."""
+    w = np.asarray(weights, dtype=float)
+    v = np.asarray(values, dtype=float)
+    mean = float(np.dot(w, v))
+    sw2 = float(np.dot(w, w))
+    if v.size < 2 or sw2 >= 1.0:
+        return mean, 0.0
+    var = float(np.dot(w, (v - mean) ** 2)) / (1.0 - sw2)
+    return mean, math.sqrt(max(var, 0.0) * sw2)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -171,3 +211,27 @@ class Objective:
         if self.kind == "kl":
             return kl_divergence(first_output(out), ref, mask)
         return mse_divergence(first_output(out), ref, mask)
+
+    @torch.no_grad()
+    def sample_losses(self, out: Any, i: int, targets: Tensor | None, mask: Tensor | None,
+                      rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The loss of an already computed output of batch ``i`` per sample: each of the
+        ``rows`` samples' value and its weight in the batch's loss (weights summing to 1;
+        ``Σ weight · value`` is :meth:`loss_of_output`). None where the loss does not split
+        by sample: a custom ``loss_fn``, a Hugging Face model's own loss, or an output whose
+        leading dimension is not the batch's samples."""
+        if self.kind in ("kl", "mse"):
+            if not self._refs:
+                raise RuntimeError("Objective.prepare() must run before a divergence loss")
+            per_position = (_kl_per_position if self.kind == "kl" else _mse_per_position)(
+                first_output(out), self._refs[i])
+            return _per_sample(per_position, mask, rows)
+        if self.kind == "cross_entropy" and targets is not None:
+            logits = first_output(out)
+            if tuple(logits.shape[:-1]) != tuple(targets.shape):
+                return None
+            per_position = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           targets.reshape(-1), ignore_index=-100,
+                                           reduction="none").reshape(targets.shape)
+            return _per_sample(per_position, targets != -100, rows)
+        return None

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from mpsearch._replay import PrefixReplay
 from mpsearch.layers import layer_weight
+from mpsearch.losses import mean_and_stderr
 from mpsearch.problem import AllocationProblem, Solution
 
 if TYPE_CHECKING:
@@ -80,8 +81,10 @@ class Refine:
             batches of ``candidates`` before stopping.
         min_gain: a move is taken only if it lowers the measured loss increase by at least
             this fraction.
-        min_z: with three or more calibration batches, a move's mean gain must also exceed
-            this many standard errors of its per-batch (paired) loss differences. A
+        min_z: a move's mean gain must also exceed this many standard errors of its
+            paired loss differences: per batch with three or more calibration batches,
+            per sample with fewer (where the loss splits by sample; with one or two
+            batches of a custom ``loss_fn`` there is no such test). A
             stricter test keeps fewer moves but did not generalise better: on held-out data
             2 or 3 standard errors lost against 1 on MobileNetV2 at 4 bits (17.3× against
             20.4× below uniform INT4, Fisher and Hutchinson tables), tied on the ONet face
@@ -304,6 +307,8 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
     unit_costs = {k: problem.unit_table(problem.costs[k]) for k in problem.budgets}
     everything = list(range(problem.n_units))
     replay = PrefixReplay(model, objective, device, list(problem.layers))
+    # Fewer than three batches give no per-batch noise estimate: test gains per sample.
+    replay.per_sample = len(objective.batches) < 3
     moves: list[dict[str, Any]] = []
     evaluations = 0
     checked: dict[str, dict[int, list[float]]] = {}
@@ -320,18 +325,22 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             if check_choice is not None:
                 check_choice = np.array([check_choice[first[u]] for u in range(problem.n_units)])
         current_split = replay.record(weights_of(unit_choice, everything))
+        current_samples = replay.sample_losses()
         current = float(current_split.mean()) - float_loss
         before = current
         if check_choice is not None and not np.array_equal(check_choice, unit_choice):
             check_split = replay.record(weights_of(check_choice, everything))
+            check_samples = replay.sample_losses()
             measured = float(check_split.mean()) - float_loss
             evaluations += 1
-            if _clear_gain(check_split - current_split, current, settings):
+            if _clear_gain(check_split - current_split, current, settings,
+                           _paired(check_samples, current_samples)):
                 moves.append({"bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
                                        for u, o in enumerate(check_choice)
                                        if o != unit_choice[u] for n in problem.units[u]},
                               "measured": measured, "check": True})
                 unit_choice, current, current_split = check_choice, measured, check_split
+                current_samples = check_samples
             else:
                 replay.record(weights_of(unit_choice, everything))
         # The uniform maps within every budget are measured too, and taken at the end if
@@ -385,10 +394,12 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                 if not problem.is_feasible(problem.expand(trial)):
                     continue
                 trial_split = replay.losses(weights_of(trial, list(move)))
+                trial_samples = replay.sample_losses()
                 measured = float(trial_split.mean()) - float_loss
                 evaluations += 1
                 bar.update(round(replay.passes - bar.n, 1) if by_pass else 1)
-                if (_clear_gain(trial_split - current_split, current, settings)
+                if (_clear_gain(trial_split - current_split, current, settings,
+                                _paired(trial_samples, current_samples))
                         and (best is None or measured < best[0])):
                     best = (measured, move)
             if best is None:
@@ -401,6 +412,7 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             for u, o in best[1].items():
                 unit_choice[u] = o
             current_split = replay.record(weights_of(unit_choice, everything))
+            current_samples = replay.sample_losses()
             current = float(current_split.mean()) - float_loss
             bar.set_postfix(measured=f"{current:.4g}")
         bar.close()
@@ -487,13 +499,28 @@ def _corrected_row(predicted: np.ndarray, measured: Mapping[int, float],
     return row
 
 
-def _clear_gain(diff: np.ndarray, current: float, settings: Refine) -> bool:
+def _paired(trial: tuple[np.ndarray, np.ndarray] | None,
+            current: tuple[np.ndarray, np.ndarray] | None
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-sample loss differences (trial − current) and their weights, where both have them."""
+    if trial is None or current is None:
+        return None
+    return trial[0] - current[0], trial[1]
+
+
+def _clear_gain(diff: np.ndarray, current: float, settings: Refine,
+                samples: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
     """Whether per-batch loss differences (trial − current) show a real improvement: a
     mean gain of at least ``min_gain`` of the current loss increase and, with three or
-    more batches, more than ``min_z`` standard errors of the paired differences."""
+    more batches, more than ``min_z`` standard errors of the paired differences; with
+    fewer batches, of the paired per-sample differences (``samples``: values and weights)
+    where the loss splits by sample."""
     mean = float(diff.mean())
     if mean >= -settings.min_gain * abs(current):
         return False
     if diff.size < 3:
-        return True
+        if samples is None or samples[0].size < 3:
+            return True
+        sample_mean, se = mean_and_stderr(*samples)
+        return sample_mean + settings.min_z * se < 0
     return mean + settings.min_z * float(diff.std(ddof=1)) / math.sqrt(diff.size) < 0

@@ -37,18 +37,45 @@ def _delta(w: torch.Tensor, b: int) -> torch.Tensor:
     return quantize_weight(w, "Linear", b, mpsearch.QuantConfig()) - w
 
 
+def _sample_kl(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """KL(float ‖ quantized) of each row of ``x`` through a softmax-linear layer."""
+    log_p, log_q = F.log_softmax(x @ w.T, -1), F.log_softmax(x @ q.T, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).numpy()
+
+
 def test_qerror_is_the_measured_kl() -> None:
+    """Ω is the mean of the per-batch KL; its standard error comes from the per-sample
+    increases (std / √n), in one batch as in two."""
     model = _softmax_linear()
     x = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(1))
-    table = _estimate(model, [x[0], x[1]], QError())
     w = model[0].weight.detach()
-    for j, b in enumerate(BITS):
-        q = w + _delta(w, b) if b < 32 else w
-        kl = [F.kl_div(F.log_softmax(xb @ q.T, -1), F.log_softmax(xb @ w.T, -1),
-                       log_target=True, reduction="batchmean") for xb in x]
-        assert table.omega[0, j] == pytest.approx(float(np.mean(kl)), rel=1e-5, abs=1e-9)
-        se = float(np.std(kl, ddof=1) / np.sqrt(2))
-        assert table.omega_stderr[0, j] == pytest.approx(se, rel=1e-4, abs=1e-9)
+    for batches in ([x[0], x[1]], [x.reshape(100, 6)]):
+        table = _estimate(model, batches, QError())
+        for j, b in enumerate(BITS):
+            q = w + _delta(w, b) if b < 32 else w
+            kl = [F.kl_div(F.log_softmax(xb @ q.T, -1), F.log_softmax(xb @ w.T, -1),
+                           log_target=True, reduction="batchmean") for xb in batches]
+            assert table.omega[0, j] == pytest.approx(float(np.mean(kl)), rel=1e-5, abs=1e-9)
+            per_sample = _sample_kl(w, q, x.reshape(100, 6))
+            se = float(per_sample.std(ddof=1) / np.sqrt(100))
+            assert table.omega_stderr[0, j] == pytest.approx(se, rel=1e-4, abs=1e-9)
+            assert (table.omega_stderr[0, j] > 0) == (b < 32)
+
+
+def test_qerror_stderr_over_batches_for_a_custom_loss() -> None:
+    """A custom loss_fn returns one number per batch: the standard error is over batches."""
+    model = _softmax_linear()
+    x = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(2))
+    w = model[0].weight.detach()
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return out.pow(2).mean()
+    table = _estimate(model, list(x), QError(), loss_fn=loss_fn)
+    q = w + _delta(w, 2)
+    delta = [float((xb @ q.T).pow(2).mean() - (xb @ w.T).pow(2).mean()) for xb in x]
+    assert table.omega[0, 0] == pytest.approx(np.mean(delta), rel=1e-5)
+    assert table.omega_stderr[0, 0] == pytest.approx(np.std(delta, ddof=1) / np.sqrt(3),
+                                                     rel=1e-4)
 
 
 def _hessian_forms(model: nn.Module, x: torch.Tensor, b: int) -> tuple[float, float]:

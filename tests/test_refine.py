@@ -182,3 +182,35 @@ def test_check_is_skipped_for_a_measured_table(mnist_cnn, mnist_calib) -> None: 
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="qerror",
                           refine=Refine(max_evals=10), progress=False, slices=None)
     assert res.refinement is not None and res.refinement.checked == {}
+
+
+def test_clear_gain_tests_samples_where_batches_are_too_few() -> None:
+    """With one or two batches a gain must clear the per-sample noise; with three or more
+    the per-batch test decides, as before."""
+    from mpsearch.refine import _clear_gain
+
+    settings = Refine()
+    gain = np.array([-0.1])  # one batch: the mean gain is 10 % of the loss of 1.0
+    steady = (np.full(50, -0.1), np.full(50, 0.02))
+    noisy = (np.r_[np.full(49, 0.3), -19.7], np.full(50, 0.02))  # one sample carries it
+    assert noisy[0] @ noisy[1] == pytest.approx(-0.1)
+    assert _clear_gain(gain, 1.0, settings, steady)
+    assert not _clear_gain(gain, 1.0, settings, noisy)
+    assert _clear_gain(gain, 1.0, settings, None)  # a loss that does not split: no test
+    assert not _clear_gain(np.array([-0.001]), 1.0, settings, steady)  # below min_gain
+    three = np.array([-0.1, -0.12, -0.08])
+    assert _clear_gain(three, 1.0, settings, noisy)  # batches decide
+
+
+def test_refine_single_batch_keeps_a_sample_test(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """A calibration set given as one batch still refines, and its moves each clear the
+    per-sample noise test (the refinement reports the same measured loss as validate)."""
+    x = torch.cat([b[0] for b in mnist_calib[:2]])
+    y = torch.cat([b[1] for b in mnist_calib[:2]])
+    res = mpsearch.search(mnist_dwsep, 3.0, data=[(x, y)], sensitivity="fisher",
+                          progress=False)
+    rep = mpsearch.validate(mnist_dwsep, res.bitmap, data=[(x, y)], progress=False)
+    assert res.bitmap.avg_bits() <= 3.0 + 1e-9
+    assert res.refinement.measured_after <= res.refinement.measured_before
+    assert rep.output_divergence == pytest.approx(res.refinement.measured_after, rel=1e-3,
+                                                  abs=1e-6)

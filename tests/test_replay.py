@@ -325,3 +325,68 @@ def test_replay_exact_on_transformers(arch: str) -> None:
     model.eval()
     names = [info.name for info in discover(model, batches[0])]
     _check_exact(model, batches, names[::3] + [names[-1]])
+
+
+def test_per_sample_losses_give_back_each_loss() -> None:
+    """Per-sample values weighted by their share are the batch loss: KL over masked token
+    positions (sequences of unequal length), hidden-state MSE, and cross-entropy with
+    ignored targets; a time-major output (leading dimension not the samples) and a custom
+    loss do not split."""
+    g = torch.Generator().manual_seed(0)
+    ref, out = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    targets[0, :2] = -100
+    for kind in ("kl", "mse", "cross_entropy"):
+        objective = Objective([torch.zeros(3, 2)])
+        objective.kind, objective._refs = kind, [ref]
+        m = None if kind == "cross_entropy" else mask
+        whole = float(objective.loss_of_output(out, 0, torch.zeros(3, 2), targets, m))
+        values, weights = objective.sample_losses(out, 0, targets, m, rows=3)
+        assert values.shape == weights.shape == (3,)
+        assert weights.sum() == pytest.approx(1.0)
+        assert float(values @ weights) == pytest.approx(whole, rel=1e-6)
+        if kind != "mse":  # positions counted: 3, 5 and 1 tokens; 3, 5 and 5 targets
+            share = [3, 5, 1] if kind == "kl" else [3, 5, 5]
+            assert weights == pytest.approx(np.array(share) / sum(share))
+        objective._refs = [ref.transpose(0, 1)]
+        assert objective.sample_losses(out.transpose(0, 1), 0, targets, None, rows=3) is None
+    objective = Objective([torch.zeros(3, 2)], lambda o, b: o.sum())
+    objective.kind = "custom"
+    assert objective.sample_losses(out, 0, None, None, rows=3) is None
+
+
+def test_mean_and_stderr_known_answers() -> None:
+    from mpsearch.losses import mean_and_stderr
+
+    v = np.array([1.0, 2.0, 3.0, 4.0])
+    assert mean_and_stderr(v, np.full(4, 0.25)) == pytest.approx((2.5, np.std(v, ddof=1) / 2))
+    # two batches of 1 and 3 samples, each batch half of the mean: weights 1/2, 1/6 x 3
+    w = np.array([0.5, 1 / 6, 1 / 6, 1 / 6])
+    mean = 0.5 * 1 + (2 + 3 + 4) / 6
+    var = float(w @ (v - mean) ** 2) / (1 - w @ w)
+    assert mean_and_stderr(v, w) == pytest.approx((mean, np.sqrt(var * (w @ w))))
+    assert mean_and_stderr(np.array([5.0]), np.array([1.0])) == (5.0, 0.0)
+
+
+def test_replay_sample_losses_over_batches() -> None:
+    """Each batch counts 1/B of the mean, its samples by their share; the reference's
+    samples come back with a call that changes nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    batches = [torch.randn(2, 4), torch.randn(6, 4)]
+    objective = Objective(batches)
+    objective.prepare(model, CPU)
+    replay = PrefixReplay(model, objective, CPU, ["0", "2"])
+    assert replay.sample_losses() is None  # not asked for
+    replay.per_sample = True
+    with replay:
+        replay.record()
+        values, weights = replay.sample_losses()
+        assert values == pytest.approx(np.zeros(8), abs=1e-7)
+        assert weights == pytest.approx([0.25] * 2 + [1 / 12] * 6)
+        per_batch = replay.losses({"2": model[2].weight * 1.5})
+        values, weights = replay.sample_losses()
+        assert float(values @ weights) == pytest.approx(per_batch.mean(), rel=1e-6)
+        replay.losses({})
+        assert replay.sample_losses()[0] == pytest.approx(np.zeros(8), abs=1e-7)

@@ -14,7 +14,10 @@ It costs L × B passes over the calibration data, so two things keep it fast:
   which run faster on a CPU (activations stay in cache; MobileNetV2 at 224×224: batches of
   8 took 0.7 s per 32 images against 2.1 s as one batch of 32).
 
-The standard error is that of the mean increase over calibration batches.
+The standard error is that of the mean increase, from each calibration sample's paired
+increase (so a single calibration batch has error bars too); from the per-batch increases
+where the loss does not split by sample (a custom ``loss_fn``, a Hugging Face model's own
+loss, a time-major output).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 from mpsearch._replay import PrefixReplay
 from mpsearch.batches import batch_rows, rechunk, split_batch
 from mpsearch.layers import layer_weight
-from mpsearch.losses import Objective
+from mpsearch.losses import Objective, mean_and_stderr
 from mpsearch.sensitivity.base import SensitivityTable
 
 if TYPE_CHECKING:
@@ -102,8 +105,10 @@ class QError:
         omega_se = np.zeros_like(omega)
         probes = [(i, j) for i in range(len(layers)) for j, b in enumerate(bits) if b < 32]
         replay = PrefixReplay(model, objective, device, names)
+        replay.per_sample = True
         with replay:
             base = replay.record()
+            base_samples = replay.sample_losses()
             bar = tqdm(probes, desc="qerror probes", unit="probe", disable=not progress,
                        leave=False)
             for i, j in bar:
@@ -112,8 +117,13 @@ class QError:
                 q = quantize_weight(w, info.kind, bits[j], qconfig, modules[info.name]).to(w.dtype)
                 delta = replay.losses({info.name: q}, replay=self.replay) - base
                 omega[i, j] = float(delta.mean())
-                n = len(delta)
-                omega_se[i, j] = float(delta.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+                samples = replay.sample_losses()
+                if samples is not None and base_samples is not None:
+                    omega_se[i, j] = mean_and_stderr(samples[0] - base_samples[0],
+                                                     samples[1])[1]
+                else:
+                    n = len(delta)
+                    omega_se[i, j] = float(delta.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
             bar.close()
         negative = [names[i] for i in range(len(names)) if (omega[i] < -omega_se[i] - 1e-12).any()]
         if negative:
