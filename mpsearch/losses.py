@@ -95,6 +95,8 @@ def _per_sample(per_position: Tensor, mask: Tensor | None,
     else:
         m = torch.ones_like(flat)
     counts = m.sum(1)
+    if not counts.sum() > 0:  # every position masked: no sample carries the loss
+        return None
     values = (flat * m).sum(1) / counts.clamp_min(1.0)
     weights = counts / counts.sum().clamp_min(1.0)
     return values.cpu().numpy(), weights.cpu().numpy()
@@ -141,6 +143,9 @@ class Objective:
         self.loss_fn = loss_fn
         self.kind = "custom" if callable(loss_fn) else ""
         self._refs: list[Tensor] = []
+        #: False for a model with sequence-first modules: their leading dimension is time,
+        #: not the samples, and :meth:`sample_losses` does not split
+        self.batch_first = True
 
     @property
     def is_divergence(self) -> bool:
@@ -150,6 +155,9 @@ class Objective:
     @torch.no_grad()
     def prepare(self, model: nn.Module, device: torch.device) -> None:
         """Decide the loss kind and record float reference outputs where needed."""
+        self.batch_first = not any(
+            isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
+            for m in model.modules())
         if not callable(self.loss_fn):
             split = to_device(split_batch(self.batches[0]), device)
             out = call(model, split)
@@ -219,7 +227,10 @@ class Objective:
         ``rows`` samples' value and its weight in the batch's loss (weights summing to 1;
         ``Σ weight · value`` is :meth:`loss_of_output`). None where the loss does not split
         by sample: a custom ``loss_fn``, a Hugging Face model's own loss, or an output whose
-        leading dimension is not the batch's samples."""
+        leading dimension is not the batch's samples (``rows`` differs, or the model has
+        sequence-first recurrent or attention modules, ``batch_first=False``)."""
+        if not self.batch_first:
+            return None
         if self.kind in ("kl", "mse"):
             if not self._refs:
                 raise RuntimeError("Objective.prepare() must run before a divergence loss")

@@ -129,9 +129,11 @@ class ChannelSlices(nn.Module):
         self.in_rows: list[Tensor] = ([torch.tensor(p, device=device) for p in self.rows]
                                       if self.depthwise or inputs else [])
         self.shared_bias: nn.Parameter | None = None
-        self.source: Tensor | None
-        # the float weight the parts' quantization ranges come from (see class doc)
-        self.register_buffer("source", w.clone() if inputs else None, persistent=False)
+        # the whole layer's weight built from the parts' current ones, and what it was
+        # built from (each part's weight tensor and version): the parts' quantization
+        # ranges come from it (see class doc), and reusing one tensor while the parts are
+        # unchanged lets quantize_weight's cache serve every part of a layer at a width
+        self._whole: tuple[tuple[tuple[int, int], ...], Tensor, list[Tensor]] | None = None
         if inputs:
             linear: Any = layer
             self.parts = nn.ModuleList(
@@ -147,6 +149,7 @@ class ChannelSlices(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> ChannelSlices:  # .to(), .cuda()
         self.in_rows = [fn(t) for t in self.in_rows]
+        self._whole = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,20 +172,31 @@ class ChannelSlices(nn.Module):
         the ranges of the whole layer's rows: its columns of the whole layer at ``bits``."""
         from mpsearch.quant.apply import quantize_weight
 
-        assert self.inputs and self.source is not None
-        whole = quantize_weight(self.source, "Linear", bits, qconfig)
+        assert self.inputs
+        whole = quantize_weight(self._whole_weight(), "Linear", bits, qconfig)
         return whole.index_select(1, self.in_rows[k])
+
+    def _whole_weight(self) -> Tensor:
+        """The whole layer's weight from the parts' current weights (rebuilt only when a
+        part's weight changed: trained, loaded, written in place)."""
+        weights = [layer_weight(p) for p in self.parts]
+        key = tuple((id(w), w._version) for w in weights)
+        if self._whole is None or self._whole[0] != key:
+            whole = torch.cat([w.detach() for w in weights], 1).index_select(1, self.inverse)
+            # the weights are held, so their ids stay theirs while the key is kept
+            self._whole = (key, whole, weights)
+        return self._whole[1]
 
     def quantized_tensor_part(self, k: int, bits: int, qconfig: QuantConfig) -> QuantizedTensor:
         """The integers and scales of :meth:`quantized_part` (per-channel or per-tensor
         scales: a part's rows keep the whole layer's), for a runtime kernel."""
         from mpsearch.quant import quantize_tensor
 
-        assert self.inputs and self.source is not None
+        assert self.inputs
         if qconfig.granularity == "group":
             raise ValueError("a slice by input features cuts per-group scales; it has no "
                              "integer form of its own with granularity='group'")
-        whole = quantize_tensor(self.source, bits, qconfig)
+        whole = quantize_tensor(self._whole_weight(), bits, qconfig)
         return dataclasses.replace(whole, int_values=whole.int_values.index_select(
             1, self.in_rows[k]))
 

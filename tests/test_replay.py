@@ -390,3 +390,44 @@ def test_replay_sample_losses_over_batches() -> None:
         assert float(values @ weights) == pytest.approx(per_batch.mean(), rel=1e-6)
         replay.losses({})
         assert replay.sample_losses()[0] == pytest.approx(np.zeros(8), abs=1e-7)
+
+
+def test_sequence_first_models_do_not_split_by_sample() -> None:
+    """A GRU with ``batch_first=False`` reads (time, batch, features): the leading
+    dimension is time, so its loss is not split by sample and qerror's standard error is
+    over batches."""
+    from mpsearch.layers import discover, quantizable_modules
+    from mpsearch.quant import QuantConfig
+    from mpsearch.sensitivity import QError
+
+    class _TimeMajor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0])  # (time, batch, classes)
+
+    torch.manual_seed(0)
+    model = _TimeMajor().eval()
+    batches = [torch.randn(6, 6, 4) for _ in range(3)]  # time == batch: shapes cannot tell
+    objective = Objective(batches)
+    objective.prepare(model, CPU)
+    assert not objective.batch_first
+    out = model(batches[0])
+    assert objective.sample_losses(out, 0, None, None, rows=6) is None
+    layers = discover(model, batches[0])
+    table = QError().estimate(model, quantizable_modules(model), layers, objective, (2, 8),
+                              QuantConfig(), device=CPU)
+    base = [float(objective.loss(model, i, CPU)) for i in range(3)]
+    import copy
+
+    from mpsearch.quant.apply import quantize_weight
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        q.head.weight.copy_(quantize_weight(q.head.weight, "Linear", 2, QuantConfig()))
+    delta = np.array([float(objective.loss(q, i, CPU)) - base[i] for i in range(3)])
+    row = [info.name for info in layers].index("head")
+    assert table.omega[row, 0] == pytest.approx(delta.mean(), rel=1e-4)
+    assert table.omega_stderr[row, 0] == pytest.approx(delta.std(ddof=1) / np.sqrt(3), rel=1e-3)

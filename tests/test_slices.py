@@ -150,6 +150,45 @@ def test_slices_by_input_features_quantize_with_the_whole_rows_ranges() -> None:
         ChannelSlices(model[0], ((0, 1), (2, 3)), inputs=True)
 
 
+def test_slices_by_input_features_quantize_their_current_weights() -> None:
+    """The whole-layer ranges come from the parts' weights as they are now: a sliced model
+    trained or loaded after slicing is quantized from those weights, in a copy and in
+    place alike; a layer's slices must agree on quantizing its input, float included."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    cols = ((0, 3, 5, 7, 9, 11), (1, 2, 4, 6, 8, 10))
+    plan = SlicePlan({"0": cols}, frozenset({"0"}))
+    sliced = slice_model(model, plan)
+    x = torch.randn(5, 12)
+    mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))  # ranges of the weights as sliced
+    state = {k: v + 0.5 if k.endswith("weight") else v for k, v in sliced.state_dict().items()}
+    sliced.load_state_dict(state)
+    shifted = merge_slices(copy.deepcopy(sliced))
+    for bits in (2, 4):
+        got = mpsearch.quantize(sliced, BitMap.uniform(sliced, bits))
+        want = mpsearch.quantize(shifted, BitMap.uniform(shifted, bits))
+        torch.testing.assert_close(got(x), want(x), rtol=1e-5, atol=1e-5)
+    widths = BitMap.from_bits(sliced, {"0.parts.0": 2, "0.parts.1": 6, "2": 4})
+    in_place = mpsearch.quantize_(copy.deepcopy(sliced), widths)
+    torch.testing.assert_close(in_place(x), mpsearch.quantize(sliced, widths)(x))
+    for k, c in enumerate(cols):  # each part: its columns of the whole shifted layer
+        whole = mpsearch.quantize(shifted, BitMap.uniform(shifted, (2, 6)[k]))
+        torch.testing.assert_close(in_place[0].parts[k].weight, whole[0].weight[:, list(c)])
+    with torch.no_grad():
+        sliced[0].parts[0].weight.zero_()
+        sliced[0].parts[1].weight.zero_()
+    assert not mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))[0].parts[0].weight.any()
+    mixed = BitMap.from_bits(sliced, {"0.parts.0": 4, "0.parts.1": 4, "2": 4}, a_bits=8)
+    doc = mixed.to_dict()
+    doc["layers"]["0.parts.1"]["a_bits"] = None  # float beside 8 bits: one input
+    with pytest.raises(BitMapError, match="different widths"):
+        mpsearch.quantize(sliced, BitMap.from_dict(doc))
+    doc["slices"] = plan.to_dict()
+    with pytest.raises(BitMapError, match="different widths") as err:
+        mpsearch.quantize_(copy.deepcopy(model), BitMap.from_dict(doc))
+    assert "slice_model" not in str(err.value)  # slicing the model would not help
+
+
 def _linear(weight: torch.Tensor) -> nn.Sequential:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():

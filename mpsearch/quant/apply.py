@@ -121,12 +121,20 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     if baked:  # the quantized values are stored; a parametrization would recompute them
         bake_parametrizations(model, baked)
     modules = quantizable_modules(model)
+
+    def quantized(name: str) -> Tensor:
+        entry = bitmap[name]
+        return quantize_weight(layer_weight(modules[name]), entry.kind or layer_kind(
+            modules[name]), entry.w_bits, entry.qconfig, modules[name])
+    todo = [n for n, e in bitmap.items() if e.w_bits < 32]
     with torch.no_grad():
-        for name, entry in bitmap.items():
-            if entry.w_bits < 32:
-                weight = layer_weight(modules[name])
-                weight.copy_(quantize_weight(weight, entry.kind or layer_kind(modules[name]),
-                                             entry.w_bits, entry.qconfig, modules[name]))
+        # slices by input features take their ranges from the whole layer's weight: all of
+        # them are quantized before any is written
+        ready = {n: quantized(n) for n in todo
+                 if getattr(modules[n], "slice_of", None) is not None}
+        for name in todo:
+            layer_weight(modules[name]).copy_(ready.pop(name) if name in ready
+                                              else quantized(name))
     _hook_inputs(model, modules, {n: e.a_bits for n, e in bitmap.items()})
     return model
 
@@ -140,28 +148,30 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
                 if isinstance(m, nn.MultiheadAttention)}
     unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentWeight)}
     skipped = []
-    parents: dict[int, int] = {}  # layers sliced by input features: id → width of their input
+    # a slice by input features reads some of its layer's input: the layer's whole input
+    # is quantized, as the unsliced layer's would be, so its slices must agree (float too)
+    parents: dict[int, tuple[Any, set[int | None]]] = {}
     for name, bits in a_bits.items():
+        part_of = getattr(modules[name], "slice_of", None)
+        if part_of is not None:
+            widths = parents.setdefault(id(part_of.parent), (part_of.parent, set()))[1]
+            widths.add(bits if bits is not None and bits < 32 else None)
+            if len(widths) > 1:
+                from mpsearch.bitmap import BitMapError
+
+                raise BitMapError(f"the slices by input features of the layer holding "
+                                  f"{name!r} quantize their input to different widths "
+                                  f"{sorted(widths, key=str)}; the layer has one input")
+            continue
         if bits is not None and bits < 32:
             if name in unhooked:
                 skipped.append(name)
                 continue
-            part_of = getattr(modules[name], "slice_of", None)
-            if part_of is None:
-                modules[name].register_forward_pre_hook(ActivationQuantizer(bits))
-                continue
-            # a slice by input features reads some of the layer's input: the layer's whole
-            # input is quantized, as the unsliced layer's would be
-            key = id(part_of.parent)
-            if key not in parents:
-                parents[key] = bits
-                part_of.parent.register_forward_pre_hook(ActivationQuantizer(bits))
-            elif parents[key] != bits:
-                from mpsearch.bitmap import BitMapError
-
-                raise BitMapError(f"the slices by input features of the layer holding "
-                                  f"{name!r} quantize their input to different widths; "
-                                  "the layer has one input")
+            modules[name].register_forward_pre_hook(ActivationQuantizer(bits))
+    for parent, widths in parents.values():
+        (width,) = widths
+        if width is not None:
+            parent.register_forward_pre_hook(ActivationQuantizer(width))
     if skipped:
         log.warning("a_bits not applied to %s: their weight is read by an enclosing module "
                     "(nn.MultiheadAttention, a recurrent module), so no input of their own "
@@ -181,8 +191,9 @@ def _quantize_sliced_(model: nn.Module, bitmap: BitMap) -> nn.Module:
         if len(widths) > 1:
             raise BitMapError(f"the slices of {layer!r} quantize their input to different "
                               f"widths {sorted(widths, key=str)}, but the layer has one "
-                              "input: apply this bit map to mpsearch.slice_model(model, "
-                              "bitmap) instead")
+                              "input" + ("" if layer in bitmap.slices.inputs else
+                                         ": apply this bit map to mpsearch.slice_model("
+                                         "model, bitmap) instead"))
         a_bits[layer] = widths.pop() if widths else None
     merged = merge_slices(quantize_(slice_model(model, bitmap), bitmap))
     baked = [n for n in parametrized_layers(model) if n in a_bits]

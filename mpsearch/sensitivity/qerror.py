@@ -17,7 +17,7 @@ It costs L × B passes over the calibration data, so two things keep it fast:
 The standard error is that of the mean increase, from each calibration sample's paired
 increase (so a single calibration batch has error bars too); from the per-batch increases
 where the loss does not split by sample (a custom ``loss_fn``, a Hugging Face model's own
-loss, a time-major output).
+loss, a model with sequence-first (``batch_first=False``) recurrent or attention modules).
 """
 
 from __future__ import annotations
