@@ -519,7 +519,8 @@ def _clear_gain(diff: np.ndarray, current: float, settings: Refine,
     if mean >= -settings.min_gain * abs(current):
         return False
     if diff.size < 3:
-        if samples is None or samples[0].size < 3:
+        # fewer than three samples' worth of weight (Kish's effective count): no test
+        if samples is None or float(np.dot(samples[1], samples[1])) * 3 > 1:
             return True
         sample_mean, se = mean_and_stderr(*samples)
         return sample_mean + settings.min_z * se < 0

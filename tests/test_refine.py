@@ -214,3 +214,5 @@ def test_refine_single_batch_keeps_a_sample_test(mnist_dwsep, mnist_calib) -> No
     assert res.refinement.measured_after <= res.refinement.measured_before
     assert rep.output_divergence == pytest.approx(res.refinement.measured_after, rel=1e-3,
                                                   abs=1e-6)
+    heavy = (np.array([-0.1, 5.0, -5.0]), np.array([0.98, 0.01, 0.01]))  # one sample: no test
+    assert _clear_gain(gain, 1.0, settings, heavy)
