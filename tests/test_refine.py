@@ -200,6 +200,8 @@ def test_clear_gain_tests_samples_where_batches_are_too_few() -> None:
     assert not _clear_gain(np.array([-0.001]), 1.0, settings, steady)  # below min_gain
     three = np.array([-0.1, -0.12, -0.08])
     assert _clear_gain(three, 1.0, settings, noisy)  # batches decide
+    heavy = (np.array([-0.1, 5.0, -5.0]), np.array([0.98, 0.01, 0.01]))  # one sample: no test
+    assert _clear_gain(gain, 1.0, settings, heavy)
 
 
 def test_refine_single_batch_keeps_a_sample_test(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
@@ -214,5 +216,3 @@ def test_refine_single_batch_keeps_a_sample_test(mnist_dwsep, mnist_calib) -> No
     assert res.refinement.measured_after <= res.refinement.measured_before
     assert rep.output_divergence == pytest.approx(res.refinement.measured_after, rel=1e-3,
                                                   abs=1e-6)
-    heavy = (np.array([-0.1, 5.0, -5.0]), np.array([0.98, 0.01, 0.01]))  # one sample: no test
-    assert _clear_gain(gain, 1.0, settings, heavy)
