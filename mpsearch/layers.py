@@ -5,8 +5,9 @@ Hugging Face's ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``), the packed
 input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, ``(3·E, E)``, keyed by the
 attention module's FQN; its ``out_proj`` is an ``nn.Linear`` of its own) and each weight
 matrix of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (:class:`RecurrentWeight`, keyed by the
-parameter's name, ``rnn.weight_hh_l0``). Layers are keyed by fully-qualified name (FQN)
-everywhere.
+parameter's name, ``rnn.weight_hh_l0``; in a model sliced by :mod:`mpsearch.slices`, its
+row slices, :class:`RecurrentPart`, ``rnn.weight_hh_l0.parts.0``). Layers are keyed by
+fully-qualified name (FQN) everywhere.
 """
 
 from __future__ import annotations
@@ -80,7 +81,33 @@ class LayerInfo:
 RNN_KINDS = frozenset({"LSTM", "GRU", "RNN"})
 
 
-class RecurrentWeight(nn.Module):
+class RecurrentMatrix(nn.Module):
+    """A weight matrix (or some rows of one) that a recurrent module reads itself: the
+    module's own forward multiplies it at every time step, so its layer never runs, and
+    no input of its own can be hooked. ``kind``: ``"LSTM"``, ``"GRU"`` or ``"RNN"``."""
+
+    kind: str
+
+    def forward(self, *_: Any) -> Tensor:
+        raise RuntimeError(f"{type(self).__name__} is read by its recurrent module, "
+                           "never called")
+
+
+class RecurrentPart(RecurrentMatrix):
+    """Some rows of a recurrent module's weight matrix, held as a parameter of their own:
+    a slice of a recurrent layer (:class:`mpsearch.slices.RecurrentSlices`), keyed
+    ``f"{rnn_fqn}.{attr}.parts.{k}"``."""
+
+    def __init__(self, weight: Tensor, kind: str, *, requires_grad: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        self.kind = kind
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, rows={self.weight.shape[0]}"
+
+
+class RecurrentWeight(RecurrentMatrix):
     """One weight matrix of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (``weight_ih_l0``,
     ``weight_hh_l1_reverse``, ...) seen as a layer, keyed ``f"{rnn_fqn}.{attr}"``.
 
@@ -104,7 +131,7 @@ class RecurrentWeight(nn.Module):
         return w
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> str:  # type: ignore[override]
         return ("LSTM" if isinstance(self.owner, nn.LSTM)
                 else "GRU" if isinstance(self.owner, nn.GRU) else "RNN")
 
@@ -218,7 +245,7 @@ def layer_kind(module: nn.Module) -> str | None:
         return "Linear"
     if isinstance(module, nn.MultiheadAttention) and isinstance(module.in_proj_weight, Tensor):
         return "MultiheadAttention"  # separate q/k/v_proj_weight (kdim != embed_dim): float
-    if isinstance(module, RecurrentWeight):
+    if isinstance(module, RecurrentMatrix):
         return module.kind
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
@@ -462,13 +489,15 @@ def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
     """A Linear (or attention projection) that never ran: its weight read by the nearest
     enclosing module that ran on inputs whose last dimension is its input width
     (MultiheadAttention's query; PyTorch's fused transformer layer)."""
-    if not isinstance(module, (nn.Linear, nn.MultiheadAttention, RecurrentWeight)):
+    if not isinstance(module, (nn.Linear, nn.MultiheadAttention, RecurrentMatrix)):
         return
     n_out, n_in = layer_weight(module).shape
-    if isinstance(module, RecurrentWeight):
+    if isinstance(module, RecurrentMatrix):
         # every time step of every sequence multiplies the matrix once (per direction: the
-        # reverse direction has matrices of its own)
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        # reverse direction has matrices of its own); a slice of one is named
+        # f"{owner}.{attr}.parts.{k}"
+        atoms = name.split(".")[:-3 if isinstance(module, RecurrentPart) else -1]
+        owner = ".".join(atoms)
         inputs = [s for s in seen.get(owner, []) if len(s) >= 2]
         if inputs:
             stats.update(read_by=owner, calls=len(inputs),

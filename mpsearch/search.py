@@ -21,6 +21,7 @@ from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
 from mpsearch.costs import cost_tables, latency_cost_table
 from mpsearch.layers import (
+    RNN_KINDS,
     LayerInfo,
     Patterns,
     discover,
@@ -252,7 +253,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             cost (for ``Budget(latency_us=)`` / ``Budget(latency_ratio=)``) and offers a
             bit-width only to layers that have a real kernel for it on that device.
         slices: give each group of output channels its own width, not only each layer:
-            cut every Linear / Conv layer's output channels, ranked by a per-channel
+            cut every Linear / Conv layer's output channels (and each recurrent
+            matrix's rows), ranked by a per-channel
             block-Fisher score, into this many equal slices and search over the slices
             (see :mod:`mpsearch.slices`; 4 to 16); a Linear is cut by its input
             features instead where that is predicted to lose less (MLPs: their input
@@ -402,8 +404,8 @@ def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
             kinds[info.kind] = kinds.get(info.kind, 0) + info.params
     total = sum(i.params for i in layers)
     log.warning("slices='auto': %s, but channel slices cannot cut %.0f%% of them (%s; they "
-                "cut plain Linear and Conv layers that are not pinned, tied or read by "
-                "their parent): the search is per layer, where so few layers leave the "
+                "cut plain Linear and Conv layers and recurrent matrices that are not "
+                "pinned, tied or read by their parent): the search is per layer, where so few layers leave the "
                 "solver little to trade against uniform widths",
                 _few_layers(layers, [i.name for i in layers]), 100 * sum(kinds.values()) / total,
                 ", ".join(f"{k} weights {n / total:.0%}" for k, n in
@@ -443,7 +445,11 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         modules = quantizable_modules(model, include, exclude)
         pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
         sliceable = set(sliceable_layers(model, modules)) - pinned
-        cut = [i.name for i in layers if i.name in sliceable and not i.read_by]
+        # a layer read by its parent stays whole (its parent reads the one weight), but
+        # for recurrent matrices, which RecurrentSlices rebuilds for the recurrent module
+        cuttable = [i for i in layers if i.name in sliceable
+                    and (not i.read_by or i.kind in RNN_KINDS)]
+        cut = [i.name for i in cuttable]
         why = _few_layers(layers, cut) if auto else None
         if auto and not why and _few_layers(layers, [i.name for i in layers]):
             _warn_uncut(layers, cut)
@@ -461,7 +467,7 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                               ).check_budgets()
             count = AUTO_SLICES if auto else int(n_slices)
             sliceable -= set(idle_layers(model, layers, batches))
-            ranked = [i for i in layers if i.name in sliceable and not i.read_by]
+            ranked = [i for i in cuttable if i.name in sliceable]
             plan = SlicePlan({})
             if ranked:
                 objective = Objective(batches, loss_fn)

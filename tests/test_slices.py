@@ -17,6 +17,7 @@ from mpsearch.layers import quantizable_modules
 from mpsearch.quant import QuantConfig, quantize_tensor
 from mpsearch.slices import (
     ChannelSlices,
+    RecurrentSlices,
     merge_slices,
     plan_slices,
     predicted_gain,
@@ -668,23 +669,183 @@ def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(  # typ
 
 
 def test_auto_says_so_when_the_few_layers_cannot_be_cut(caplog) -> None:  # type: ignore[no-untyped-def]
-    """A GRU holds 97 % of the weights: "auto" would slice, cannot, and says why."""
+    """Attention's packed input projection holds 72 % of the weights: "auto" would slice,
+    cannot (the attention reads it whole), and says why."""
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attend().eval()
+    data = [torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with caplog.at_level("WARNING"):
+        result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
+                                 refine=False)
+    assert result.bitmap.slices is None and len(result.bitmap) == 3
+    assert "1.72 layers' worth" in caplog.text
+    assert "cannot cut 96% of them (MultiheadAttention weights 72%, Linear weights 24%" \
+        in caplog.text
+
+
+class _Recurrent(nn.Module):
+    """Every recurrent kind: a two-layer bidirectional LSTM, a GRU, an RNN without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(16, 12, batch_first=True)
+        self.rnn = nn.RNN(12, 8, bias=False, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rnn(self.gru(self.lstm(x)[0])[0])[0]
+        return self.head(h[:, -1])
+
+
+def _recurrent_plan(model: nn.Module, parts: int, seed: int = 0) -> SlicePlan:
+    gen = torch.Generator().manual_seed(seed)
+    return SlicePlan({
+        name: tuple(tuple(sorted(c.tolist())) for c in
+                    torch.randperm(m.weight.shape[0], generator=gen).chunk(parts))
+        for name, m in quantizable_modules(model).items() if name != "head"})
+
+
+def test_sliced_recurrent_matrices_compute_what_the_original_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Slices of recurrent weights: the recurrent module gets its matrices rebuilt from
+    the slices' current weights, in every way the search reaches them."""
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    x = torch.randn(4, 5, 6)
+    plan = _recurrent_plan(model, 3)
+    assert len(plan.layers) == 12  # 8 LSTM matrices, 2 GRU, 2 RNN
+    sliced = slice_model(model, plan)
+    assert not any(isinstance(m, RecurrentSlices) for m in model.modules())
+    assert isinstance(sliced.gru.weight_hh_l0, RecurrentSlices)
+    names = set(quantizable_modules(sliced))
+    assert "gru.weight_hh_l0.parts.2" in names and "gru.weight_hh_l0" not in names
+    infos = {i.name: i for i in mpsearch.discover(sliced, x)}
+    part = infos["lstm.weight_hh_l1_reverse.parts.1"]
+    assert (part.kind, part.read_by, part.weight_shape) == ("LSTM", "lstm", (11, 8))
+    assert part.macs == 5 * 11 * 8
+    torch.testing.assert_close(sliced(x), model(x))
+    # gradients reach each slice: its rows of the whole matrix's gradient
+    sliced(x).sum().backward()
+    model(x).sum().backward()
+    rows = plan.layers["gru.weight_hh_l0"][1]
+    torch.testing.assert_close(sliced.gru.weight_hh_l0.parts[1].weight.grad,
+                               model.gru.weight_hh_l0.grad[list(rows)])
+    # a deep copy (after a forward with gradients) runs its own slices
+    copied = copy.deepcopy(sliced)
+    with torch.no_grad():
+        copied.gru.weight_hh_l0.parts[0].weight.zero_()
+    torch.testing.assert_close(sliced(x), model(x))
+    assert not torch.allclose(copied(x), model(x))
+    # a substituted slice acts like the same rows substituted in the whole matrix
+    new = torch.randn(len(rows), 12)
+    whole = model.gru.weight_hh_l0.detach().clone()
+    whole[list(rows)] = new
+    torch.testing.assert_close(
+        torch.func.functional_call(sliced, {"gru.weight_hh_l0.parts.1.weight": new}, (x,)),
+        torch.func.functional_call(model, {"gru.weight_hh_l0": whole}, (x,)))
+    torch.testing.assert_close(sliced(x), model(x))  # and leaves no trace
+    # a whole matrix substituted beside a sliced one of the same module
+    half = slice_model(model, SlicePlan({"gru.weight_hh_l0": plan.layers["gru.weight_hh_l0"]}))
+    ih = torch.randn(36, 16)
+    torch.testing.assert_close(
+        torch.func.functional_call(half, {"gru.weight_hh_l0.parts.1.weight": new,
+                                          "gru.weight_ih_l0": ih}, (x,)),
+        torch.func.functional_call(model, {"gru.weight_hh_l0": whole, "gru.weight_ih_l0": ih},
+                                   (x,)))
+    torch.testing.assert_close(half(x), model(x))
+    # merging puts plain parameters back, and no hook
+    merged = merge_slices(copy.deepcopy(sliced))
+    assert [type(m) for m in merged.modules()] == [type(m) for m in model.modules()]
+    assert not merged.gru._forward_pre_hooks and not merged.gru._forward_hooks
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], value, msg=name)
+    torch.testing.assert_close(merged(x), model(x))
+    # the ONNX exporter traces the rebuilt matrices into the recurrent operators' inputs
+    import onnxruntime as ort
+
+    from mpsearch.export.onnxruntime import to_onnx
+
+    path = to_onnx(sliced, x, tmp_path / "sliced.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input_0": x.numpy()})[0],
+                               model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sliced.double()(x.double()), model.double()(x.double()))
+    with pytest.raises(ValueError, match="recurrent weights are sliced by rows only"):
+        slice_model(model, SlicePlan({"gru.weight_hh_l0": ((0,), tuple(range(1, 36)))},
+                                     frozenset({"gru.weight_hh_l0"})))
+    with pytest.raises(ValueError, match="partition the 36 rows"):
+        slice_model(model, SlicePlan({"gru.weight_hh_l0": ((0,), (1, 2))}))
+
+
+def test_quantized_recurrent_slices_hold_the_rows_of_the_whole_matrix() -> None:
+    torch.manual_seed(1)
+    model = _Recurrent().eval()
+    x = torch.randn(3, 5, 6)
+    plan = _recurrent_plan(model, 4)
+    sliced = slice_model(model, plan)
+    torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))(x),
+                               mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
+    widths = {n: (2, 3, 8)[k % 3] for k, n in enumerate(quantizable_modules(sliced))}
+    bitmap = BitMap.from_bits(sliced, widths)
+    bitmap.slices = plan
+    in_place = mpsearch.quantize_(copy.deepcopy(model), bitmap)  # the original model
+    assert not any(isinstance(m, RecurrentSlices) for m in in_place.modules())
+    torch.testing.assert_close(in_place(x), mpsearch.quantize(model, bitmap)(x))
+    for k, rows in enumerate(plan.layers["lstm.weight_ih_l1"]):
+        bits = widths[f"lstm.weight_ih_l1.parts.{k}"]
+        whole = mpsearch.quantize(model, BitMap.uniform(model, bits)).lstm.weight_ih_l1
+        torch.testing.assert_close(in_place.lstm.weight_ih_l1[list(rows)], whole[list(rows)])
+
+
+def test_auto_slices_a_recurrent_model_by_rows() -> None:
+    """A GRU reading the rows of scikit-learn's digits holds 94 % of its weights in two
+    recurrent matrices: per layer, no map at 4 average bits beats uniform INT4; slices
+    of the matrices' rows do, 2.5-3.9× in held-out KL (three seeds, both estimators)."""
+    from sklearn.datasets import load_digits
 
     class RowGRU(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = nn.GRU(28, 64, batch_first=True)
+            self.rnn = nn.GRU(8, 64, batch_first=True)
             self.head = nn.Linear(64, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.rnn(x)[0][:, -1])
 
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 8, 8) / 16
+    y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    model = RowGRU().eval()
-    data = [torch.randn(8, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    with caplog.at_level("WARNING"):
-        result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
-                                 refine=False)
-    assert result.bitmap.slices is None and len(result.bitmap) == 3
-    assert "1.86 layers' worth" in caplog.text
-    assert "cannot cut 97% of them (GRU weights 97%" in caplog.text
+    model = RowGRU()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(30):
+        for idx in torch.randperm(1000).split(50):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    calib = list(x[1000:1256].split(64))
+    held_out = [(x[1256:], y[1256:])]
+    uniform = mpsearch.validate(model, BitMap.uniform(model, 4), data=held_out,
+                                progress=False).output_divergence
+    before = _state(model)
+    for sensitivity in ("fisher", "qerror"):
+        result = mpsearch.search(model, 4.0, data=calib, sensitivity=sensitivity,
+                                 progress=False)
+        _assert_same(before, model)
+        assert result.bitmap.slices is not None
+        assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= set(result.bitmap.slices.layers)
+        assert result.bitmap.avg_bits() <= 4.0
+        searched = mpsearch.validate(model, result.bitmap, data=held_out,
+                                     progress=False).output_divergence
+        assert uniform / searched > 2.0, sensitivity

@@ -34,7 +34,7 @@ from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import OPSET, build_layer
 from mpsearch.hw.specs import batch_from_spec, fused_stay_float, model_inputs, model_specs
 from mpsearch.layers import (
-    RecurrentWeight,
+    RecurrentMatrix,
     fingerprint,
     layer_weight,
     model_shapes,
@@ -103,7 +103,7 @@ class _Flat(nn.Module):
 def _marked(model: nn.Module) -> Iterator[None]:
     # nn.MultiheadAttention and recurrent modules run their own fused operators: no marker
     modules = {n: m for n, m in quantizable_modules(model).items()
-               if not isinstance(m, (nn.MultiheadAttention, RecurrentWeight))}
+               if not isinstance(m, (nn.MultiheadAttention, RecurrentMatrix))}
     try:
         for name, module in modules.items():
             _ORIGINAL[name] = module

@@ -13,7 +13,7 @@ from mpsearch.hw.kernels_ort import LayerSpec
 from mpsearch.layers import (
     RNN_KINDS,
     LayerInfo,
-    RecurrentWeight,
+    RecurrentMatrix,
     discover,
     layer_kind,
     layer_weight,
@@ -136,7 +136,7 @@ def fused_layers(model: nn.Module) -> set[str]:
     ``nn.MultiheadAttention`` modules (the attention itself, for its packed
     ``in_proj_weight``, and its ``out_proj``) and the matrices of recurrent modules. No
     low-bit kernel can be swapped in for them."""
-    out = {n for n, m in quantizable_modules(model).items() if isinstance(m, RecurrentWeight)}
+    out = {n for n, m in quantizable_modules(model).items() if isinstance(m, RecurrentMatrix)}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             out |= {name, f"{name}.out_proj" if name else "out_proj"}

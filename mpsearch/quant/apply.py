@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.layers import (
-    RecurrentWeight,
+    RecurrentMatrix,
     bake_parametrizations,
     layer_kind,
     layer_weight,
@@ -146,7 +146,7 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
     # modules read their matrices themselves
     unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention)}
-    unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentWeight)}
+    unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentMatrix)}
     skipped = []
     # a slice by input features reads some of its layer's input: the layer's whole input
     # is quantized, as the unsliced layer's would be, so its slices must agree (float too)
