@@ -28,7 +28,7 @@ from mpsearch.layers import (
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
-from mpsearch.slices import ChannelSlices, SlicePlan
+from mpsearch.slices import ChannelSlices, RecurrentSlices, SlicePlan
 
 FORMAT = "mpsearch.bitmap"
 FORMAT_VERSION = 1
@@ -242,7 +242,7 @@ class BitMap(Mapping[str, LayerEntry]):
         if problems:
             hint = ""
             if self.slices is not None and missing and not any(
-                    isinstance(m, ChannelSlices) for m in model.modules()):
+                    isinstance(m, (ChannelSlices, RecurrentSlices)) for m in model.modules()):
                 hint = ("; this bit map is from a sliced search: build the model it "
                         "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "

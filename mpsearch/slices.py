@@ -38,8 +38,8 @@ uniform INT4 (``results/unseen_models.md``).
 
 Recurrent weights (each matrix of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``) are sliced
 by rows (gate units) too, though the recurrent module multiplies them itself: the matrix
-becomes a :class:`RecurrentSlices` module on the recurrent module, whose forward pre-hook
-hands the kernel the matrix rebuilt from its slices. A GRU that holds 97 % of its weights
+becomes a :class:`RecurrentSlices` module on the recurrent module, which (now a
+:class:`SlicedGRU`, say) hands its kernel the matrix rebuilt from the slices on each call. A GRU that holds 97 % of its weights
 in two matrices went from 1.00× (per layer, no better than uniform INT4) to 2.7-3.5×.
 
 What it does not slice: grouped convolutions other than depthwise, Hugging Face
@@ -84,8 +84,10 @@ def _sliceable(module: nn.Module) -> bool:
     per group), or a weight matrix of a recurrent module (by rows: :class:`RecurrentSlices`).
     Subclasses (``out_proj`` of attention, adapters) may compute something else with their
     weight, so they stay whole."""
-    if type(module) is nn.Linear or isinstance(module, RecurrentWeight):
+    if type(module) is nn.Linear:
         return True
+    if isinstance(module, RecurrentWeight):  # a plain LSTM / GRU / RNN's matrix
+        return type(module.owner) in (*_SLICED_CLASS, *_SLICED_CLASS.values())
     if type(module) in (nn.Conv1d, nn.Conv2d):
         conv: Any = module
         return conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels
@@ -263,9 +265,10 @@ class RecurrentSlices(nn.Module):
     The recurrent module multiplies its matrices itself, so the matrix cannot become
     separate layers the way :class:`ChannelSlices` makes them: this module takes the
     matrix's place on the recurrent module (``rnn.weight_hh_l0`` is this module; slice k
-    is ``rnn.weight_hh_l0.parts.k``), and a forward pre-hook on the recurrent module hands
-    its kernel the whole matrix rebuilt from the parts' current weights (quantized,
-    substituted by ``torch.func.functional_call``, trained) in the original row order.
+    is ``rnn.weight_hh_l0.parts.k``), and the recurrent module, now a
+    :class:`SlicedGRU` (or LSTM, RNN), hands its kernel the whole matrix rebuilt from the
+    parts' current weights (quantized, substituted by ``torch.func.functional_call``,
+    trained) in the original row order on every call.
     Rows are quantized row-wise, so uniform INT4 of the parts is uniform INT4 of the
     matrix.
     """
@@ -295,23 +298,50 @@ class RecurrentSlices(nn.Module):
         raise RuntimeError("RecurrentSlices is read by its recurrent module, never called")
 
 
-def _assemble_recurrent(rnn: nn.Module, _args: Any) -> None:
-    """Forward pre-hook of a recurrent module with sliced matrices: its kernel reads
-    ``_flat_weights``, which get the matrices rebuilt from their slices. A module-level
-    function, so a deep copy of the model calls it on the copy's own slices."""
-    assert isinstance(rnn, nn.RNNBase)
-    rnn._init_flat_weights()  # the current parameters (and the slice holders)
-    for i, name in enumerate(rnn._flat_weights_names):
-        held = rnn._modules.get(name)
-        if isinstance(held, RecurrentSlices):
-            rnn._flat_weights[i] = held.weight
+class _SlicedRecurrent(nn.RNNBase):
+    """What a recurrent module with sliced matrices becomes (its class is swapped for
+    :class:`SlicedLSTM` / :class:`SlicedGRU` / :class:`SlicedRNN`): the list of matrices its
+    kernel reads, ``_flat_weights``, is built on every read, from the current parameters
+    and the sliced matrices rebuilt from their parts, and never stored. So quantized,
+    substituted (``torch.func.functional_call``) and trained parts act at once, and
+    concurrent forward passes share no state."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for name in self._flat_weights_names:
+            held = self._modules.get(name)
+            out.append(held.weight if isinstance(held, RecurrentSlices)
+                       else getattr(self, name, None))
+        return out
+
+    @_flat_weights.setter
+    def _flat_weights(self, _value: Any) -> None:  # RNNBase keeps it up to date: no need
+        pass
+
+    def _init_flat_weights(self) -> None:
+        # nothing to cache (``_weights_have_changed`` then never asks for a rebuild)
+        self._flat_weight_refs = [None] * len(self._flat_weights_names)
+
+    def flatten_parameters(self) -> None:
+        """No single cuDNN buffer: the matrices are rebuilt on each call."""
 
 
-def _release_recurrent(rnn: nn.Module, _args: Any, _out: Any) -> None:
-    """Forward hook (always called): drop the rebuilt matrices (tensors with a graph, which
-    a deep copy of the model could not copy)."""
-    assert isinstance(rnn, nn.RNNBase)
-    rnn._init_flat_weights()
+class SlicedLSTM(_SlicedRecurrent, nn.LSTM):
+    """An ``nn.LSTM`` some of whose matrices are :class:`RecurrentSlices`."""
+
+
+class SlicedGRU(_SlicedRecurrent, nn.GRU):
+    """An ``nn.GRU`` some of whose matrices are :class:`RecurrentSlices`."""
+
+
+class SlicedRNN(_SlicedRecurrent, nn.RNN):
+    """An ``nn.RNN`` some of whose matrices are :class:`RecurrentSlices`."""
+
+
+#: the recurrent classes whose matrices can be sliced, and what they become
+_SLICED_CLASS: dict[type[nn.RNNBase], type[nn.RNNBase]] = {
+    nn.LSTM: SlicedLSTM, nn.GRU: SlicedGRU, nn.RNN: SlicedRNN}
 
 
 def _slice_recurrent(model: nn.Module, name: str, rows: Sequence[Sequence[int]]) -> None:
@@ -324,17 +354,18 @@ def _slice_recurrent(model: nn.Module, name: str, rows: Sequence[Sequence[int]])
     weight = view.weight
     holder = RecurrentSlices(weight, view.kind, rows, requires_grad=weight.requires_grad)
     holder.train(owner.training)
+    if type(owner) in _SLICED_CLASS:
+        owner.__class__ = _SLICED_CLASS[type(owner)]
+        owner.__dict__.pop("_flat_weights", None)  # the class builds it now
     delattr(owner, attr)
     owner.add_module(attr, holder)
-    if _assemble_recurrent not in owner._forward_pre_hooks.values():
-        owner.register_forward_pre_hook(_assemble_recurrent)
-        owner.register_forward_hook(_release_recurrent, always_call=True)
     owner._init_flat_weights()
 
 
 def _merge_recurrent(owner: nn.RNNBase) -> None:
     """Put plain parameters back in place of ``owner``'s :class:`RecurrentSlices` (holding
-    their current, possibly quantized, rows) and drop the hooks that rebuilt them."""
+    their current, possibly quantized, rows), in the original order, and give it back its
+    own class."""
     for attr in owner._flat_weights_names:
         held = owner._modules.get(attr)
         if isinstance(held, RecurrentSlices):
@@ -343,11 +374,12 @@ def _merge_recurrent(owner: nn.RNNBase) -> None:
             trainable = any(p.weight.requires_grad for p in held.parts)
             del owner._modules[attr]
             owner.register_parameter(attr, nn.Parameter(weight, requires_grad=trainable))
-    for hooks, fn in ((owner._forward_pre_hooks, _assemble_recurrent),
-                      (owner._forward_hooks, _release_recurrent)):
-        for key in [k for k, v in hooks.items() if v is fn]:
-            del hooks[key]
-            owner._forward_hooks_always_called.pop(key, None)
+    for attr in owner._flat_weights_names:  # parameters in the order the module made them
+        if attr in owner._parameters:
+            owner._parameters[attr] = owner._parameters.pop(attr)
+    plain = {v: k for k, v in _SLICED_CLASS.items()}.get(type(owner))
+    if plain is not None:
+        owner.__class__ = plain
     owner._init_flat_weights()
 
 
@@ -459,6 +491,10 @@ def slice_model(model: nn.Module, plan: SlicePlan | Any) -> nn.Module:
                  if isinstance(m, RecurrentWeight)}
     for name, rows in plan.layers.items():
         if name in recurrent:
+            if not _sliceable(recurrent[name]):
+                raise ValueError(f"the slice plan names {name!r}, a matrix of a "
+                                 f"{type(recurrent[name].owner).__name__}, which cannot be "
+                                 "sliced (nn.LSTM, nn.GRU and nn.RNN themselves only)")
             if name in plan.inputs:
                 raise ValueError(f"the slice plan cuts {name!r}, a recurrent weight, by "
                                  "input features; recurrent weights are sliced by rows only")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -767,6 +768,8 @@ def test_sliced_recurrent_matrices_compute_what_the_original_does(tmp_path) -> N
     merged = merge_slices(copy.deepcopy(sliced))
     assert [type(m) for m in merged.modules()] == [type(m) for m in model.modules()]
     assert not merged.gru._forward_pre_hooks and not merged.gru._forward_hooks
+    # in the original order (positional consumers: parameters_to_vector, optimizer state)
+    assert [n for n, _ in merged.named_parameters()] == [n for n, _ in model.named_parameters()]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], value, msg=name)
     torch.testing.assert_close(merged(x), model(x))
@@ -785,6 +788,67 @@ def test_sliced_recurrent_matrices_compute_what_the_original_does(tmp_path) -> N
                                      frozenset({"gru.weight_hh_l0"})))
     with pytest.raises(ValueError, match="partition the 36 rows"):
         slice_model(model, SlicePlan({"gru.weight_hh_l0": ((0,), (1, 2))}))
+
+
+def test_sliced_recurrent_module_runs_in_several_threads_at_once() -> None:
+    """The matrices are rebuilt for each call, not stored on the module between its
+    hooks: a server's threads share one sliced model."""
+    import sys
+    import threading
+
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    sliced = slice_model(model, _recurrent_plan(model, 2))
+    x = torch.randn(2, 3, 6)
+    expect = model(x).detach()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(300):
+                    torch.testing.assert_close(sliced(x), expect)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+
+
+def test_recurrent_subclasses_stay_whole() -> None:
+    """A subclass of nn.GRU may read its own matrices in its forward: slicing would hand it
+    a module where it expects a tensor, so its matrices stay whole (as Linear subclasses)."""
+
+    class NormGRU(nn.GRU):
+        def forward(self, x: torch.Tensor, hx: torch.Tensor | None = None) -> Any:
+            out, h = super().forward(x, hx)
+            return out / self.weight_hh_l0.norm(), h
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = NormGRU(8, 32, batch_first=True)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    data = [torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = mpsearch.search(Model().eval(), 4.0, data=data, sensitivity="fisher",
+                             progress=False, refine=False)
+    assert result.bitmap.slices is None
+    with pytest.raises(ValueError, match="cannot be sliced"):
+        slice_model(Model(), SlicePlan({"rnn.weight_hh_l0": ((0,), tuple(range(1, 96)))}))
 
 
 def test_quantized_recurrent_slices_hold_the_rows_of_the_whole_matrix() -> None:
