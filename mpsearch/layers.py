@@ -171,8 +171,15 @@ def parametrized_layers(model: nn.Module) -> list[str]:
     (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)."""
     from torch.nn.utils import parametrize
 
-    return [n for n, m in model.named_modules()
-            if layer_kind(m) is not None and parametrize.is_parametrized(m, weight_attr(m))]
+    out = []
+    for name, module in model.named_modules():
+        if layer_kind(module) is not None and parametrize.is_parametrized(
+                module, weight_attr(module)):
+            out.append(name)
+        elif isinstance(module, nn.RNNBase):  # a recurrent matrix's layer is its parameter
+            out += [f"{name}.{attr}" if name else attr for attr in module._flat_weights_names
+                    if attr.startswith("weight_") and parametrize.is_parametrized(module, attr)]
+    return out
 
 
 def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
@@ -184,8 +191,12 @@ def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
     model, and would break the user's model when baking a copy.
     """
     for name in names:
-        module = model.get_submodule(name)
-        attr = weight_attr(module)
+        try:
+            module = model.get_submodule(name)
+            attr = weight_attr(module)
+        except AttributeError:  # a recurrent matrix: "rnn.weight_hh_l0"
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
         with torch.no_grad():
             value = getattr(module, attr).detach().clone()
         cls = type(module)
@@ -199,6 +210,8 @@ def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
             del module.parametrizations
             module.__class__ = cls.__bases__[0]
         module.register_parameter(attr, nn.Parameter(value, requires_grad=trainable))
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
 
 
 def plain_weights(model: nn.Module) -> nn.Module:
@@ -421,6 +434,8 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         def watch(name: str) -> Callable[..., None]:
             def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 first = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(first, nn.utils.rnn.PackedSequence):
+                    first = first.data  # (time steps of every sequence, features)
                 if isinstance(first, Tensor):
                     seen[name].append(tuple(first.shape))
             return pre

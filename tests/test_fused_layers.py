@@ -96,6 +96,62 @@ def test_recurrent_weights_are_layers() -> None:
     assert infos["gru.weight_ih_l0"].kind == "GRU" and infos["gru.weight_ih_l0"].macs == 7 * 24 * 48
 
 
+def test_recurrent_weights_read_from_packed_sequences() -> None:
+    """A recurrent module called on a PackedSequence runs its matrices once per time step
+    of every sequence (not "did not run")."""
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(6, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3, 2], batch_first=True)
+            return self.head(self.rnn(packed)[1][0][-1])
+
+    infos = {i.name: i for i in mpsearch.discover(Packed().eval(), torch.randn(3, 5, 6))}
+    hh = infos["rnn.weight_hh_l0"]
+    assert (hh.read_by, hh.calls) == ("rnn", 1)
+    assert hh.macs == round((5 + 3 + 2) * 32 * 8 / 3)  # per sample: 10 steps of 3 sequences
+
+
+def test_parametrized_recurrent_matrices_are_quantized_and_searched() -> None:
+    """A recurrent matrix under a parametrization (weight norm, orthogonal) is quantized
+    as its computed value and searched on a copy with that value baked in."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 0.5 * w
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(6, 16, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    parametrize.register_parametrization(model.rnn, "weight_hh_l0", Scale())
+    from mpsearch.quant.apply import quantize_weight
+
+    q = mpsearch.quantize(model, BitMap.uniform(model, 2))
+    assert torch.equal(q.rnn.weight_hh_l0, quantize_weight(
+        model.rnn.weight_hh_l0.detach(), "GRU", 2, mpsearch.QuantConfig()))
+    assert parametrize.is_parametrized(model.rnn, "weight_hh_l0")  # the original's stays
+    data = [torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for slices in (None, 4):
+        res = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=slices,
+                              progress=False, refine=False)
+        assert "rnn.weight_hh_l0" in (res.bitmap.slices.layers if slices else res.bitmap)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 @pytest.mark.parametrize("estimator", ["qerror", "fisher"])
 def test_recurrent_search_quantize_and_deploy(estimator: str) -> None:
     torch.manual_seed(0)
