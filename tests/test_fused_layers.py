@@ -125,17 +125,10 @@ def test_parametrized_recurrent_matrices_are_quantized_and_searched() -> None:
         def forward(self, w: torch.Tensor) -> torch.Tensor:
             return 0.5 * w
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.GRU(6, 16, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
+    from tests.test_slices import LastStepGRU
 
     torch.manual_seed(0)
-    model = Model().eval()
+    model = LastStepGRU(6, 16, 3).eval()
     parametrize.register_parametrization(model.rnn, "weight_hh_l0", Scale())
     from mpsearch.quant.apply import quantize_weight
 

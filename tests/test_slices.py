@@ -694,6 +694,18 @@ def test_auto_says_so_when_the_few_layers_cannot_be_cut(caplog) -> None:  # type
         in caplog.text
 
 
+class LastStepGRU(nn.Module):
+    """A GRU (or a subclass of one) and a Linear on its last step's output."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, rnn: type[nn.GRU] = nn.GRU) -> None:
+        super().__init__()
+        self.rnn = rnn(n_in, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 class _Recurrent(nn.Module):
     """Every recurrent kind: a two-layer bidirectional LSTM, a GRU, an RNN without bias."""
 
@@ -833,22 +845,14 @@ def test_recurrent_subclasses_stay_whole() -> None:
             out, h = super().forward(x, hx)
             return out / self.weight_hh_l0.norm(), h
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = NormGRU(8, 32, batch_first=True)
-            self.head = nn.Linear(32, 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
-
     torch.manual_seed(0)
+    model = LastStepGRU(8, 32, 5, rnn=NormGRU).eval()
     data = [torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    result = mpsearch.search(Model().eval(), 4.0, data=data, sensitivity="fisher",
-                             progress=False, refine=False)
+    result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
+                             refine=False)
     assert result.bitmap.slices is None
     with pytest.raises(ValueError, match="cannot be sliced"):
-        slice_model(Model(), SlicePlan({"rnn.weight_hh_l0": ((0,), tuple(range(1, 96)))}))
+        slice_model(model, SlicePlan({"rnn.weight_hh_l0": ((0,), tuple(range(1, 96)))}))
 
 
 def test_quantized_recurrent_slices_hold_the_rows_of_the_whole_matrix() -> None:
@@ -877,20 +881,11 @@ def test_auto_slices_a_recurrent_model_by_rows() -> None:
     of the matrices' rows do, 2.5-3.9× in held-out KL (three seeds, both estimators)."""
     from sklearn.datasets import load_digits
 
-    class RowGRU(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.GRU(8, 64, batch_first=True)
-            self.head = nn.Linear(64, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
-
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 8, 8) / 16
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    model = RowGRU()
+    model = LastStepGRU(8, 64, 10)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(30):
         for idx in torch.randperm(1000).split(50):
