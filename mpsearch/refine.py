@@ -138,6 +138,12 @@ class Refinement:
             ``"time_budget_s"``), or ``"converged"`` when no candidate improved.
         checked: the check's single-layer measurements, ``{layer: {bits: [predicted,
             measured]}}`` (empty when the check did not run).
+        uniform_bits: the width of the best uniform map within the budgets (every layer
+            at one width; measured, it is usually the widest that fits, e.g. INT4 at 4.0
+            average bits); None where no uniform map fits or is allowed.
+        uniform_measured: that uniform map's measured calibration loss increase: against
+            :attr:`measured_after`, what the mixed map gains on this model and data
+            (:attr:`uniform_ratio`).
     """
 
     measured_before: float
@@ -148,6 +154,19 @@ class Refinement:
     checked: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     passes: float = 0.0
     stopped_by: str = "converged"
+    uniform_bits: int | None = None
+    uniform_measured: float | None = None
+
+    @property
+    def uniform_ratio(self) -> float | None:
+        """Measured calibration loss increase of the best uniform map within the budgets
+        over that of the returned map (2.0: half the uniform map's damage); None without a
+        uniform map, inf where the returned map measures no damage."""
+        if self.uniform_measured is None:
+            return None
+        if self.measured_after <= 0:
+            return math.inf if self.uniform_measured > 0 else 1.0
+        return self.uniform_measured / self.measured_after
 
 
 def _limit_reached(settings: Refine, evaluations: int, passes: float, t0: float,
@@ -351,11 +370,14 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
         uniform: tuple[float, np.ndarray, int] | None = None
         for o in range(len(problem.bits)):
             trial = np.full_like(unit_choice, o)
-            if (not problem.unit_allowed[:, o].all() or np.array_equal(trial, unit_choice)
+            if (not problem.unit_allowed[:, o].all()
                     or not problem.is_feasible(problem.expand(trial))):
                 continue
-            measured = float(replay.losses(weights_of(trial, everything)).mean()) - float_loss
-            evaluations += 1
+            if np.array_equal(trial, unit_choice):  # the map is already this uniform one
+                measured = current
+            else:
+                measured = float(replay.losses(weights_of(trial, everything)).mean()) - float_loss
+                evaluations += 1
             if uniform is None or measured < uniform[0]:
                 uniform = (measured, trial, o)
         # progress in passes over the calibration data where that is the limit
@@ -416,7 +438,8 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             current = float(current_split.mean()) - float_loss
             bar.set_postfix(measured=f"{current:.4g}")
         bar.close()
-        if uniform is not None and uniform[0] < current - settings.min_gain * abs(current):
+        if (uniform is not None and not np.array_equal(uniform[1], unit_choice)
+                and uniform[0] < current - settings.min_gain * abs(current)):
             o = uniform[2]
             moves.append({"bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
                                    for u in everything for n in problem.units[u]
@@ -425,7 +448,9 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             unit_choice, current = uniform[1], uniform[0]
         passes = replay.passes
     report = Refinement(before, current, evaluations, moves, time.perf_counter() - t0, checked,
-                        passes, stopped_by)
+                        passes, stopped_by,
+                        uniform_bits=None if uniform is None else problem.bits[uniform[2]],
+                        uniform_measured=None if uniform is None else uniform[0])
     log.info("refinement: measured loss increase %.4g -> %.4g in %d evaluations (%.1f passes, "
              "%.1f s), %d moves; stopped: %s", before, current, evaluations, passes,
              report.time_s, len(moves), stopped_by)

@@ -357,6 +357,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                                               qconfig, settings, device=device,
                                               resolve=resolve, progress=progress)
                 timings["refine"] = time.perf_counter() - t
+                _log_gain(refinement)
     bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
                      refinement)
     if profile is not None:
@@ -365,6 +366,18 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
                         refinement)
+
+
+def _log_gain(refinement: Refinement) -> None:
+    """Say what the mixed map measured against the best uniform map within the budget."""
+    ratio = refinement.uniform_ratio
+    if ratio is None:
+        return
+    log.info("measured on the calibration data: loss increase %.4g, %s the best uniform map "
+             "within the budget (INT%d: %.4g)%s", refinement.measured_after,
+             f"{ratio:.2f}x below" if ratio != 1.0 else "the same as",
+             refinement.uniform_bits, refinement.uniform_measured,
+             "; mixed precision gains little on this model and data" if ratio < 1.5 else "")
 
 
 def _auto_slices(sensitivity: object, tie: Ties,
@@ -618,6 +631,9 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
     predicted = {"loss_increase": best.loss, "loss_increase_stderr": stderr, **best.costs}
     if refinement is not None:
         predicted["calibration_loss_increase"] = refinement.measured_after
+        if refinement.uniform_bits is not None and refinement.uniform_measured is not None:
+            predicted["calibration_uniform_bits"] = refinement.uniform_bits
+            predicted["calibration_uniform_loss_increase"] = refinement.uniform_measured
     return BitMap(entries, model_class=type(model).__name__,
                   fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),
                   budget=budget.limits(), predicted=predicted,

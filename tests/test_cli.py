@@ -83,6 +83,10 @@ def test_search_json_is_one_object(capsys, tmp_path, model_cache):
     ref = doc["refinement"]  # on by default; measured, never worse than the solver's map
     assert ref["measured_after"] <= ref["measured_before"]
     assert ref["stopped_by"] in ("converged", "max_passes") and 0 < ref["passes"] <= 65
+    # avg bits 5: the best uniform map within the budget is INT5, measured beside the map
+    assert ref["uniform_bits"] == 5
+    assert ref["uniform_ratio"] == pytest.approx(ref["uniform_measured"] / ref["measured_after"])
+    assert doc["predicted"]["calibration_uniform_loss_increase"] == ref["uniform_measured"]
 
 
 @pytest.mark.parametrize("fmt", ["mpsearch", "hawq", "gptqmodel", "compressed-tensors",

@@ -137,14 +137,43 @@ def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:
     assert solved.bitmap["classifier.0"].w_bits == 3  # the ratings' mix
     res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=solved.sensitivity,
                           loss_fn="task", progress=False, slices=None)
+    # the uniform map's increase of the same loss (the label loss) on the same data
     uniform = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 4), data=mnist_calib,
-                                progress=False).loss_increase
+                                loss_fn="task", progress=False).loss_increase
     assert res.refinement is not None
     assert res.refinement.measured_after <= uniform * (1 + 1e-6) + 1e-9
     assert res.refinement.measured_after <= res.refinement.measured_before
     assert res.bitmap.avg_bits() <= 4.0 + 1e-9
     assert set(res.bitmap.bits().values()) == {4}
     assert res.refinement.moves  # measured its way there
+    # It reports the uniform map it measured: here the map it returns.
+    assert res.refinement.uniform_bits == 4
+    assert res.refinement.uniform_measured == pytest.approx(uniform, rel=1e-4, abs=1e-9)
+    assert res.refinement.uniform_ratio == pytest.approx(1.0, rel=1e-5)
+
+
+def test_refinement_reports_the_gain_over_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """The best uniform map within the budget is measured on the calibration data and
+    reported beside the searched map: the gain a user can expect before validating."""
+    from mpsearch import BitMap
+
+    calib = [x for x, _ in mnist_calib[:2]]
+    res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", progress=False)
+    r = res.refinement
+    assert r is not None and res.bitmap.slices is not None  # sliced: a real mix
+    uniform4 = _calib_loss(mnist_cnn, BitMap.uniform(mnist_cnn, 4), calib)
+    assert r.uniform_bits == 4  # INT4 is the best uniform map at 4.0 average bits
+    assert r.uniform_measured == pytest.approx(uniform4, rel=1e-4)
+    assert r.measured_after == pytest.approx(_calib_loss(mnist_cnn, res.bitmap, calib), rel=1e-4)
+    assert r.uniform_ratio == pytest.approx(uniform4 / r.measured_after, rel=1e-4)
+    assert r.uniform_ratio > 2  # slices of the one large layer beat uniform INT4 here
+    predicted = res.bitmap.predicted
+    assert predicted["calibration_uniform_bits"] == 4
+    assert predicted["calibration_uniform_loss_increase"] == r.uniform_measured
+    # A budget no uniform map within the candidate widths fits exactly still has INT3.
+    tight = mpsearch.search(mnist_cnn, 3.5, data=calib, sensitivity=res.sensitivity,
+                            progress=False)
+    assert tight.refinement is not None and tight.refinement.uniform_bits == 3
 
 
 def test_check_corrects_a_table_that_rates_a_large_layer_too_cheap(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]

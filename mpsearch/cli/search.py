@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -82,10 +83,19 @@ def run_search(args: argparse.Namespace) -> int:
         payload["refinement"] = {"measured_before": r.measured_before,
                                  "measured_after": r.measured_after, "moves": len(r.moves),
                                  "evaluations": r.evaluations, "passes": r.passes,
-                                 "time_s": r.time_s, "stopped_by": r.stopped_by}
+                                 "time_s": r.time_s, "stopped_by": r.stopped_by,
+                                 "uniform_bits": r.uniform_bits,
+                                 "uniform_measured": r.uniform_measured,
+                                 "uniform_ratio": _finite(r.uniform_ratio)}
         refined = (f"\nrefinement: measured calibration loss increase {r.measured_before:.4g}"
                    f" -> {r.measured_after:.4g}, {len(r.moves)} move(s), {r.evaluations} maps "
                    f"measured ({r.passes:.1f} passes, {r.time_s:.1f} s; {r.stopped_by})")
+        if r.uniform_ratio is not None:
+            gain = (f"{r.uniform_ratio:.2f}x the searched map's" if math.isfinite(r.uniform_ratio)
+                    else "the searched map measured no")
+            refined += (f"\nagainst uniform INT{r.uniform_bits} within the budget, measured "
+                        f"on the calibration data: {r.uniform_measured:.4g} ({gain} loss "
+                        "increase)")
     sliced = ""
     if res.bitmap.slices is not None:
         payload["slices"] = {n: len(p) for n, p in res.bitmap.slices.layers.items()}
@@ -98,6 +108,11 @@ def run_search(args: argparse.Namespace) -> int:
             + f"\nwrote {path}")
     emit(args, payload, text)
     return EXIT_OK
+
+
+def _finite(x: float | None) -> float | None:
+    """``x``, or None where it is not finite (strict JSON has no inf)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def run_demo(args: argparse.Namespace) -> int:
