@@ -14,13 +14,19 @@ convolutions and a 576 → 128 Linear), with the weights facenet-pytorch ships, 
 non-face classifiers on scikit-image's LFW faces (64 calibration, 136 held-out images;
 the zoo holds only the third stage, ONet). And three classifiers of scikit-learn's 8×8
 digits (1,797 images: 1,000 to train, 256 to calibrate, 541 held out): MLPs 64-32-10 and
-64-128-64-10 and a small CNN. For each model and each of the issue's three
+64-128-64-10 and a small CNN. And two character-level language models, a sequence
+kind of their own with an ``nn.Embedding`` (which stays float) and per-position outputs:
+characters embedded, one LSTM or GRU of 192 units, a Linear to the next character,
+trained on one half of the Lee news corpus that ships with gensim (2,000 Adam steps;
+calibration: 64 windows of 64 characters of that half; held out: 128 windows of the other
+half, whose stories the model never read; KL over every position). For each model and
+each of the issue's three
 estimators ``search``
 runs with every default (ILP, bits 2/3/4/5/6/8, divergence loss, measured refinement,
 ``slices="auto"``) and again per layer (``slices=None``), at 4.0 and 3.0 average bits
 (the 3-bit search reuses the 4-bit search's table), and each time again with the same
 table and no refinement (the estimator + ILP alone). Each map is validated on the
-held-out data (1,000 MNIST digits, 136 faces, 541 small digits): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
+held-out data (1,000 MNIST digits, 136 faces, 541 small digits, 8,192 characters): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
 issue's bar is 4× at 4 bits.
 
 Writes ``results/unseen_models.{md,csv,png}``.
@@ -145,6 +151,58 @@ class RowGRU(nn.Module):
         return self.head(out[:, -1])
 
 
+class CharLM(nn.Module):
+    """A character-level language model: characters embedded (``nn.Embedding``, 48 wide),
+    a recurrent layer of 192 units (``cell``: ``nn.LSTM`` or ``nn.GRU``), a Linear to the
+    next character's logits at every position."""
+
+    def __init__(self, vocab: int, cell: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 48)
+        self.rnn = cell(48, 192, batch_first=True)
+        self.head = nn.Linear(192, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+def lee_text() -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Lee news corpus (``mpsearch.zoo.text_sentences``: its two halves share no
+    story) as character ids: the ``"calib"`` half to train and calibrate on, the
+    ``"eval"`` half held out; characters of the held-out half unseen in the other map to
+    one extra id."""
+    from mpsearch.zoo import text_sentences
+
+    train, held = (" ".join(text_sentences(split)) for split in ("calib", "eval"))
+    ids = {c: i for i, c in enumerate(sorted(set(train)))}
+    def encode(text: str) -> torch.Tensor:
+        return torch.tensor([ids.get(c, len(ids)) for c in text])
+    return encode(train), encode(held), len(ids) + 1
+
+
+def train_charlm(cell: Callable[..., nn.Module]) -> tuple[nn.Module, list[Any], list[Any]]:
+    """Train on the Lee corpus's first half (Adam, 2,000 steps of 32 windows of 64
+    characters); calibration: 4 batches of 16 windows of that half, held-out: 8 batches of
+    16 windows of the other half; each window with its next characters as labels."""
+    train, held, vocab = lee_text()
+    torch.manual_seed(0)
+    model = CharLM(vocab, cell)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+
+    def windows(text: torch.Tensor, n: int, gen: torch.Generator | None = None) -> Any:
+        start = torch.randint(0, len(text) - 65, (n,), generator=gen)
+        rows = torch.stack([text[s:s + 65] for s in start.tolist()])
+        return rows[:, :-1], rows[:, 1:]
+    for _ in range(2000):
+        x, y = windows(train, 32)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+    gen = torch.Generator().manual_seed(1)
+    return (model.eval(), [windows(train, 16, gen) for _ in range(4)],
+            [windows(held, 16, gen) for _ in range(8)])
+
+
 class PNetFace(nn.Module):
     """MTCNN's first stage with its face head: ``(N, 3, 12, 12)`` → face logits ``(N, 2)``
     (facenet-pytorch's parameter names)."""
@@ -193,7 +251,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "digits_cnn": lambda: nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))}
+        nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10)),
+    "charlm_lstm": lambda: CharLM(lee_text()[2], nn.LSTM),
+    "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU)}
 #: training epochs where the default 4 leaves a model far from converged
 EPOCHS = {"vit": 15, "gru": 15}
 #: pretrained models: their MTCNN stage and input side
@@ -240,6 +300,8 @@ def trained(name: str) -> tuple[nn.Module, list[Any], list[Any]]:
     if name.startswith("digits_"):
         torch.manual_seed(0)
         return train_digits(MODELS[name]())
+    if name.startswith("charlm_"):
+        return train_charlm(nn.LSTM if name == "charlm_lstm" else nn.GRU)
     if name in PRETRAINED:
         from mpsearch.zoo.faces import mtcnn_state
 
@@ -266,11 +328,13 @@ def effective_layers(model: nn.Module, batch: torch.Tensor) -> float:
 
 def run_model(name: str) -> list[dict[str, Any]]:
     model, calib, evals = trained(name)
-    acc = accuracy(model, evals)
     eff = effective_layers(model, calib[0][0])
-    log(f"{name}: {'loaded' if name in PRETRAINED else 'trained'}, held-out accuracy {acc:.3f}, effective layers {eff:.2f}")
     uniform = {b: mpsearch.validate(model, mpsearch.BitMap.uniform(model, int(b)), data=evals,
                                     progress=False) for b in BUDGETS}
+    # next-character accuracy over every position for the language models
+    acc = (uniform[BUDGETS[0]].accuracy_float if name.startswith("charlm_")
+           else accuracy(model, evals))
+    log(f"{name}: {'loaded' if name in PRETRAINED else 'trained'}, held-out accuracy {acc:.3f}, effective layers {eff:.2f}")
     rows = []
     for est in ESTIMATORS:
         for mode in ("auto", None):
@@ -304,7 +368,8 @@ def run_model(name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float) -> list[Path]:
+def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float,
+           kept: Sequence[str] = ()) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "unseen_models.csv", index=False)
     order = [m for m in MODELS if m in set(frame.model)]
@@ -312,7 +377,9 @@ def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float) -> l
         "# The 4× bar on models the library was not tuned on", "",
         (f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {total_s / 60:.1f} min; torch "
          f"{torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-         f"{torch.get_num_threads()} torch thread(s)."), "",
+         f"{torch.get_num_threads()} torch thread(s)."
+         + (f" Rows of {', '.join(kept)} kept from the previous `{out / 'unseen_models.csv'}`"
+            " (not run by this invocation; its time excludes them)." if kept else "")), "",
         (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
         "## At 4.0 average bits: held-out KL of uniform INT4 / searched", "",
         ("| model | effective layers | float accuracy | estimator | default (auto) | "
@@ -395,15 +462,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows += run_model(name)
     frame = pd.DataFrame(rows)
     previous = args.out / "unseen_models.csv"
+    kept_models: list[str] = []
     if args.keep and previous.exists():
         kept = pd.read_csv(previous)
         kept = kept[~kept.model.isin(args.models)]
+        kept_models = [m for m in MODELS if m in set(kept.model)]
         frame = pd.concat([kept, frame], ignore_index=True)
         frame = frame.iloc[np.argsort([list(MODELS).index(m) for m in frame.model],
                                       kind="stable")]
     for p in report(frame, args.out, command=" ".join(
             ["python", "benchmarks/unseen_models.py", *(argv or sys.argv[1:])]),
-            total_s=time.perf_counter() - start):
+            total_s=time.perf_counter() - start, kept=kept_models):
         log(f"wrote {p}")
 
 
