@@ -375,7 +375,7 @@ def _log_gain(refinement: Refinement) -> None:
         return
     log.info("measured on the calibration data: loss increase %.4g, %s the best uniform map "
              "within the budget (INT%d: %.4g)%s", refinement.measured_after,
-             f"{ratio:.2f}x below" if ratio != 1.0 else "the same as",
+             f"{ratio:.2f}x below" if ratio > 1.0 else "no better than",
              refinement.uniform_bits, refinement.uniform_measured,
              "; mixed precision gains little on this model and data" if ratio < 1.5 else "")
 
