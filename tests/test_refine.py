@@ -60,6 +60,9 @@ def test_refine_respects_pins_ties_and_budget(mnist_cnn, mnist_calib) -> None:  
         [res.problem.bits.index(bits[n]) for n in res.problem.layers]))
     assert res.refinement is not None
     assert res.refinement.measured_after <= res.refinement.measured_before
+    # a layer pinned at 8 bits: the only uniform map allowed (INT8) is over the budget
+    assert res.refinement.uniform_bits is None and res.refinement.uniform_ratio is None
+    assert "calibration_uniform_bits" not in res.bitmap.predicted
 
 
 def test_refine_settings_validated() -> None:
