@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pandas as pd
+
+
+def some(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
 
 
 def _fmt(value: object, floatfmt: str) -> str:

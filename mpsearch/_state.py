@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
+import torch
 from torch import nn
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -17,10 +23,12 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore its modes, flags, grads and hooks afterwards.
 
     Restored on exit, also after an exception: every module's ``training`` flag, every
-    parameter's ``requires_grad`` and ``.grad``, and the hook dictionaries of every module
-    (hooks the block added are removed; the user's own are kept). Weights are not copied:
+    parameter's ``requires_grad`` and ``.grad``, the hook dictionaries of every module
+    (hooks the block added are removed; the user's own are kept) and torch's global CPU
+    random number generator (building layers draws from it). Weights are not copied:
     mpsearch never writes to the user's weights, and the tests check that.
     """
+    rng = torch.get_rng_state()
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -42,6 +50,22 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             if name in flags:
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
+        torch.set_rng_state(rng)
+
+
+def outside_inference_mode(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with ``torch.inference_mode`` off, also when the caller has it on.
+
+    The public verbs quantize copies of weights, cache them by version counter and take
+    gradients (Fisher, Hutchinson); inference tensors allow none of that. Inputs the user
+    made under inference mode are cloned where gradients need them
+    (:func:`mpsearch.batches.materialize`).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @contextmanager

@@ -127,7 +127,7 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
             f"{what} must be re-iterable (a list or DataLoader), got a one-shot "
             f"{type(data).__name__}; pass list(...) of it"
         )
-    batches = list(data)
+    batches = [_normal_tensors(b) for b in data]
     if not batches:
         raise ValueError(f"{what} is empty: give at least one batch")
     for i, b in enumerate(batches):
@@ -136,6 +136,22 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
         except TypeError as exc:
             raise TypeError(f"{what}[{i}]: {exc}") from None
     return batches
+
+
+def _normal_tensors(batch: Any) -> Any:
+    """``batch`` with any tensor made under ``torch.inference_mode`` cloned to a normal one
+    (autograd cannot save inference tensors for backward); unchanged if it holds none."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, (tuple, list)):
+        items = [_normal_tensors(x) for x in batch]
+        if all(a is b for a, b in zip(items, batch)):
+            return batch
+        return type(batch)(items) if type(batch) in (tuple, list) else tuple(items)
+    if isinstance(batch, Mapping):
+        values = {k: _normal_tensors(v) for k, v in batch.items()}
+        return batch if all(values[k] is v for k, v in batch.items()) else values
+    return batch
 
 
 def first_output(output: Any) -> Any:

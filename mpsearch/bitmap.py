@@ -24,7 +24,6 @@ from mpsearch.layers import (
     fingerprint,
     layer_kind,
     layer_weight,
-    model_shapes,
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
@@ -224,21 +223,25 @@ class BitMap(Mapping[str, LayerEntry]):
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`BitMapError` naming every layer that does not fit ``model``."""
         try:
-            shapes = model_shapes(model)
+            modules = quantizable_modules(model)
         except ValueError as exc:
             raise BitMapError(str(exc)) from None
+        shapes = {n: tuple(layer_weight(m).shape) for n, m in modules.items()}
         missing = [n for n in self._layers if n not in shapes]
         extra = [n for n in shapes if n not in self._layers]
         changed = [f"{n} (bit map {list(e.shape)}, model {list(shapes[n])})"
                    for n, e in self._layers.items()
                    if n in shapes and e.shape is not None and tuple(e.shape) != shapes[n]]
+        changed += [f"{n} (bit map {e.kind}, model {layer_kind(modules[n])})"
+                    for n, e in self._layers.items()
+                    if n in modules and e.kind and e.kind != layer_kind(modules[n])]
         problems = []
         if missing:
             problems.append(f"layers not in the model: {missing[:10]}")
         if extra:
             problems.append(f"model layers not in the bit map: {extra[:10]}")
         if changed:
-            problems.append(f"shape changed: {changed[:10]}")
+            problems.append(f"shape or kind changed: {changed[:10]}")
         if problems:
             hint = ""
             if self.slices is not None and missing and not any(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mpsearch._report import some
 from mpsearch._state import preserved
 from mpsearch.batches import Batch, call, model_device, split_batch, to_device
 
@@ -459,7 +460,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         unknown = [n for n in never if "read_by" not in stats[n]]
         if unknown and warn:
             log.warning("%d layer(s) did not run in the sample forward pass (MACs unknown): %s",
-                        len(unknown), ", ".join(unknown[:5]))
+                        len(unknown), some(unknown))
     groups = _fusion_groups(list(modules), list(edges.values()))
     infos = []
     for name, module in modules.items():

@@ -184,7 +184,7 @@ class Objective:
                 out = call(model, to_device(split_batch(batch), device))
                 ref = first_output(out).detach()
                 if not torch.isfinite(ref).all():
-                    raise ValueError(f"the float model's output on calibration batch {i} is "
+                    raise ValueError(f"the float model's output on batch {i} of the data is "
                                      "non-finite (NaN/inf): check the inputs and the weights")
                 self._refs.append(ref)
 

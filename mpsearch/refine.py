@@ -501,7 +501,8 @@ def _check(problem: AllocationProblem, start: Solution,
         choice = np.asarray(resolve(dataclasses.replace(problem, sensitivity=table)).choice)
         resolved = choice
     bar.close()
-    log.info("refinement check: %d layers measured alone, the table corrected%s", n,
+    log.info("refinement check: %d layer widths measured alone (%d layers), the table "
+             "corrected%s", n, len({i for i, _ in measured}),
              "" if resolved is None else " and solved again")
     return table, resolved, n
 

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from mpsearch._io import batch_tensors, tensor_digest
-from mpsearch._state import preserved
+from mpsearch._state import outside_inference_mode, preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
@@ -101,7 +101,9 @@ class SearchResult:
         front: the solver's front (one solution for a single exact solve, many for
             ``solver="nsga2"``); row ``i`` of ``front.to_frame()`` is :meth:`bitmap_at` ``(i)``.
         sensitivity: the sensitivity table; pass it back as ``sensitivity=`` to search again
-            at another budget for the cost of the solve only.
+            at another budget for the cost of the solve only (a sliced search's table
+            holds its slice plan, and the new search cuts the same slices, whatever data
+            it is given).
         problem: the allocation problem that was solved.
         layers: the discovered layers.
         timings_s: seconds per stage.
@@ -197,6 +199,7 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
     return [list(g) for g in tie]
 
 
+@outside_inference_mode
 def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
            loss_fn: LossSpec = None, bits: Sequence[int] | None = None,
            sensitivity: str | Estimator | SensitivityTable = DEFAULT_SENSITIVITY,
@@ -209,7 +212,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     """Find the bit-width of every layer that loses the least within a budget.
 
     Args:
-        model: any PyTorch model; left exactly as it was found.
+        model: any PyTorch model; left exactly as it was found. Searched in eval mode;
+            its own forward hooks run on every pass the search makes (they are part of
+            the model), also with quantized weights.
         budget: average weight bits (a number), or a :class:`Budget` of one or more limits.
         data: re-iterable calibration batches (tensors, ``(inputs, targets)`` pairs, or
             dicts of keyword tensors such as a tokenizer's output).
@@ -256,7 +261,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             cut every Linear / Conv layer's output channels (and each recurrent
             matrix's rows), ranked by a per-channel
             block-Fisher score, into this many equal slices and search over the slices
-            (see :mod:`mpsearch.slices`; 4 to 16); a Linear is cut by its input
+            (see :mod:`mpsearch.slices`; any integer from 2, 4 to 16 work well); a Linear is cut by its input
             features instead where that is predicted to lose less (MLPs: their input
             pixels and hidden units differ more than their output units). Where one layer holds most of the
             weights, per-layer allocation has nothing to trade and this is where the gain
@@ -282,6 +287,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
+    if any(m.training for m in model.modules()):
+        log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
+                 "running statistics), as it will run deployed; its modes are restored after")
     if slices == "auto":
         slices = _auto_slices(sensitivity, tie, profile)
     if slices is not None:
@@ -331,6 +339,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             if isinstance(sensitivity, SensitivityTable):
                 _check_table(sensitivity, weights_id, qconfig)
                 table = sensitivity.select(names, bits)
+                _warn_other_loss(table, objective)
             else:
                 assert objective is not None
                 estimator = _resolve_estimator(sensitivity)
@@ -360,6 +369,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 _log_gain(refinement)
     bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
                      refinement)
+    if objective is not None and objective.kind != bitmap.provenance.get("loss"):
+        # a reused table of another loss: the refinement measured this search's own
+        bitmap.provenance.update(loss=objective.kind, table_loss=table.diagnostics.get("loss"))
     if profile is not None:
         bitmap.provenance["profile"] = f"{profile.device.get('name')} / {profile.backend}"
     frame = _frame(layers, table, best)
@@ -467,7 +479,15 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         if auto and not why and _few_layers(layers, [i.name for i in layers]):
             _warn_uncut(layers, cut)
         sliced = None
-        if why or not auto:
+        stored = _stored_plan(rest["sensitivity"])
+        if stored is not None:  # a sliced search's table: its own slices, not new ones
+            count, plan, why = _check_stored_plan(stored, n_slices, pinned), stored, None
+            try:
+                sliced = slice_model(model, plan)
+            except ValueError as exc:
+                raise ValueError(f"the sensitivity table's slice plan does not fit this "
+                                 f"model ({exc}); recompute the table") from None
+        elif why or not auto:
             # what the search below would refuse, refused before the channel scores
             if not isinstance(rest["sensitivity"], SensitivityTable):
                 _resolve_estimator(rest["sensitivity"])  # type: ignore[arg-type]
@@ -508,6 +528,11 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     if include is not None:
         include = [include] if isinstance(include, str) else list(include)
         include += [f"{n}.{PART}.*" for n in plan.layers]
+    if stored is not None:  # the sliced model's table, without the plan it already follows
+        table = rest["sensitivity"]
+        assert isinstance(table, SensitivityTable)
+        rest["sensitivity"] = dataclasses.replace(table, settings={
+            k: v for k, v in table.settings.items() if k != "slices"})
     result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits, include=include,
                     exclude=exclude, pin=pin, qconfig=qconfig, seed=seed, progress=progress,
                     slices=None, **rest)  # type: ignore[arg-type]
@@ -516,8 +541,37 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     bitmap.provenance["slices"] = count
     if why:
         bitmap.provenance["slices_auto"] = why
-    return dataclasses.replace(result, sliced_model=sliced,
+    # the table keeps its plan: passed back, it is searched on the same slices
+    table = dataclasses.replace(result.sensitivity, settings={**result.sensitivity.settings,
+                                                              "slices": plan.to_dict()})
+    return dataclasses.replace(result, sensitivity=table, sliced_model=sliced,
                                timings_s={"slice": planning, **result.timings_s})
+
+
+def _stored_plan(sensitivity: object) -> SlicePlan | None:
+    """The slice plan a sliced search recorded in its table, or None."""
+    if not isinstance(sensitivity, SensitivityTable) or sensitivity.settings.get(
+            "slices") is None:
+        return None
+    try:
+        return SlicePlan.from_dict(sensitivity.settings["slices"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the sensitivity table's slice plan is malformed: {exc}") from None
+
+
+def _check_stored_plan(plan: SlicePlan, n_slices: int | Literal["auto"],
+                       pinned: Iterable[str]) -> int:
+    """The slice count of a table's plan, checked against ``slices=`` and ``pin=``."""
+    count = max((len(p) for p in plan.layers.values()), default=0)
+    if n_slices != "auto" and n_slices != count:
+        raise ValueError(f"the sensitivity table was measured on {count} channel slices per "
+                         f"layer, not {n_slices}: pass slices='auto' (or {count}) to search "
+                         "its slices again, or recompute the table")
+    both = sorted(set(pinned) & set(plan.layers))
+    if both:
+        raise ValueError(f"pin= names layer(s) the sensitivity table's slice plan cuts "
+                         f"({', '.join(both[:5])}); recompute the table with these pins")
+    return count
 
 
 def _warn_unsearched(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
@@ -527,8 +581,8 @@ def _warn_unsearched(model: nn.Module, modules: Mapping[str, nn.Module]) -> None
         return
     searched = sum(layer_weight(m).numel() for m in modules.values())
     share = sum(other.values()) / (sum(other.values()) + searched)
-    log.warning("%.0f%% of the model's weights stay float, outside the search and its budget: "
-                "mpsearch does not quantize %s", 100 * share,
+    log.warning("%s of the model's weights stay float, outside the search and its budget: "
+                "mpsearch does not quantize %s", f"{share:.0%}" if share >= 0.01 else "<1%",
                 ", ".join(f"{kind} ({n:,} weights)" for kind, n in
                           sorted(other.items(), key=lambda kv: -kv[1])))
 
@@ -568,7 +622,21 @@ def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine 
     return settings
 
 
+def _warn_other_loss(table: SensitivityTable, objective: Objective | None) -> None:
+    """A reused table rates another loss than the one this search's refinement measures."""
+    rated = table.diagnostics.get("loss")
+    if objective is not None and rated and rated != objective.kind:
+        log.warning("the sensitivity table rates the %r loss but this search measures %r "
+                    "(loss_fn=%r): the solver ranks by one and the refinement by the other; "
+                    "recompute the table with this loss_fn for one criterion throughout",
+                    rated, objective.kind, objective.loss_fn)
+
+
 def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig) -> None:
+    if table.settings.get("slices") is not None:
+        raise ValueError("the sensitivity table is of a channel-sliced search (its rows are "
+                         "slices of layers): pass slices='auto' to search its slices again, "
+                         "or recompute the table for a per-layer search (slices=None)")
     made = table.settings.get("qconfig")
     if made is not None and dict(made) != dataclasses.asdict(qconfig):
         raise ValueError(

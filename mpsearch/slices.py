@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mpsearch._state import outside_inference_mode
 from mpsearch.layers import RecurrentPart, RecurrentWeight, layer_weight
 
 if TYPE_CHECKING:
@@ -236,7 +237,8 @@ class ChannelSlices(nn.Module):
             weight, bias = self.weight.detach(), self.bias
         template = self.parts[0]
         if self.inputs:
-            template = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=False)
+            template = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=False,
+                                 device="meta")
             template.train(self.parts[0].training)
         return _like(template, weight, None if bias is None else bias.detach(),
                      depthwise=self.depthwise)
@@ -389,13 +391,17 @@ def _like(template: nn.Module, weight: Tensor, bias: Tensor | None, *,
     ``weight.shape[0]`` output channels, depthwise (one channel per group) or ungrouped."""
     n = int(weight.shape[0])
     layer: Any = template
+    # built on the meta device: no random initialisation (which would draw from torch's
+    # global generator) of values overwritten below
+    meta = {"device": "meta", "dtype": weight.dtype}
     if isinstance(template, nn.Linear):
-        out: nn.Module = nn.Linear(int(weight.shape[1]), n, bias=bias is not None)
+        out: nn.Module = nn.Linear(int(weight.shape[1]), n, bias=bias is not None, **meta)
     else:
         out = type(template)(n if depthwise else layer.in_channels, n, layer.kernel_size,
                              layer.stride, layer.padding, layer.dilation,
-                             n if depthwise else 1, bias is not None, layer.padding_mode)
-    out = out.to(device=weight.device, dtype=weight.dtype)
+                             n if depthwise else 1, bias is not None, layer.padding_mode,
+                             **meta)
+    out = out.to_empty(device=weight.device)
     with torch.no_grad():
         layer_weight(out).copy_(weight)
         if bias is not None:
@@ -466,6 +472,7 @@ class SlicePlan:
         return cls(layers, frozenset(inputs))
 
 
+@outside_inference_mode
 def slice_model(model: nn.Module, plan: SlicePlan | Any) -> nn.Module:
     """A copy of ``model`` with the layers of ``plan`` split into channel slices.
 
@@ -476,14 +483,28 @@ def slice_model(model: nn.Module, plan: SlicePlan | Any) -> nn.Module:
     Raises:
         ValueError: a layer of the plan is missing, not sliceable, or its channel lists do
             not partition its output channels; a bit map that is not from a sliced search.
+            For a bit map, :class:`mpsearch.BitMapError` (a ``ValueError``): the bit map
+            does not fit the model.
     """
-    if not isinstance(plan, SlicePlan):
-        if not hasattr(plan, "slices"):
-            raise TypeError(f"plan must be a SlicePlan or a BitMap, got {type(plan).__name__}")
-        if plan.slices is None:
-            raise ValueError("this bit map is not from a sliced search (no 'slices'); "
-                             "quantize the model as it is")
-        plan = plan.slices
+    if isinstance(plan, SlicePlan):
+        return _slice_model(model, plan)
+    if not hasattr(plan, "slices"):
+        raise TypeError(f"plan must be a SlicePlan or a BitMap, got {type(plan).__name__}")
+    from mpsearch.errors import BitMapError
+
+    if plan.slices is None:
+        raise BitMapError("this bit map is not from a sliced search (no 'slices'); "
+                          "quantize the model as it is")
+    try:
+        return _slice_model(model, plan.slices)
+    except BitMapError:
+        raise
+    except ValueError as exc:
+        raise BitMapError(f"the bit map's slice plan does not fit this "
+                          f"{type(model).__name__}: {exc}") from None
+
+
+def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
     from mpsearch.layers import quantizable_modules
 
     sliced = copy.deepcopy(model)

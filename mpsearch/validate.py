@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpsearch._state import preserved
+from mpsearch._state import outside_inference_mode, preserved
 from mpsearch.batches import (
     Batch,
     call,
@@ -124,6 +124,7 @@ class ValidationReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+@outside_inference_mode
 def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
              loss_fn: LossSpec = None, progress: bool = True,
              profile: HardwareProfile | None = None,

@@ -80,7 +80,7 @@ def test_bitmap_that_does_not_fit_names_layers() -> None:
     bm = BitMap.uniform(_model(), 4)
     other = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10),
                           nn.Linear(10, 2))
-    with pytest.raises(BitMapError, match=r"not in the bit map: \['4'\].*shape changed: \['0 "):
+    with pytest.raises(BitMapError, match=r"not in the bit map: \['4'\].*shape or kind changed: \['0 "):
         mpsearch.quantize(other, bm)
 
 
@@ -90,3 +90,11 @@ def test_entry_validation() -> None:
     with pytest.raises(ValueError):
         LayerEntry(w_bits=True)  # type: ignore[arg-type]
     assert LayerEntry(w_bits=16).w_bits == 16
+
+
+def test_a_bitmap_whose_layer_kind_changed_does_not_fit() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    doc = BitMap.uniform(model, 4).to_dict()
+    doc["layers"]["0"]["kind"] = "Linear"
+    with pytest.raises(BitMapError, match=r"kind changed: \['0 \(bit map Linear, model Conv2d\)"):
+        BitMap.from_dict(doc).check_model(model)

@@ -388,3 +388,38 @@ def test_weights_of_kinds_not_searched_are_named_with_their_share(
     assert said == [("53% of the model's weights stay float, outside the search and its "
                      "budget: mpsearch does not quantize Embedding (400 weights), "
                      "ConvTranspose1d (128 weights)")]
+
+
+def test_the_verbs_work_under_inference_mode(mnist_cnn, mnist_calib, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    """A user's ``with torch.inference_mode():`` (and batches made there, which autograd
+    cannot save) changes nothing: the same maps and divergences as outside it."""
+    uniform = BitMap.uniform(mnist_cnn, 4)
+    kw = {"sensitivity": "fisher", "slices": None, "refine": False, "progress": False}
+    outside = (mpsearch.validate(mnist_cnn, uniform, data=mnist_eval[:1], progress=False),
+               mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], **kw).bitmap)
+    with torch.inference_mode():
+        calib = [(x.clone(), y.clone()) for x, y in mnist_calib[:2]]
+        assert calib[0][0].is_inference()
+        inside = (mpsearch.validate(mnist_cnn, uniform, data=mnist_eval[:1], progress=False),
+                  mpsearch.search(mnist_cnn, 4.0, data=calib, **kw).bitmap)
+        qmodel = mpsearch.quantize(mnist_cnn, uniform)
+    assert inside[0].output_divergence == pytest.approx(outside[0].output_divergence, rel=1e-6)
+    assert inside[1] == outside[1]
+    torch.testing.assert_close(qmodel(mnist_eval[0][0][:8]),
+                               mpsearch.quantize(mnist_cnn, uniform)(mnist_eval[0][0][:8]))
+
+
+def test_a_reused_table_of_another_loss_says_so(mnist_cnn, mnist_calib, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A table rated with the KL to the float model, reused with loss_fn="task": the
+    refinement measures cross-entropy, and the bit map says which loss it measured."""
+    first = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="fisher",
+                            slices=None, refine=False, progress=False)
+    assert first.bitmap.provenance["loss"] == "kl"
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        again = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:2], slices=None,
+                                sensitivity=first.sensitivity, loss_fn="task",
+                                refine=mpsearch.refine.Refine(max_evals=4), progress=False)
+    assert any("rates the 'kl' loss but this search measures 'cross_entropy'" in r.getMessage()
+               for r in caplog.records)
+    assert again.bitmap.provenance["loss"] == "cross_entropy"
+    assert again.bitmap.provenance["table_loss"] == "kl"

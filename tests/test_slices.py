@@ -908,3 +908,40 @@ def test_auto_slices_a_recurrent_model_by_rows() -> None:
         searched = mpsearch.validate(model, result.bitmap, data=held_out,
                                      progress=False).output_divergence
         assert uniform / searched > 2.0, sensitivity
+
+
+def test_a_sliced_table_keeps_its_slices_on_other_data(mnist_cnn, mnist_calib, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The slice plan is ranked on the calibration data; the table records it, so the table
+    saved and passed back searches the same slices whatever data comes with it, and a
+    slice count or per-layer search it cannot serve is refused by name. Neither the search
+    nor applying its map draws from torch's global random generator."""
+    rng = torch.get_rng_state()
+    first = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="fisher",
+                            slices=4, refine=False, progress=False)
+    qmodel = mpsearch.quantize(mnist_cnn, first.bitmap)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(qmodel, nn.Module)
+    path = first.sensitivity.save(tmp_path / "table.json")
+    table = mpsearch.SensitivityTable.load(path)
+    assert SlicePlan.from_dict(table.settings["slices"]) == first.bitmap.slices
+    for data in (mnist_calib[:2], mnist_calib[2:3]):  # the same data and other data
+        again = mpsearch.search(mnist_cnn, 3.0, data=data, sensitivity=table,
+                                refine=False, progress=False)
+        assert again.bitmap.slices == first.bitmap.slices
+        assert again.bitmap.avg_bits() <= 3.0 + 1e-9
+        assert again.sensitivity.settings["slices"] == table.settings["slices"]
+    with pytest.raises(ValueError, match="measured on 4 channel slices per layer, not 8"):
+        mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:2], sensitivity=table, slices=8)
+    with pytest.raises(ValueError, match="channel-sliced search"):
+        mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:2], sensitivity=table, slices=None)
+
+
+def test_a_sliced_bitmap_that_does_not_fit_the_model_is_a_bitmap_error(
+        mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    bitmap = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], sensitivity="fisher",
+                             slices=4, refine=False, progress=False).bitmap
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(BitMapError, match="slice plan does not fit this Sequential"):
+        mpsearch.validate(other, bitmap, data=mnist_calib[:1], progress=False)
+    with pytest.raises(BitMapError, match="not from a sliced search"):
+        slice_model(mnist_cnn, BitMap.uniform(mnist_cnn, 4))

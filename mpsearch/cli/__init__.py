@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from mpsearch.cli._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
@@ -55,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError, OSError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mpsearch: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as exc:  # mostly the user's model failing on the data
+        lines = str(exc).strip().splitlines()
+        print(f"mpsearch: error: {lines[0] if lines else type(exc).__name__}"
+              + ("" if args.verbose else " (-v prints the traceback)"), file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return EXIT_ERROR
     return code
 

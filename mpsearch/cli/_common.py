@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import pickle
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -91,8 +93,10 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
         TypeError: a missing or non-callable attribute, or kwargs not a JSON object.
     """
     if ":" not in spec:
-        raise ValueError(f"{what} must look like package.module:function (or one of "
-                         f"{', '.join(ZOO_MODELS + ZOO_DATA)}), got {spec!r}")
+        names = ZOO_MODELS if what == "--model" else ZOO_DATA
+        saved = ", a .pt file of a whole saved model" if what == "--model" else ""
+        raise ValueError(f"{what} must look like package.module:function{saved} (or one of "
+                         f"{', '.join(names)}), got {spec!r}")
     try:
         params = json.loads(kwargs) if kwargs else {}
     except json.JSONDecodeError as exc:
@@ -101,6 +105,7 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
     if not isinstance(params, dict):
         raise TypeError(f"{what} arguments must be a JSON object, got {kwargs!r}")
     module_name, func_name = spec.split(":", 1)
+    _importable_here()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -111,13 +116,45 @@ def load_object(spec: str, what: str, kwargs: str | None = None) -> Any:
     return func(**params)
 
 
+def _importable_here() -> None:
+    """Modules in the working directory import, as with ``python -m``."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _saved_model(path: str) -> Any:
+    """A whole model saved with ``torch.save(model, path)`` (its class must import)."""
+    import torch
+
+    _importable_here()
+    try:
+        # a pickled module needs the full unpickler: load only files you trust
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise ValueError(f"cannot load the model saved in {path}: {exc} (its class must "
+                         "import from the working directory or the Python path)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a model saved with torch.save(model, path): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         ) from None
+
+
 def load_model(args: argparse.Namespace) -> Any:
-    """The model of ``--model`` (a factory returning ``(model, …)`` gives its first item)."""
+    """The model of ``--model`` (a factory returning ``(model, …)`` gives its first item;
+    a ``.pt`` / ``.pth`` file holds a whole model saved with ``torch.save``)."""
     from torch import nn
 
     spec = args.model
     if spec in ZOO_MODELS:
         return _zoo_model(spec.removeprefix("zoo:"), args.seed)
+    if spec.endswith((".pt", ".pth")) and ":" not in spec:
+        obj = _saved_model(spec)
+        if isinstance(obj, dict):
+            raise TypeError(f"{spec} holds a state_dict, not a model: pass a factory "
+                            "(package.module:function) that builds the model and loads it")
+        if not isinstance(obj, nn.Module):
+            raise TypeError(f"{spec} holds a {type(obj).__name__}, not an nn.Module")
+        return obj
     obj = load_object(spec, "--model", getattr(args, "model_args", None))
     if isinstance(obj, tuple) and obj and isinstance(obj[0], nn.Module):
         obj = obj[0]
@@ -137,7 +174,9 @@ def load_data(args: argparse.Namespace, option: str = "data") -> Any:
 def add_model_args(p: argparse.ArgumentParser, *, data: str | None = "calibration") -> None:
     """``--model`` (+ ``--model-args``) and, unless ``data`` is None, ``--data``."""
     p.add_argument("--model", required=True,
-                   help=f"package.module:factory returning the model, or {'|'.join(ZOO_MODELS)}")
+                   help="package.module:factory returning the model (modules in the working "
+                        "directory import), a .pt file of a model saved whole with "
+                        f"torch.save(model, path), or {'|'.join(ZOO_MODELS)}")
     p.add_argument("--model-args", metavar="JSON", help="keyword arguments of the factory")
     if data is not None:
         p.add_argument("--data", required=True,

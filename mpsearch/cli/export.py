@@ -114,7 +114,8 @@ def add_parsers(sub: Any) -> None:
     i.add_argument("--from", dest="from_", required=True, choices=list(IMPORTERS),
                    help="source format")
     i.add_argument("--input", required=True, help="file in that format")
-    i.add_argument("--out", default="bitmap.json", help="bit map JSON to write")
+    i.add_argument("--out", default="bitmap.json",
+                   help="bit map JSON to write (default: bitmap.json)")
     i.add_argument("--model", help="package.module:factory (or zoo:…) the map is for")
     i.add_argument("--model-args", metavar="JSON", help="keyword arguments of the factory")
     i.add_argument("--arch", help="llamacpp: tensor naming, llama | bert")

@@ -183,7 +183,8 @@ def add_parsers(sub: Any) -> None:
                    help="Hutchinson: relative standard error every layer must reach (0.1)")
     s.add_argument("--max-probes", type=int, default=200,
                    help="Hutchinson: most Hessian-vector products (200)")
-    s.add_argument("--out", default="bitmap.json", help="bit map JSON to write")
+    s.add_argument("--out", default="bitmap.json",
+                   help="bit map JSON to write (default: bitmap.json)")
     add_common(s)
     s.set_defaults(run=run_search)
 

@@ -112,8 +112,12 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
     modules = quantizable_modules(model)
     unknown = sorted(set(settings) - set(modules))
     if unknown:
+        sliced = ("; it names channel slices (<layer>.parts.<k>) of a sliced search, whose "
+                  "slice plan only the mpsearch bit map JSON holds: apply or validate that "
+                  "bit map (it slices the model itself)"
+                  if any(".parts." in n for n in unknown) else "")
         raise ValueError(f"{source}: not quantizable layers of {type(model).__name__}: "
-                         f"{unknown[:10]}; its layers are e.g. {list(modules)[:5]}")
+                         f"{unknown[:10]}; its layers are e.g. {list(modules)[:5]}{sliced}")
     entries: dict[str, LayerEntry] = {}
     missing = []
     for name, module in modules.items():

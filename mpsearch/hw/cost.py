@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mpsearch._report import some
 from mpsearch.bitmap import BitMap
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import LayerSpec
@@ -122,7 +123,7 @@ def latency_table(profile: HardwareProfile, model: nn.Module, layers: Sequence[L
         table += rest / n_l
     if estimated:
         log.warning("latency of %d layer(s) estimated (shape not in the profile): %s",
-                    len(estimated), ", ".join(estimated[:5]))
+                    len(estimated), some(estimated))
     return LatencyTable(table, allowed, reasons, tuple(estimated), rest, source)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpsearch._state import unfused_attention
+from mpsearch._state import outside_inference_mode, unfused_attention
 from mpsearch.batches import Batch, first_output, split_batch
 from mpsearch.bitmap import BitMap
 from mpsearch.hw.formats import format_for
@@ -243,6 +243,7 @@ def graph_layers(proto: Any) -> list[str]:
     raise ValueError("not a graph from mpsearch's build_onnx (no mpsearch.layers property)")
 
 
+@outside_inference_mode
 def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], *,
                 sample_batch: Batch | None = None, profile: Any = None) -> Path:
     """Write the mixed-precision model as ONNX, each layer on its format's real kernel.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpsearch._state import preserved
+from mpsearch._state import outside_inference_mode, preserved
 from mpsearch.batches import Batch
 from mpsearch.bitmap import BitMap
 from mpsearch.hw import kernels_ort as ko
@@ -65,6 +65,7 @@ def _new_profile(device: str, backend: str, threads: int, settings: dict[str, An
                            versions=library_versions(), created=now_iso(), settings=settings)
 
 
+@outside_inference_mode
 def profile(model: nn.Module, sample_batch: Batch, device: str = "cpu",
             backend: str | None = None, *, bits: Sequence[int] = (2, 4, 8, 32),
             qconfig: QuantConfig | None = None, threads: int = 1,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mpsearch._report import some
 from mpsearch.batches import Batch, split_batch
 from mpsearch.hw.kernels_ort import LayerSpec
 from mpsearch.layers import (
@@ -154,7 +155,7 @@ def fused_stay_float(model: nn.Module, bitmap: Any) -> set[str]:
            if n in bitmap and bitmap[n].w_bits < 32]
     if low:
         raise ValueError(
-            f"{', '.join(low[:5])}: a deployment runs these inside a fused float operator "
+            f"{some(low)}: a deployment runs these inside a fused float operator "
             "(PyTorch's attention kernel for nn.MultiheadAttention's in_proj_weight and "
             "out_proj.weight, one LSTM/GRU/RNN operator for recurrent weights) and cannot "
             "swap in a low-bit kernel; give these layers 32 bits (search(profile=...) does)")

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from mpsearch._report import some
+from mpsearch._state import outside_inference_mode
 from mpsearch.layers import (
     RecurrentMatrix,
     bake_parametrizations,
@@ -97,6 +99,7 @@ class ActivationQuantizer:
         return f"ActivationQuantizer(bits={self.bits}, symmetric={self.symmetric})"
 
 
+@outside_inference_mode
 def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """Quantize ``model`` in place as the bit map says, and return it.
 
@@ -175,7 +178,7 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
     if skipped:
         log.warning("a_bits not applied to %s: their weight is read by an enclosing module "
                     "(nn.MultiheadAttention, a recurrent module), so no input of their own "
-                    "can be quantized", ", ".join(skipped[:5]))
+                    "can be quantized", some(skipped))
 
 
 def _quantize_sliced_(model: nn.Module, bitmap: BitMap) -> nn.Module:
@@ -207,6 +210,7 @@ def _quantize_sliced_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     return model
 
 
+@outside_inference_mode
 def quantize(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """A quantized copy of ``model``; the argument is left untouched.
 

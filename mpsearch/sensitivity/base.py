@@ -38,7 +38,9 @@ class SensitivityTable:
         omega_stderr: L×B standard error of ``omega``.
         columns: extra per-layer columns (e.g. ``trace``, ``trace_stderr``).
         estimator: the estimator's name.
-        settings: the estimator's settings, JSON-ready.
+        settings: the estimator's settings, JSON-ready; :func:`mpsearch.search` adds its
+            quantizer's ``qconfig`` and, after a sliced search, the slice plan (``slices``,
+            :meth:`mpsearch.SlicePlan.to_dict`), which a search given the table reuses.
         diagnostics: how the estimate went (probes used, convergence trace, time).
         model_fingerprint: sha256 of the layers' names, shapes and weights it was measured on
             (set by :func:`mpsearch.search`; a table is reused only on the same weights).

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mpsearch._report import some
 from mpsearch.batches import batch_rows, first_output, slice_batch, split_batch, to_device
 from mpsearch.layers import layer_weight, weight_key
 from mpsearch.losses import cross_entropy
@@ -127,7 +128,7 @@ class Fisher:
             log.warning("zero Fisher information for %d layer(s) (no per-sample gradient "
                         "reaches them, e.g. a slice of ReLU channels that never fire; the "
                         "solver will give them the fewest bits): %s",
-                        len(flat), ", ".join(flat[:5]))
+                        len(flat), some(flat))
         return SensitivityTable(
             tuple(names), tuple(bits), omega, omega_se,
             columns={"fisher": trace, "fisher_stderr": trace_se},

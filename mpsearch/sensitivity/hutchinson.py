@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mpsearch._report import some
 from mpsearch.layers import layer_weight, weight_key
 from mpsearch.sensitivity.base import SensitivityTable
 
@@ -297,12 +298,12 @@ class Hutchinson:
                         ", ".join(f"{n} ({rel[n]:.2f})" for n in worst))
         if idle:
             log.warning("the loss does not depend on %d layer(s) (zero curvature; the solver "
-                        "will give them the fewest bits): %s", len(idle), ", ".join(idle[:5]))
+                        "will give them the fewest bits): %s", len(idle), some(idle))
         unresolved = [n for n, t in est.mean.items() if t < est.stderr[n] and n not in idle]
         if unresolved:
             log.warning("Hessian trace not resolved from zero for %d layer(s) (charged at one "
                         "standard error in omega): %s", len(unresolved),
-                        ", ".join(unresolved[:5]))
+                        some(unresolved))
         omega = np.zeros((len(layers), len(bits)))
         omega_se = np.zeros_like(omega)
         bar = tqdm(total=len(layers) * len(bits), desc="quantization error", unit="op",

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpsearch._replay import PrefixReplay
+from mpsearch._report import some
 from mpsearch.batches import batch_rows, rechunk, split_batch
 from mpsearch.layers import layer_weight
 from mpsearch.losses import Objective, mean_and_stderr
@@ -128,7 +129,7 @@ class QError:
         negative = [names[i] for i in range(len(names)) if (omega[i] < -omega_se[i] - 1e-12).any()]
         if negative:
             log.info("quantizing %d layer(s) alone lowered the calibration loss (kept as "
-                     "measured): %s", len(negative), ", ".join(negative[:5]))
+                     "measured): %s", len(negative), some(negative))
         return SensitivityTable(
             tuple(names), tuple(bits), omega, omega_se,
             columns={"skipped_fraction": np.array([replay.skipped_fraction(n)
