@@ -6,7 +6,9 @@ LeNet-300-100 and a wider 784-512-256-10 MLP (added when slices by input feature
 the two MLPs that failed the bar before them), the convolutional net of PyTorch's MNIST example (two 3×3 convolutions, a 9216 → 128
 Linear), a ResNet with batch norm and three residual stages (16/32/64 channels), a
 vision transformer (7×7 patches, two ``nn.TransformerEncoderLayer`` of width 64) and a
-GRU reading the image row by row. Each is trained on the train split of the real MNIST
+GRU reading the image row by row, and a CNN with batch norm and dropout (three
+convolutions, a 2352 → 96 Linear; added, like the convolutional language model below,
+after a reviewer's two models of these kinds passed). Each is trained on the train split of the real MNIST
 digits (``mpsearch.zoo.mnist.train_mnist``, seed 0; 4 epochs, 15 for the transformer and
 the GRU, which learn slower). Two pretrained networks as well: the first two stages of
 MTCNN, PNet (12×12 input, four convolutions, 6.4 k weights) and RNet (24×24, three
@@ -14,9 +16,10 @@ convolutions and a 576 → 128 Linear), with the weights facenet-pytorch ships, 
 non-face classifiers on scikit-image's LFW faces (64 calibration, 136 held-out images;
 the zoo holds only the third stage, ONet). And three classifiers of scikit-learn's 8×8
 digits (1,797 images: 1,000 to train, 256 to calibrate, 541 held out): MLPs 64-32-10 and
-64-128-64-10 and a small CNN. And two character-level language models, a sequence
+64-128-64-10 and a small CNN. And three character-level language models, a sequence
 kind of their own with an ``nn.Embedding`` (which stays float) and per-position outputs:
-characters embedded, one LSTM or GRU of 192 units, a Linear to the next character,
+characters embedded, one LSTM or GRU of 192 units (or four causal dilated ``nn.Conv1d``
+of 128 channels with residuals), a Linear to the next character,
 trained on one half of the Lee news corpus that ships with gensim (2,000 Adam steps;
 calibration: 64 windows of 64 characters of that half; held out: 128 windows of the other
 half, whose stories the model never read; KL over every position). For each model and
@@ -166,6 +169,44 @@ class CharLM(nn.Module):
         return self.head(self.rnn(self.embed(x))[0])
 
 
+class CharConv(nn.Module):
+    """A convolutional character-level language model: characters embedded (48 wide), four
+    causal dilated ``nn.Conv1d`` (kernel 3, dilations 1/2/4/8, 128 channels, residual from
+    the second on; 31 characters of context), a Linear to the next character's logits at
+    every position."""
+
+    def __init__(self, vocab: int, width: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 48)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(48 if i == 0 else width, width, 3, dilation=2 ** i) for i in range(4))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(1, 2)
+        for i, conv in enumerate(self.convs):
+            out = torch.relu(conv(nn.functional.pad(h, (2 * conv.dilation[0], 0))))
+            h = out if i == 0 else h + out
+        return self.head(h.transpose(1, 2))
+
+
+class BatchNormCNN(nn.Module):
+    """Three 3×3 convolutions (16/32/48 channels) with batch norm, two max-pools and
+    channel dropout, then a 2352 → 96 Linear with dropout and a 96 → 10 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*block(1, 16), nn.MaxPool2d(2), *block(16, 32),
+                                      nn.MaxPool2d(2), *block(32, 48), nn.Dropout2d(0.1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(48 * 7 * 7, 96), nn.ReLU(),
+                                  nn.Dropout(0.3), nn.Linear(96, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 def lee_text() -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Lee news corpus (``mpsearch.zoo.text_sentences``: its two halves share no
     story) as character ids: the ``"calib"`` half to train and calibrate on, the
@@ -180,13 +221,13 @@ def lee_text() -> tuple[torch.Tensor, torch.Tensor, int]:
     return encode(train), encode(held), len(ids) + 1
 
 
-def train_charlm(cell: Callable[..., nn.Module]) -> tuple[nn.Module, list[Any], list[Any]]:
+def train_charlm(build: Callable[[int], nn.Module]) -> tuple[nn.Module, list[Any], list[Any]]:
     """Train on the Lee corpus's first half (Adam, 2,000 steps of 32 windows of 64
     characters); calibration: 4 batches of 16 windows of that half, held-out: 8 batches of
     16 windows of the other half; each window with its next characters as labels."""
     train, held, vocab = lee_text()
     torch.manual_seed(0)
-    model = CharLM(vocab, cell)
+    model = build(vocab)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
 
     def windows(text: torch.Tensor, n: int, gen: torch.Generator | None = None) -> Any:
@@ -252,8 +293,15 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10)),
+    "mnist_bn": BatchNormCNN,
     "charlm_lstm": lambda: CharLM(lee_text()[2], nn.LSTM),
-    "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU)}
+    "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU),
+    "charlm_conv": lambda: CharConv(lee_text()[2])}
+#: the language models: vocabulary size → untrained model
+CHARLMS: dict[str, Callable[[int], nn.Module]] = {
+    "charlm_lstm": lambda vocab: CharLM(vocab, nn.LSTM),
+    "charlm_gru": lambda vocab: CharLM(vocab, nn.GRU),
+    "charlm_conv": CharConv}
 #: training epochs where the default 4 leaves a model far from converged
 EPOCHS = {"vit": 15, "gru": 15}
 #: pretrained models: their MTCNN stage and input side
@@ -301,7 +349,7 @@ def trained(name: str) -> tuple[nn.Module, list[Any], list[Any]]:
         torch.manual_seed(0)
         return train_digits(MODELS[name]())
     if name.startswith("charlm_"):
-        return train_charlm(nn.LSTM if name == "charlm_lstm" else nn.GRU)
+        return train_charlm(CHARLMS[name])
     if name in PRETRAINED:
         from mpsearch.zoo.faces import mtcnn_state
 

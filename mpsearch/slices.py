@@ -11,8 +11,9 @@ by a per-channel Fisher score, and gives every slice its own bit-width.
 It is a model rewrite, not a new kind of layer: :func:`slice_model` replaces each sliced
 layer by a :class:`ChannelSlices` module holding ``n`` ordinary ``nn.Linear`` /
 ``nn.Conv1d`` / ``nn.Conv2d`` layers (named ``<layer>.parts.<k>``) whose outputs are
-concatenated and put back in the original channel order. The sliced model computes what
-the original computes (up to float rounding), so every stage after it (the estimators,
+concatenated and put back in the original channel order; it answers the replaced layer's
+settings (``in_features``, ``kernel_size``, ``dilation``, ...) for a forward that reads
+them. The sliced model computes what the original computes (up to float rounding), so every stage after it (the estimators,
 the solvers, the refinement, the quantizer, validation, ONNX export) works on it
 unchanged: to them a slice is a layer. Per-channel and per-group quantization are
 row-wise, so a slice at b bits holds exactly the values its rows hold in the whole
@@ -99,6 +100,12 @@ def _rows(module: nn.Module) -> int:
     return int(layer_weight(module).shape[0])
 
 
+#: settings of a Linear / Conv layer that a :class:`ChannelSlices` in its place still answers
+_LAYER_SETTINGS = ("in_features", "out_features", "in_channels", "out_channels",
+                   "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+                   "output_padding", "transposed")
+
+
 class ChannelSlices(nn.Module):
     """A layer split by output channels (or by input features) into ordinary layers, one
     per slice.
@@ -130,6 +137,10 @@ class ChannelSlices(nn.Module):
         if sorted(flat) != list(range(n_out)) or any(len(p) == 0 for p in rows):
             raise ValueError(f"slices must partition the {n_out} {what} into non-empty parts")
         self.inputs = inputs
+        # the layer's own settings (in_features, kernel_size, dilation, ...), for a model
+        # whose forward reads them from the layer it holds (see __getattr__)
+        self.layer_settings: dict[str, Any] = {
+            k: getattr(layer, k) for k in _LAYER_SETTINGS if hasattr(layer, k)}
         self.depthwise = isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1
         self.channel_dim = -1 if isinstance(layer, nn.Linear) else 1
         device = w.device
@@ -157,6 +168,16 @@ class ChannelSlices(nn.Module):
                 object.__setattr__(part, "slice_of", _PartOf(self, k))  # not a submodule
         else:
             self.parts = nn.ModuleList(_part(layer, list(map(int, p))) for p in rows)
+
+    def __getattr__(self, name: str) -> Any:
+        """The sliced layer's settings, read as from the layer itself (``conv.dilation``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            settings = self.__dict__.get("layer_settings")
+            if settings is not None and name in settings:
+                return settings[name]
+            raise
 
     def _apply(self, fn: Any, recurse: bool = True) -> ChannelSlices:  # .to(), .cuda()
         self.in_rows = [fn(t) for t in self.in_rows]

@@ -4,6 +4,7 @@ gain is on a model whose weights sit in one layer."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -945,3 +946,36 @@ def test_a_sliced_bitmap_that_does_not_fit_the_model_is_a_bitmap_error(
         mpsearch.validate(other, bitmap, data=mnist_calib[:1], progress=False)
     with pytest.raises(BitMapError, match="not from a sliced search"):
         slice_model(mnist_cnn, BitMap.uniform(mnist_cnn, 4))
+
+
+class _ReadsItsLayers(nn.Module):
+    """A forward that reads its layers' settings: causal padding from a convolution's
+    dilation and kernel size, a reshape from a Linear's in_features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, dilation=2)
+        self.fc = nn.Linear(16 * 6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.conv.dilation[0] * (self.conv.kernel_size[0] - 1)
+        h = torch.relu(self.conv(nn.functional.pad(x, (pad, 0))))
+        return self.fc(h.reshape(-1, self.fc.in_features))
+
+
+def test_a_sliced_layer_answers_the_settings_of_the_layer_it_replaces() -> None:
+    model = _ReadsItsLayers().eval()
+    x = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(0))
+    for inputs in (frozenset(), frozenset({"fc"})):
+        plan = dataclasses.replace(_random_plan(model, 4), inputs=inputs)
+        if inputs:  # the Linear cut by its 96 input features
+            plan = SlicePlan({**plan.layers, "fc": tuple(
+                tuple(range(k, 96, 4)) for k in range(4))}, inputs)
+        sliced = slice_model(model, plan)
+        assert isinstance(sliced.conv, ChannelSlices) and isinstance(sliced.fc, ChannelSlices)
+        assert (sliced.conv.dilation, sliced.conv.kernel_size, sliced.conv.out_channels) == (
+            (2,), (3,), 16)
+        assert sliced.fc.in_features == 96 and sliced.fc.out_features == 8
+        torch.testing.assert_close(sliced(x), model(x))
+        with pytest.raises(AttributeError, match="no_such_setting"):
+            _ = sliced.conv.no_such_setting
