@@ -23,16 +23,21 @@ __all__ = ["plot_bitmap", "plot_demo", "plot_front", "plot_sensitivity", "unifor
 
 
 def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
-                order: Sequence[str] | None = None) -> Any:
+                order: Sequence[str] | None = None, path: str | Path | None = None) -> Any:
     """Bar chart of weight bits per layer (float layers grey), in ``order`` if given.
 
     A sliced bit map has one bar per slice; each layer is named once, under its first
-    slice, and a thin line separates the layers."""
+    slice, and a thin line separates the layers. A figure of its own (no ``ax``) widens
+    with the number of bars. ``path``: save the figure there (PNG) and close it.
+
+    Returns:
+        The axes (or ``path`` when saved).
+    """
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 3))
     names = list(order) if order is not None else list(bitmap)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(max(8.0, 0.22 * len(names)), 30.0), 3.6))
     bits = [bitmap[n].w_bits for n in names]
     ax.bar(range(len(names)), bits, color=["tab:gray" if b >= 32 else "tab:blue" for b in bits])
     labels = names
@@ -46,7 +51,15 @@ def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title(title or f"{bitmap.model_class}: {bitmap.avg_bits():.2f} avg bits")
-    return ax
+    if path is None:
+        return ax
+    ax.figure.tight_layout()
+    return _save(ax.figure, path)
+
+
+#: axis labels of the costs a front carries
+COST_LABELS = {"avg_bits": "average weight bits", "size_bytes": "weight size (bytes)",
+               "bops": "bit operations (BOPs)", "latency_us": "predicted latency (µs)"}
 
 
 def plot_demo(summary: pd.DataFrame, result: SearchResult, title: str, path: Path) -> Path:
@@ -93,12 +106,22 @@ def plot_demo(summary: pd.DataFrame, result: SearchResult, title: str, path: Pat
 def uniform_points(problem: AllocationProblem) -> dict[int, dict[str, float]]:
     """Predicted loss and every cost of each uniform map (all layers at one bits option).
 
-    Ties, pins and ``allowed`` are ignored: a uniform map is a reference point, not a
-    candidate.
+    Ties and pins are ignored: a uniform map is a reference point, not a candidate. Where
+    a layer is not allowed a width (``allowed``: no kernel for it on the profiled
+    hardware), it takes the next wider width it is allowed, as a deployment would run it
+    (the narrowest allowed if none is wider); a width no layer is allowed gives no point.
     """
     out = {}
+    allowed = np.asarray(problem.allowed, dtype=bool)
+    order = np.argsort(problem.bits)
     for column, bits in enumerate(problem.bits):
-        out[bits] = problem.evaluate(np.full(problem.n_layers, column, dtype=np.int64))
+        if not allowed[:, column].any():
+            continue
+        choice = np.full(problem.n_layers, column, dtype=np.int64)
+        for i in np.flatnonzero(~allowed[:, column]):
+            wider = [c for c in order if allowed[i, c] and problem.bits[c] > bits]
+            choice[i] = wider[0] if wider else next(c for c in order if allowed[i, c])
+        out[bits] = problem.evaluate(choice)
     return out
 
 
@@ -200,10 +223,18 @@ def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] 
             losses += [v for _, v in points]
         if problem is not None and name in problem.budgets:
             ax.axvline(problem.budgets[name], color="k", ls="--", lw=0.8, label="budget")
+        ylabel = "predicted loss increase (sum of sensitivity)"
         if logy and min(losses) > 0:
             ax.set_yscale("log")
-        ax.set_xlabel(name)
-        ax.set_ylabel("predicted loss increase (sum of sensitivity)")
+        elif logy:
+            ylabel += "; linear: a loss ≤ 0"
+        ax.set_xlabel(COST_LABELS.get(name, name))
+        if name in ("size_bytes", "bops"):  # large counts: 120k, 1.4M, not 140000
+            from matplotlib.ticker import EngFormatter, MaxNLocator
+
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"{front.solver}: predicted loss against cost ({front.status})")
     fig.tight_layout()

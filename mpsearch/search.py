@@ -128,7 +128,9 @@ class SearchResult:
 
     def bitmap_at(self, index: int) -> BitMap:
         """The bit map of the front's solution ``index`` (row ``index`` of
-        ``front.to_frame()``), with its own predicted loss and costs.
+        ``front.to_frame()``), with its own predicted loss and costs. The refinement's
+        measurements (``calibration_*``) are kept only where the solution is the map the
+        search returned: they were measured for that map alone.
 
         Raises:
             IndexError: ``index`` is outside the front.
@@ -140,13 +142,19 @@ class SearchResult:
                    for name, bits in chosen.bits.items()}
         columns = [self.problem.bits.index(chosen.bits[n]) for n in self.problem.layers]
         stderr = self.sensitivity.omega_stderr[np.arange(len(columns)), columns]
-        predicted = {**self.bitmap.predicted, "loss_increase": chosen.loss,
+        same = all(self.bitmap[n].w_bits == b for n, b in chosen.bits.items())
+        predicted = {**{k: v for k, v in self.bitmap.predicted.items()
+                        if same or not k.startswith("calibration_")},
+                     "loss_increase": chosen.loss,
                      "loss_increase_stderr": float(np.sqrt((stderr ** 2).sum())),
                      **chosen.costs}
+        provenance = {**self.bitmap.provenance, "front_index": index % len(self.front)}
+        if not same:
+            provenance["refined_moves"] = None
         return BitMap({**{n: self.bitmap[n] for n in self.bitmap}, **entries},
                       model_class=self.bitmap.model_class, fingerprint=self.bitmap.fingerprint,
                       budget=self.bitmap.budget, predicted=predicted,
-                      provenance=self.bitmap.provenance, slices=self.bitmap.slices)
+                      provenance=provenance, slices=self.bitmap.slices)
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mpsearch._state import outside_inference_mode, preserved
@@ -30,6 +31,8 @@ from mpsearch.slices import for_deployment, needs_slicing, slice_model
 
 if TYPE_CHECKING:
     from mpsearch.hw.profile_data import HardwareProfile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,10 @@ class ValidationReport:
         latency_us_measured: end-to-end latency (lower quartile of interleaved calls, see
             :func:`~mpsearch.hw.timing.central`) of the deployed mixed-precision model —
             ONNX Runtime, or PyTorch kernels for a ``torch`` profile — on the first
-            evaluation batch (µs).
+            evaluation batch, or, with a ``profile`` measured at other input shapes, at
+            the profile's shapes (its rows taken from the evaluation data), so that
+            prediction and measurement time the same work (µs).
+        latency_input_shape: the input shape(s) the latency was measured at.
         latency_us_measured_p10: its 10th percentile; ``..._p90`` its 90th.
         latency_error: ``predicted / measured − 1``.
         deployed_rel_error: ‖y_ort − y_float‖ / ‖y_float‖ over the evaluation batches.
@@ -87,6 +93,7 @@ class ValidationReport:
     latency_us_measured_p10: float | None = None
     latency_us_measured_p90: float | None = None
     latency_error: float | None = None
+    latency_input_shape: list[list[int]] | None = None
     deployed_rel_error: float | None = None
     deployed_vs_simulated_rel_error: float | None = None
 
@@ -115,7 +122,9 @@ class ValidationReport:
             pred = (f", {self.latency_us_predicted:.0f} µs predicted ({self.latency_error:+.1%})"
                     if self.latency_us_predicted is not None and self.latency_error is not None
                     else "")
-            rows.append(("latency", f"{self.latency_us_measured:.0f} µs measured{pred}"))
+            shape = ("" if not self.latency_input_shape else " (input " + ", ".join(
+                "×".join(map(str, s)) for s in self.latency_input_shape) + ")")
+            rows.append(("latency", f"{self.latency_us_measured:.0f} µs measured{pred}{shape}"))
         if self.deployed_rel_error is not None:
             errors = (f"{self.deployed_rel_error:.4g} vs float, "
                       f"{self.deployed_vs_simulated_rel_error:.4g} vs simulated")
@@ -215,6 +224,32 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     )
 
 
+def _timing_batch(model: nn.Module, batches: list[Batch],
+                  profile: HardwareProfile | None) -> Batch:
+    """The batch to time: the first one, or one of the input shapes ``profile`` measured
+    this model at (its latency predictions are for those), made of the data's rows where
+    the inputs are one tensor that differs in batch size only."""
+    from mpsearch.hw.specs import batch_from_spec, input_spec
+    from mpsearch.layers import fingerprint, model_shapes
+
+    rec = None if profile is None else profile.model_record(fingerprint(model_shapes(model)))
+    first = batches[0]
+    if rec is None or rec.get("inputs") == input_spec(first):
+        return first
+    want = rec["inputs"]
+    shape = tuple(want[0]["shape"]) if len(want) == 1 else None
+    if (shape is not None and isinstance(first, Tensor | tuple | list)
+            and (first if isinstance(first, Tensor) else first[0]).shape[1:] == shape[1:]):
+        rows = torch.cat([b if isinstance(b, Tensor) else b[0] for b in batches])
+        timed: Batch = rows.repeat_interleave(-(-shape[0] // len(rows)), 0)[:shape[0]]
+    else:
+        timed = batch_from_spec(want)
+    log.info("latency measured at the profile's input shape %s, not the first batch's %s: "
+             "the profile predicts that shape's latency",
+             [w["shape"] for w in want], [s["shape"] for s in input_spec(first)])
+    return timed
+
+
 def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn.Module,
               profile: HardwareProfile | None) -> dict[str, Any]:
     """Run the deployed model: output errors, measured (and predicted) latency.
@@ -223,6 +258,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
     measured with ``backend="torch"``.
     """
     from mpsearch.hw.cost import predict_latency
+    from mpsearch.hw.specs import input_spec
 
     threads = profile.threads if profile is not None else 1
     from mpsearch.hw.runtime import deploy, deployed_latency
@@ -244,10 +280,13 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
                 ref = first_output(call(ref_model, split)).float()
                 num[key] += float((y - ref).pow(2).sum())
                 den[key] += float(ref.pow(2).sum())
-    timing = deployed_latency(model, bitmap, batches[0], device, backend, threads, first=deployed)
+    timed = _timing_batch(model, batches, profile)
+    timing = deployed_latency(model, bitmap, timed, device, backend, threads,
+                              first=deployed if timed is batches[0] else None)
     out: dict[str, Any] = {
         "latency_us_measured": central(timing), "latency_us_measured_p10": timing["p10_us"],
         "latency_us_measured_p90": timing["p90_us"],
+        "latency_input_shape": [spec["shape"] for spec in input_spec(timed)],
         "deployed_rel_error": (num["f"] / den["f"]) ** 0.5 if den["f"] else None,
         "deployed_vs_simulated_rel_error": (num["q"] / den["q"]) ** 0.5 if den["q"] else None}
     if profile is not None:

@@ -170,6 +170,35 @@ def test_json_form_round_trips_into_quantize_static_kwargs(mnist_cnn, digits, tm
                                          "/model/features/features.0/Conv"]
 
 
+def test_the_json_file_goes_to_ort_quantize_static_through_load_kwargs(
+        mnist_cnn, digits, tmp_path):
+    """The file the CLI writes holds QuantType names; ORT's quantize_static takes
+    members: load_kwargs gives what it accepts, and it stores the map's widths."""
+    src = eo.to_onnx(mnist_cnn, digits[0], tmp_path / "m.onnx")
+    bitmap = BitMap.from_bits(mnist_cnn, {"features.0": 8, "features.3": 4,
+                                          "classifier.0": 4, "classifier.2": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)
+        kwargs = eo.export(bitmap, onnx_model=src, with_excludes=True, as_names=True)
+    path = tmp_path / "ort.json"
+    path.write_text(dumps("onnxruntime", kwargs))
+    loaded = eo.load_kwargs(path)
+    assert all(isinstance(d["quant_type"], QuantType) for lst in
+               loaded["extra_options"]["TensorQuantOverrides"].values() for d in lst)
+    dst = tmp_path / "q.onnx"
+    ort_quantize_static(str(src), str(dst), eo.BatchReader(digits, src),
+                        quant_format=QuantFormat.QDQ, **loaded)
+    weights = {i.name: onnx.TensorProto.DataType.Name(i.data_type)
+               for i in onnx.load(str(dst)).graph.initializer
+               if i.name.endswith(".weight_quantized")}
+    assert weights == {"features.0.weight_quantized": "UINT8",
+                       "features.3.weight_quantized": "UINT4",
+                       "classifier.0.weight_quantized": "UINT4"}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an onnxruntime export"):
+        eo.load_kwargs(tmp_path / "bad.json")
+
+
 def test_unmatched_layers_are_an_error_naming_them(mnist_cnn, mnist_dwsep, digits, tmp_path):
     src = eo.to_onnx(mnist_cnn, digits[0], tmp_path / "m.onnx")
     other = BitMap.uniform(mnist_dwsep, 4)

@@ -73,7 +73,7 @@ def test_unknown_shape_is_estimated_and_flagged(cnn_profile: HardwareProfile) ->
     look = cnn_profile.lookup(new, "fp32")
     assert look.estimated and look.latency_us is not None and look.latency_us > 0
     assert "estimated" in look.reason
-    with pytest.raises(KeyError, match="no measured"):
+    with pytest.raises(ValueError, match="no measured"):
         cnn_profile.lookup(new, "w8b128")
 
 
@@ -205,3 +205,19 @@ def test_validate_measures_latency(cnn_profile: HardwareProfile, mnist_cnn: torc
     assert rep.deployed_rel_error is not None and 0 < rep.deployed_rel_error < 0.2
     assert rep.deployed_vs_simulated_rel_error is not None
     assert "latency" in str(rep)
+
+
+def test_validate_times_the_shape_the_profile_predicts(
+        cnn_profile: HardwareProfile, mnist_cnn: torch.nn.Module,
+        mnist_eval: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The profile predicts batches of 8; evaluation batches of 3 are timed as 8 of their
+    rows (a batch of 3 costs less, and the gap is no prediction error)."""
+    bm = BitMap.from_bits(mnist_cnn, {"classifier.0": 4}, default=8)
+    data = [(x[:3], y[:3]) for x, y in mnist_eval[:2]]
+    rep = mpsearch.validate(mnist_cnn, bm, data=data, profile=cnn_profile, measure_latency=True,
+                            progress=False)
+    assert rep.latency_input_shape == [[8, 1, 28, 28]]
+    assert "(input 8×1×28×28)" in str(rep)
+    same = mpsearch.validate(mnist_cnn, bm, data=[(x[:8], y[:8]) for x, y in mnist_eval[:1]],
+                             profile=cnn_profile, measure_latency=True, progress=False)
+    assert same.latency_input_shape == [[8, 1, 28, 28]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def test_front_panels_uniform_and_measured(tmp_path: Path) -> None:
                 {"avg_bits": 4.0, "loss": 0.2}]
     fig = plot_front(front, problem=problem, measured=measured)
     axes = fig.axes
-    assert [ax.get_xlabel() for ax in axes] == ["avg_bits", "bops"]  # the budgeted costs
+    assert [ax.get_xlabel() for ax in axes] == [  # the budgeted costs
+        "average weight bits", "bit operations (BOPs)"]
     first = axes[0]
     texts = {t.get_text() for t in first.texts}
     assert texts == {f"{b}b" for b in problem.bits}
@@ -96,3 +98,20 @@ def test_search_result_front_and_sensitivity(result: mpsearch.SearchResult,
     assert heights == pytest.approx(column + lower)
     plt.close(fig)
     assert plot_sensitivity(table, path=tmp_path / "s.png").read_bytes()[:8] == PNG
+
+
+def test_uniform_points_run_layers_without_a_kernel_at_the_next_width() -> None:
+    """With a hardware profile, a width a layer has no kernel for is not offered: its
+    uniform point runs that layer at the next wider width it has, as a deployment would,
+    and a width no layer has gives no point (it would be plotted as free)."""
+    base = synthetic_problem(6, seed=4)
+    allowed = np.ones((base.n_layers, len(base.bits)), dtype=bool)
+    three = base.bits.index(3)
+    allowed[:, three] = False  # no 3-bit kernel anywhere
+    allowed[0, base.bits.index(4)] = False  # layer 0: no 4-bit kernel
+    problem = dataclasses.replace(base, allowed=allowed)
+    points = uniform_points(problem)
+    assert 3 not in points and 4 in points
+    choice = np.full(base.n_layers, base.bits.index(4))
+    choice[0] = base.bits.index(next(b for b in base.bits if b > 4))
+    assert points[4] == pytest.approx(base.evaluate(choice))

@@ -234,6 +234,16 @@ def test_search_gives_a_front_of_bit_maps(mnist_cnn: Any, mnist_calib: Any,
     assert res.bitmap_at(best).bits() == res.bitmap.bits()
     with pytest.raises(IndexError, match="outside"):
         res.bitmap_at(len(frame))
+    # a refined search measured its own map only: other front points carry no measurement
+    refined = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
+                              solver="nsga2", progress=False, slices=None,
+                              refine=mpsearch.refine.Refine(max_evals=6))
+    assert "calibration_loss_increase" in refined.bitmap.predicted
+    for i in range(len(refined.front)):
+        point = refined.bitmap_at(i)
+        assert point.provenance["front_index"] == i
+        assert ("calibration_loss_increase" in point.predicted) == (
+            point.bits() == refined.bitmap.bits())
     greedy = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity=table,
                              solver="greedy", progress=False, slices=None)
     assert greedy.bitmap.provenance["solver"] == "greedy"

@@ -63,6 +63,10 @@ def run_export(args: argparse.Namespace) -> int:
                     else text.splitlines()})
     elif args.out:
         print(f"wrote {args.out} ({args.to}, {len(bitmap)} layers)")
+        if args.to == "onnxruntime":
+            print("ORT's quantize_static takes QuantType members, not their names: "
+                  "quantize_static(model_in, model_out, reader, "
+                  f"**mpsearch.export.onnxruntime.load_kwargs({args.out!r}))")
     else:
         sys.stdout.write(text)
     return EXIT_OK

@@ -40,7 +40,7 @@ from mpsearch.export import (
     onnxruntime,
     torchao,
 )
-from mpsearch.export._common import ExportWarning
+from mpsearch.export._common import ExportWarning, warn
 
 if TYPE_CHECKING:
     from mpsearch.bitmap import BitMap
@@ -123,6 +123,12 @@ def export(bitmap: BitMap, fmt: str, **options: Any) -> Any:
             "(SearchResult.sliced_model / mpsearch.slice_model) with "
             f"{', '.join(sorted(n for n, g in FORMATS.items() if g.sliced))} or "
             "mpsearch.export_onnx")
+    if bitmap.slices is not None and fmt == "torchao":
+        # its keys name the slices: on the original model they match no module
+        warn(fmt, sorted(bitmap.slices.layers), "the config names channel slices "
+             "(<layer>.parts.<k>): apply it to mpsearch.slice_model(model, bitmap) (or "
+             "SearchResult.sliced_model), not to the original model, where torchao's "
+             "quantize_ matches none of them and quantizes nothing; sliced")
     return f.export(bitmap, **options)
 
 

@@ -199,6 +199,37 @@ def export(bitmap: BitMap, *, onnx_model: OnnxModel,
     return overrides
 
 
+def load_kwargs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an export written to JSON (``mpsearch export --to onnxruntime --out f.json``)
+    back with ``QuantType`` members, which ORT's ``quantize_static`` needs where the file
+    holds their names: ``quantize_static(model_in, model_out, reader, **load_kwargs(f))``.
+    A file of bare overrides (no ``extra_options``) comes back as such kwargs too.
+
+    Raises:
+        ValueError: not JSON, or not an export of this format.
+    """
+    import json
+
+    from onnxruntime.quantization import QuantType
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(  # noqa: TRY004  (a bad file, like every other)
+            f"{path}: not an onnxruntime export (a JSON object expected)")
+    kwargs = doc if "extra_options" in doc else {"extra_options": {"TensorQuantOverrides": doc}}
+    overrides = kwargs["extra_options"].get("TensorQuantOverrides", {})
+    try:
+        kwargs["extra_options"]["TensorQuantOverrides"] = {
+            t: [{**d, "quant_type": QuantType[d["quant_type"]]} if isinstance(
+                d.get("quant_type"), str) else d for d in lst] for t, lst in overrides.items()}
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an onnxruntime export ({exc!r})") from None
+    return kwargs
+
+
 def quantize_static(onnx_in: OnnxModel, onnx_out: str | os.PathLike[str], bitmap: BitMap,
                     calibration_data_reader: Any, *,
                     tensor_names: Mapping[str, str] | None = None, strict: bool = True,

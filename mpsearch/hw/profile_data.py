@@ -112,7 +112,7 @@ class HardwareProfile:
             ys.append(central(stats))
         what = "convolution" if family else "matmul"
         if not xs:
-            raise KeyError(f"the profile has no measured {what} layer in format {fmt!r} "
+            raise ValueError(f"the profile has no measured {what} layer in format {fmt!r} "
                            f"({cache} cache) to estimate {spec.key()} from; measure it with "
                            "mpsearch.profile(model, batch, reuse=this_profile)")
         x, y = np.asarray(xs), np.asarray(ys)
