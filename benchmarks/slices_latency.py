@@ -1,7 +1,7 @@
 """What channel slices cost at run time: the same widths, whole layers against slices.
 
 Each model is deployed on ONNX Runtime's real CPU kernels (``mpsearch.export_onnx``'s
-graph: ``MatMulInteger`` / ``ConvInteger`` W8A8 at 8 bits, ``MatMulNBits`` at 4 bits
+graph: ``MatMulInteger`` / ``QLinearConv`` W8A8 at 8 bits, ``MatMulNBits`` at 4 bits
 for Linear layers, convolutions then at 8 as ORT has no INT4 convolution on CPU) three ways with the *same* width for every weight — the
 original model, its copies cut into 4 and 8 slices per layer by output channels (each
 slice its own kernel call, then ``Concat`` and a ``Gather`` back to the channel order),
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
          f"{(time.perf_counter() - start) / 60:.1f} min; onnxruntime, one thread, "
          f"{platform.machine()}, {os.cpu_count()} CPUs; load average {load0:.1f} at the start, "
          f"{os.getloadavg()[0]:.1f} at the end."), "",
-        ("Every weight at the same width (8: W8A8 `MatMulInteger`/`ConvInteger`; 4: "
+        ("Every weight at the same width (8: W8A8 `MatMulInteger`/`QLinearConv`; 4: "
         "`MatMulNBits` for Linear layers, convolutions float as ORT has no INT4 convolution "
         "on CPU); the original model against its copies with 4 and 8 slices per layer by "
         "output channels, and with its Linear layers cut into 4 and 8 slices by input "

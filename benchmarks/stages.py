@@ -61,8 +61,9 @@ def run(which: list[str], budget: float, out_dir: Path) -> pd.DataFrame:
         rows.append({
             "model": name, "layers": len(res.layers), "calib_batches": len(calib),
             "discover_s": res.timings_s["discover"], "sensitivity_s": res.timings_s["sensitivity"],
-            "probes": diag["probes"], "converged": diag["converged"],
-            "solve_s": res.timings_s["solve"], "quantize_s": t_quant, "validate_s": t_val,
+            "estimator": res.sensitivity.estimator, "probes": diag.get("probes"),
+            "solve_s": res.timings_s["solve"], "refine_s": res.timings_s.get("refine", 0.0),
+            "quantize_s": t_quant, "validate_s": t_val,
             "search_total_s": t_search, "avg_bits": res.bitmap.avg_bits(),
             "divergence_searched": searched.output_divergence,
             f"divergence_uniform{int(budget)}": uniform.output_divergence,
@@ -74,7 +75,8 @@ def run(which: list[str], budget: float, out_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_dir / "stages.csv", index=False)
-    header = (f"# Stage timings (budget {budget} avg bits, default Hutchinson + ILP)\n\n"
+    header = (f"# Stage timings (budget {budget} avg bits, per layer, every other default: "
+              "qerror + ILP + measured refinement)\n\n"
               f"Machine: {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. "
               "Divergence: KL of logits (MNIST) or MSE of hidden states (MiniLM) of the "

@@ -249,7 +249,7 @@ def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], 
     """Write the mixed-precision model as ONNX, each layer on its format's real kernel.
 
     fp32 layers run ``MatMul``/``Conv``; 8-bit layers run W8A8 ``MatMulInteger`` /
-    ``ConvInteger`` with dynamically quantized activations; 4- and 2-bit Linear layers run
+    ``QLinearConv`` with dynamically quantized activations; 4- and 2-bit Linear layers run
     ``MatMulNBits`` (weight-only, ``accuracy_level=4``). Weights are quantized by
     mpsearch's quantizer with each layer's ``qconfig``.
 
