@@ -182,14 +182,19 @@ def first_output(output: Any) -> Any:
 
 def ignored_outputs(output: Any) -> list[str]:
     """The other tensors of a plain tuple, list or dict output, which :func:`first_output`
-    leaves out, as ``"[1] (8, 10)"`` / ``"'boxes' (8, 4)"``. Empty for a tensor and for
-    outputs with ``logits`` or ``last_hidden_state`` (Hugging Face's: the rest are hidden
-    states, attentions and caches, not further predictions)."""
-    if isinstance(output, Tensor) or any(
-            isinstance(getattr(output, k, None), Tensor)
-            or (isinstance(output, Mapping) and isinstance(output.get(k), Tensor))
-            for k in ("logits", "last_hidden_state")):
+    leaves out, as ``"[1] (8, 10)"`` / ``"'boxes' (8, 4)"``. For outputs with ``logits``
+    or ``last_hidden_state`` (Hugging Face's) only ``pooler_output``, which a layer of its
+    own computes: the rest are hidden states, attentions and caches, not further
+    predictions. Empty for a tensor."""
+    if isinstance(output, Tensor):
         return []
+    def get(key: str) -> Any:
+        value = getattr(output, key, None)
+        return output.get(key) if value is None and isinstance(output, Mapping) else value
+    if any(isinstance(get(k), Tensor) for k in ("logits", "last_hidden_state")):
+        pooled = get("pooler_output")
+        return ([f"'pooler_output' {tuple(pooled.shape)}"] if isinstance(pooled, Tensor)
+                and not isinstance(get("logits"), Tensor) else [])
     if isinstance(output, Mapping):
         items = [(repr(k), v) for k, v in output.items()]
     elif isinstance(output, Sequence) and not isinstance(output, str):

@@ -175,7 +175,8 @@ class Objective:
                 if others:
                     log.warning("the model returns %d tensors and the divergence compares "
                                 "only the first with the float model's; a layer that feeds "
-                                "only the others (%s) is rated as harmless. Pass loss_fn= "
+                                "only the others (%s) goes unmeasured (a search rates it "
+                                "harmless and gives it the fewest bits). Pass loss_fn= "
                                 "to score them too", len(others) + 1,
                                 ", ".join(others[:4]) + (", ..." if len(others) > 4 else ""))
         self._refs = []

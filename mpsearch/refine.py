@@ -160,12 +160,15 @@ class Refinement:
     @property
     def uniform_ratio(self) -> float | None:
         """Measured calibration loss increase of the best uniform map within the budgets
-        over that of the returned map (2.0: half the uniform map's damage); None without a
-        uniform map, inf where the returned map measures no damage."""
-        if self.uniform_measured is None:
+        over that of the returned map (2.0: half the uniform map's damage); inf where the
+        returned map measures no damage and the uniform map some; None without a uniform
+        map, or where the uniform map measures no damage (a loss that quantization can
+        lower, e.g. the label loss: compare :attr:`uniform_measured` and
+        :attr:`measured_after` themselves)."""
+        if self.uniform_measured is None or self.uniform_measured <= 0:
             return None
         if self.measured_after <= 0:
-            return math.inf if self.uniform_measured > 0 else 1.0
+            return math.inf
         return self.uniform_measured / self.measured_after
 
 

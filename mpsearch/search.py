@@ -15,6 +15,7 @@ import pandas as pd
 from torch import nn
 
 from mpsearch._io import batch_tensors, tensor_digest
+from mpsearch._report import some
 from mpsearch._state import outside_inference_mode, preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
@@ -42,6 +43,8 @@ from mpsearch.refine import refine as refine_map
 from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
 from mpsearch.slices import (
     PART,
+    ChannelSlices,
+    RecurrentSlices,
     SlicePlan,
     plan_slices,
     reference_bits,
@@ -295,11 +298,17 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
+    _warn_unmatched(model, include=include, exclude=exclude)
     if any(m.training for m in model.modules()):
         log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
                  "running statistics), as it will run deployed; its modes are restored after")
+    per_layer_why = None
     if slices == "auto":
         slices = _auto_slices(sensitivity, tie, profile)
+        if slices is None:
+            per_layer_why = ("per layer: " + ("a hardware profile times whole layers"
+                             if profile is not None else "tie= shares widths between layers"
+                             if tie is not None else "the sensitivity table is per layer"))
     if slices is not None:
         return _sliced_search(
             model, budget, slices, data=data, loss_fn=loss_fn, bits=bits,
@@ -382,6 +391,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         bitmap.provenance.update(loss=objective.kind, table_loss=table.diagnostics.get("loss"))
     if profile is not None:
         bitmap.provenance["profile"] = f"{profile.device.get('name')} / {profile.backend}"
+    if per_layer_why:
+        bitmap.provenance["slices_auto"] = per_layer_why
     frame = _frame(layers, table, best)
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
@@ -392,6 +403,12 @@ def _log_gain(refinement: Refinement) -> None:
     """Say what the mixed map measured against the best uniform map within the budget."""
     ratio = refinement.uniform_ratio
     if ratio is None:
+        if refinement.uniform_measured is not None:  # no damage to compare against
+            log.info("measured on the calibration data: loss increase %.4g, the best uniform "
+                     "map within the budget (INT%d) %.4g: the mixed map is %s", refinement.
+                     measured_after, refinement.uniform_bits, refinement.uniform_measured,
+                     "better" if refinement.measured_after < refinement.uniform_measured
+                     else "no better")
         return
     log.info("measured on the calibration data: loss increase %.4g, %s the best uniform map "
              "within the budget (INT%d: %.4g)%s", refinement.measured_after,
@@ -527,9 +544,16 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
             sliced = slice_model(model, plan)
     planning = time.perf_counter() - t
     if sliced is None:  # "auto" and no layer dominates: per layer
-        return search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
-                      include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
-                      progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+        result = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                        include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                        progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+        sizes = [info.params for info in layers]
+        result.bitmap.provenance["slices_auto"] = (
+            f"per layer: the weights sit in {sum(sizes) ** 2 / max(sum(p * p for p in sizes), 1):.2f} "
+            f"layers' worth (slices below {AUTO_SLICE_LAYERS:g})"
+            if not _few_layers(layers, [i.name for i in layers]) else
+            "per layer: channel slices cannot cut most of the weights")
+        return result
     if why:
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
                  "%d channel slices per layer (slices=None: per layer)", why, count)
@@ -554,6 +578,21 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                                                               "slices": plan.to_dict()})
     return dataclasses.replace(result, sensitivity=table, sliced_model=sliced,
                                timings_s={"slice": planning, **result.timings_s})
+
+
+def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:
+    """Say which include / exclude globs match no quantizable layer (a typo keeps nothing
+    float, or searches less than meant). Not on a channel-sliced copy, whose layers a
+    sliced search renames."""
+    if any(isinstance(m, (ChannelSlices, RecurrentSlices)) for m in model.modules()):
+        return
+    names = list(quantizable_modules(model))
+    for option, given in patterns.items():
+        globs = [given] if isinstance(given, str) else list(given or [])
+        unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+        if unmatched:
+            log.warning("%s= pattern(s) %s match no quantizable layer of %s (its layers are "
+                        "e.g. %s)", option, unmatched, type(model).__name__, some(names, 4))
 
 
 def _stored_plan(sensitivity: object) -> SlicePlan | None:

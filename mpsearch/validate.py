@@ -67,7 +67,10 @@ class ValidationReport:
         latency_input_shape: the input shape(s) the latency was measured at.
         latency_us_measured_p10: its 10th percentile; ``..._p90`` its 90th.
         latency_error: ``predicted / measured − 1``.
-        deployed_rel_error: ‖y_ort − y_float‖ / ‖y_float‖ over the evaluation batches.
+        deployed_batches: the evaluation batches the deployed model ran (those of the
+            first batch's input shape: its exported graph has fixed shapes).
+        deployed_rel_error: ‖y_ort − y_float‖ / ‖y_float‖ over those batches (real tokens
+            only where the batches carry an ``attention_mask``).
         deployed_vs_simulated_rel_error: ‖y_ort − y_quantized‖ / ‖y_quantized‖: how far the
             real kernels are from the simulated (fake-quantized) model.
     """
@@ -94,6 +97,7 @@ class ValidationReport:
     latency_us_measured_p90: float | None = None
     latency_error: float | None = None
     latency_input_shape: list[list[int]] | None = None
+    deployed_batches: int | None = None
     deployed_rel_error: float | None = None
     deployed_vs_simulated_rel_error: float | None = None
 
@@ -127,7 +131,10 @@ class ValidationReport:
             rows.append(("latency", f"{self.latency_us_measured:.0f} µs measured{pred}{shape}"))
         if self.deployed_rel_error is not None:
             errors = (f"{self.deployed_rel_error:.4g} vs float, "
-                      f"{self.deployed_vs_simulated_rel_error:.4g} vs simulated")
+                      f"{self.deployed_vs_simulated_rel_error:.4g} vs simulated"
+                      + (f" ({self.deployed_batches} of {self.n_batches} batches: one input "
+                         "shape)" if self.deployed_batches is not None
+                         and self.deployed_batches < self.n_batches else ""))
             rows.append(("deployed output error", errors))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -269,6 +276,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
     deployed = deploy(model, bitmap, batches[0], device, backend, threads)
     num = {"f": 0.0, "q": 0.0}
     den = {"f": 0.0, "q": 0.0}
+    ran = 0
     with torch.no_grad():
         for batch in batches:
             split = split_batch(batch)
@@ -276,10 +284,22 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
                 y = torch.as_tensor(deployed.run(batch))
             except ValueError:
                 continue  # another input shape than the exported graph's
+            ran += 1
+            # real tokens only, as the output divergence counts them (padding is noise)
+            mask = split.attention_mask
+            keep = (mask.to(y.dtype).reshape(*mask.shape, *([1] * (y.dim() - mask.dim())))
+                    if mask is not None and tuple(y.shape[:mask.dim()]) == tuple(mask.shape)
+                    else None)
             for key, ref_model in (("f", model), ("q", qmodel)):
                 ref = first_output(call(ref_model, split)).float()
-                num[key] += float((y - ref).pow(2).sum())
-                den[key] += float(ref.pow(2).sum())
+                err, size = (y - ref).pow(2), ref.pow(2)
+                if keep is not None:
+                    err, size = err * keep, size * keep
+                num[key] += float(err.sum())
+                den[key] += float(size.sum())
+    if ran < len(batches):
+        log.info("deployed output error over %d of %d evaluation batches: the exported graph "
+                 "takes the first batch's input shape only", ran, len(batches))
     timed = _timing_batch(model, batches, profile)
     timing = deployed_latency(model, bitmap, timed, device, backend, threads,
                               first=deployed if timed is batches[0] else None)
@@ -287,6 +307,7 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
         "latency_us_measured": central(timing), "latency_us_measured_p10": timing["p10_us"],
         "latency_us_measured_p90": timing["p90_us"],
         "latency_input_shape": [spec["shape"] for spec in input_spec(timed)],
+        "deployed_batches": ran,
         "deployed_rel_error": (num["f"] / den["f"]) ** 0.5 if den["f"] else None,
         "deployed_vs_simulated_rel_error": (num["q"] / den["q"]) ** 0.5 if den["q"] else None}
     if profile is not None:

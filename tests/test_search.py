@@ -345,6 +345,9 @@ def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
     assert ignored_outputs((t, 1, torch.zeros(2, 5))) == ["[2] (2, 5)"]
     assert ignored_outputs({"x": t, "y": t}) == ["'y' (2, 3)"]
     assert ignored_outputs({"logits": t, "hidden_states": (t, t)}) == []
+    # a Hugging Face encoder's pooler is a layer of its own that only pooler_output reads
+    assert ignored_outputs({"last_hidden_state": t, "pooler_output": torch.zeros(2, 4)}) == [
+        "'pooler_output' (2, 4)"]
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="mpsearch"):
         res = mpsearch.search(TwoOut().eval(), 4.0, data=[torch.randn(4, 8)] * 2,
@@ -423,3 +426,13 @@ def test_a_reused_table_of_another_loss_says_so(mnist_cnn, mnist_calib, caplog) 
                for r in caplog.records)
     assert again.bitmap.provenance["loss"] == "cross_entropy"
     assert again.bitmap.provenance["table_loss"] == "kl"
+
+
+def test_a_glob_that_matches_no_layer_is_named(mnist_cnn, mnist_calib, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:1], sensitivity="fisher",
+                              slices=None, refine=False, progress=False,
+                              exclude=["classifier.2", "clasifier.*"])
+    said = [r.getMessage() for r in caplog.records if "match no quantizable layer" in r.getMessage()]
+    assert len(said) == 1 and "exclude= pattern(s) ['clasifier.*']" in said[0]
+    assert res.bitmap["classifier.2"].w_bits == 32  # the pattern that matched still applies

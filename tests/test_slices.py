@@ -550,6 +550,12 @@ def test_auto_stays_per_layer_where_weights_are_spread(mnist_calib) -> None:  # 
     auto = mpsearch.search(model, 4.0, **opts)
     assert auto.bitmap.slices is None and auto.sliced_model is None
     assert auto.bitmap.bits() == mpsearch.search(model, 4.0, slices=None, **opts).bitmap.bits()
+    # the bit map says why "auto" stayed per layer
+    assert auto.bitmap.provenance["slices_auto"] == (
+        "per layer: the weights sit in 5.29 layers' worth (slices below 5)")
+    table = mpsearch.search(model, 3.0, **{**opts, "sensitivity": auto.sensitivity})
+    assert table.bitmap.provenance["slices_auto"] == (
+        "per layer: the sensitivity table is per layer")
 
 
 def test_quantize_in_place_refuses_slices_with_different_input_widths(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]

@@ -90,12 +90,16 @@ def run_search(args: argparse.Namespace) -> int:
         refined = (f"\nrefinement: measured calibration loss increase {r.measured_before:.4g}"
                    f" -> {r.measured_after:.4g}, {len(r.moves)} move(s), {r.evaluations} maps "
                    f"measured ({r.passes:.1f} passes, {r.time_s:.1f} s; {r.stopped_by})")
-        if r.uniform_ratio is not None:
-            gain = (f"{r.uniform_ratio:.2f}x the searched map's" if math.isfinite(r.uniform_ratio)
-                    else "the searched map measured no")
+        if r.uniform_measured is not None:
+            if r.uniform_ratio is None:  # the uniform map measured no damage: no ratio
+                gain = (f"the searched map's is {r.measured_after:.4g}, "
+                        f"{'lower' if r.measured_after < r.uniform_measured else 'not lower'}")
+            elif math.isfinite(r.uniform_ratio):
+                gain = f"{r.uniform_ratio:.2f}x the searched map's loss increase"
+            else:
+                gain = "the searched map measured no loss increase"
             refined += (f"\nagainst uniform INT{r.uniform_bits} within the budget, measured "
-                        f"on the calibration data: {r.uniform_measured:.4g} ({gain} loss "
-                        "increase)")
+                        f"on the calibration data: {r.uniform_measured:.4g} ({gain})")
     sliced = ""
     if res.bitmap.slices is not None:
         payload["slices"] = {n: len(p) for n, p in res.bitmap.slices.layers.items()}
@@ -103,6 +107,8 @@ def run_search(args: argparse.Namespace) -> int:
         sliced = (f"\nchannel slices in {len(res.bitmap.slices.layers)} layer(s)"
                   + (f" (--slices auto: {why})" if why else "")
                   + "; --slices none searches per layer")
+    elif why := res.bitmap.provenance.get("slices_auto"):
+        sliced = f"\n--slices auto: {why}; --slices N cuts N channel slices per layer"
     text = (markdown_table(res.table, index=True, floatfmt=".3g")
             + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}{refined}{sliced}"
             + f"\nwrote {path}")

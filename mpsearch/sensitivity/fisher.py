@@ -126,7 +126,8 @@ class Fisher:
         flat = [n for li, n in enumerate(names) if trace[li] == 0.0]
         if flat:
             log.warning("zero Fisher information for %d layer(s) (no per-sample gradient "
-                        "reaches them, e.g. a slice of ReLU channels that never fire; the "
+                        "reaches them: e.g. a slice of ReLU channels that never fire, or a "
+                        "layer that feeds only outputs the loss does not compare; the "
                         "solver will give them the fewest bits): %s",
                         len(flat), some(flat))
         return SensitivityTable(

@@ -126,6 +126,11 @@ class QError:
                     n = len(delta)
                     omega_se[i, j] = float(delta.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
             bar.close()
+        idle = [names[i] for i in range(len(names)) if not omega[i].any()]
+        if idle:
+            log.warning("quantizing %d layer(s) alone does not change the loss at any width "
+                        "(e.g. a layer that feeds only outputs the loss does not compare; the "
+                        "solver will give them the fewest bits): %s", len(idle), some(idle))
         negative = [names[i] for i in range(len(names)) if (omega[i] < -omega_se[i] - 1e-12).any()]
         if negative:
             log.info("quantizing %d layer(s) alone lowered the calibration loss (kept as "
