@@ -115,3 +115,41 @@ def test_cli_search_and_validate(tmp_path: Path, capsys, monkeypatch, model_cach
     assert "smallest achievable 2" in capsys.readouterr().err
     assert main(["search", "--model", "nope", "--data", data, "--avg-bits", "4"]) == 1
     assert "package.module:function" in capsys.readouterr().err
+
+
+def test_the_deployed_output_error_counts_real_tokens_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Padding positions carry no text: the deployed model's error against the float
+    model is measured over the positions the attention mask marks real, as the output
+    divergence is (here a third of the positions are padding)."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16)
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.embed(input_ids)) + attention_mask.unsqueeze(-1).float()
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    ids = torch.randint(1, 50, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    ids[:, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    bitmap = BitMap.from_bits(model, {"proj": 8})
+    rep = mpsearch.validate(model, bitmap, data=[batch], measure_latency=True, progress=False)
+    path = mpsearch.export_onnx(model, bitmap, tmp_path / "t.onnx", sample_batch=batch)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.as_tensor(sess.run(None, {i.name: batch[i.name].numpy()
+                                        for i in sess.get_inputs()})[0])
+    with torch.no_grad():
+        ref = model(**batch)
+    real = mask.bool()
+    expected = float((y - ref)[real].norm() / ref[real].norm())
+    everywhere = float((y - ref).norm() / ref.norm())
+    assert abs(everywhere / expected - 1) > 0.05  # padding would change the figure
+    assert rep.deployed_batches == 1
+    assert rep.deployed_rel_error == pytest.approx(expected, rel=1e-4)
