@@ -486,6 +486,8 @@ def _check(problem: AllocationProblem, start: Solution,
         if not todo:
             break
         todo.sort(key=lambda io: -table[io])  # largest predicted contribution first
+        bar.total = n + len(todo)  # this round's probes; a later round adds its own
+        bar.refresh()
         for i, o in todo:
             if _limit_reached(settings, n, passes(), t0, share=0.5) is not None:
                 break
