@@ -27,8 +27,17 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     (hooks the block added are removed; the user's own are kept) and torch's global CPU
     random number generator (building layers draws from it). Weights are not copied:
     mpsearch never writes to the user's weights, and the tests check that.
+
+    Within the block, ``nn.TransformerEncoder`` does not turn padded batches into nested
+    tensors (its ``use_nested_tensor``, put back after): the layers inside would receive
+    tensors without a shape, which no hook can record or replay. Padded positions are then
+    computed, not zeroed; a divergence masked by ``attention_mask`` ignores them.
     """
     rng = torch.get_rng_state()
+    nested = [m for m in model.modules()
+              if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
+    for m in nested:
+        m.use_nested_tensor = False
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -50,6 +59,8 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             if name in flags:
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
+        for m in nested:
+            m.use_nested_tensor = True
         torch.set_rng_state(rng)
 
 

@@ -206,14 +206,24 @@ def ignored_outputs(output: Any) -> list[str]:
 
 
 def output_kind(output: Any) -> str:
-    """``"logits"`` (KL divergence applies) or ``"hidden"`` (mean squared error applies)."""
-    if isinstance(output, Tensor):
-        return "logits"
+    """``"logits"`` (KL divergence applies) or ``"hidden"`` (mean squared error applies).
+
+    Named outputs decide (``logits``; ``last_hidden_state``); else the shape of the first
+    tensor: ``(N, C)`` and ``(N, T, C)`` with ``C > 1`` are class logits over their last
+    dimension; a value per sample (``(N,)``, ``(N, 1)``, ``(N, T, 1)``: a regression) and
+    outputs of four or more dimensions (images, score maps: an autoencoder's
+    ``(N, 1, H, W)``, whose last dimension is a width, not classes) are compared by MSE.
+    """
     has = (lambda k: isinstance(getattr(output, k, None), Tensor)
            or (isinstance(output, Mapping) and isinstance(output.get(k), Tensor)))
-    if has("logits"):
-        return "logits"
-    if has("last_hidden_state"):
+    if not isinstance(output, Tensor):
+        if has("logits"):
+            return "logits"
+        if has("last_hidden_state"):
+            return "hidden"
+    first = first_output(output)
+    if isinstance(first, Tensor) and (first.dim() < 2 or first.dim() > 3
+                                      or first.shape[-1] == 1):
         return "hidden"
     return "logits"
 

@@ -167,25 +167,77 @@ def _weight_identity(module: nn.Module) -> int:
     return id(layer_weight(module))
 
 
-def parametrized_layers(model: nn.Module) -> list[str]:
-    """FQNs of quantizable layers whose weight is computed by a parametrization
-    (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``)."""
+def _weight_hook(module: nn.Module, attr: str) -> tuple[int, Any] | None:
+    """The forward pre-hook of torch's that computes ``module.<attr>`` before each call
+    (``torch.nn.utils.prune``; the old-style ``weight_norm`` / ``spectral_norm``), as
+    ``(hook id, hook)``, or None."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == attr:
+            return key, hook
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == attr:
+            return key, hook
+    return None
+
+
+def _computed(module: nn.Module, attr: str) -> bool:
+    """Whether a parametrization or one of torch's weight hooks computes ``module.<attr>``."""
     from torch.nn.utils import parametrize
 
+    return parametrize.is_parametrized(module, attr) or _weight_hook(module, attr) is not None
+
+
+def parametrized_layers(model: nn.Module) -> list[str]:
+    """FQNs of quantizable layers whose weight is computed: by a parametrization
+    (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``) or by one of
+    torch's forward pre-hooks (``torch.nn.utils.prune``, the old-style
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm``)."""
     out = []
     for name, module in model.named_modules():
-        if layer_kind(module) is not None and parametrize.is_parametrized(
-                module, weight_attr(module)):
+        if layer_kind(module) is not None and _computed(module, weight_attr(module)):
             out.append(name)
         elif isinstance(module, nn.RNNBase):  # a recurrent matrix's layer is its parameter
             out += [f"{name}.{attr}" if name else attr for attr in module._flat_weights_names
-                    if attr.startswith("weight_") and parametrize.is_parametrized(module, attr)]
+                    if attr.startswith("weight_") and _computed(module, attr)]
     return out
 
 
+def _bake_hook(module: nn.Module, attr: str, key: int, hook: Any) -> None:
+    """Replace the weight one of torch's pre-hooks computes by a plain parameter holding
+    its current value, in place: the hook and the tensors it computes from go."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    with torch.no_grad():
+        if isinstance(hook, BasePruningMethod):
+            value = hook.apply_mask(module)
+            sources = [f"{attr}_orig", f"{attr}_mask"]
+        elif isinstance(hook, WeightNorm):
+            value = hook.compute_weight(module)
+            sources = [f"{attr}_g", f"{attr}_v"]
+        else:  # SpectralNorm: the last power iteration's estimate, as in eval mode
+            value = hook.compute_weight(module, do_power_iteration=False)
+            sources = [f"{attr}_orig", f"{attr}_u", f"{attr}_v"]
+        value = value.detach().clone()
+    trainable = any(getattr(module, s).requires_grad for s in sources if hasattr(module, s))
+    del module._forward_pre_hooks[key]
+    for source in sources:
+        if hasattr(module, source):
+            delattr(module, source)
+    if hasattr(module, attr):
+        delattr(module, attr)
+    module.register_parameter(attr, nn.Parameter(value, requires_grad=trainable))
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
 def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
-    """Replace the parametrized weights of layers ``names`` by plain parameters holding
-    their current values, in place (a quantized weight must be stored, not recomputed).
+    """Replace the computed weights of layers ``names`` (:func:`parametrized_layers`) by
+    plain parameters holding their current values, in place (a quantized weight must be
+    stored, not recomputed).
 
     ``torch.nn.utils.parametrize.remove_parametrizations`` is not used: it deletes the
     property from the parametrized class, which a deep copy shares with the original
@@ -198,6 +250,10 @@ def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
         except AttributeError:  # a recurrent matrix: "rnn.weight_hh_l0"
             owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
+        found = _weight_hook(module, attr)
+        if found is not None:
+            _bake_hook(module, attr, *found)
+            continue
         with torch.no_grad():
             value = getattr(module, attr).detach().clone()
         cls = type(module)
@@ -215,17 +271,39 @@ def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
             module._init_flat_weights()
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model with weights torch's hooks compute
+    (``prune``, the old-style ``weight_norm``), whose computed tensor (not a graph leaf)
+    deepcopy refuses: it is detached for the copy and put back."""
+    import copy
+
+    computed = []
+    for module in model.modules():
+        for key in list(module._forward_pre_hooks):
+            hook = module._forward_pre_hooks[key]
+            attr = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
+            if (isinstance(attr, str) and _weight_hook(module, attr) is not None
+                    and isinstance(value := module.__dict__.get(attr), Tensor)
+                    and not value.is_leaf):
+                computed.append((module, attr, value))
+    try:
+        for module, attr, value in computed:
+            module.__dict__[attr] = value.detach()
+        return copy.deepcopy(model)
+    finally:
+        for module, attr, value in computed:
+            module.__dict__[attr] = value
+
+
 def plain_weights(model: nn.Module) -> nn.Module:
     """``model`` itself, or a copy with every parametrized layer weight baked into a plain
     parameter: probes substitute weights, which a parametrization would recompute."""
-    import copy
-
     names = parametrized_layers(model)
     if not names:
         return model
-    log.info("%d layer(s) have parametrized weights (%s); searching a copy with their "
-             "current values baked in", len(names), ", ".join(names[:3]))
-    work = copy.deepcopy(model)
+    log.info("%d layer(s) have computed weights (%s: parametrized, pruned); searching a "
+             "copy with their current values baked in", len(names), ", ".join(names[:3]))
+    work = copy_model(model)
     bake_parametrizations(work, names)
     return work
 
@@ -438,7 +516,10 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                 if isinstance(first, nn.utils.rnn.PackedSequence):
                     first = first.data  # (time steps of every sequence, features)
                 if isinstance(first, Tensor):
-                    seen[name].append(tuple(first.shape))
+                    # a nested tensor (nn.TransformerEncoder's fast path with a padding
+                    # mask) has no one shape: its padded one
+                    seen[name].append(tuple((first.to_padded_tensor(0.0) if first.is_nested
+                                             else first).shape))
             return pre
 
         handles = [named[a].register_forward_pre_hook(watch(a), with_kwargs=True) for a in seen]

@@ -5,9 +5,11 @@ Decided once from the first batch and the model's first output:
 1. ``loss_fn`` a callable: the user's ``loss_fn(output, batch) -> scalar tensor``;
 2. ``loss_fn=None`` or ``"divergence"`` (the default): the divergence of the model's
    output from the *float* model's output on the same batch — KL over the last dimension
-   for logits, mean squared error for hidden states such as ``last_hidden_state`` (and for
-   outputs whose targets are real numbers: regression) — masked by ``attention_mask``
-   where there is one. Targets in the batch are not needed and not used;
+   for logits (``(N, C)``, ``(N, T, C)``), mean squared error for hidden states such as
+   ``last_hidden_state``, for a value per sample (``(N,)``, ``(N, 1)``), for outputs of
+   four or more dimensions (images, score maps) and for outputs whose targets are real
+   numbers (regression) (:func:`mpsearch.batches.output_kind`) — masked by
+   ``attention_mask`` where there is one. Targets in the batch are not needed and not used;
 3. ``loss_fn="task"``: the task loss on the batch's targets — the output's own ``.loss``
    (Hugging Face models given ``labels``), else cross-entropy of the logits.
 
@@ -171,6 +173,11 @@ class Objective:
                 regression = split.targets is not None and split.targets.is_floating_point()
                 self.kind = ("kl" if output_kind(out) == "logits" and not regression
                              else "mse")
+                first = first_output(out)
+                shape = tuple(first.shape) if isinstance(first, Tensor) else ()
+                log.info("divergence loss: %s of the output %s to the float model's%s",
+                         "KL over the last dimension" if self.kind == "kl" else "MSE", shape,
+                         " (float targets: a regression)" if regression else "")
                 others = ignored_outputs(out)
                 if others:
                     log.warning("the model returns %d tensors and the divergence compares "

@@ -54,7 +54,6 @@ search names the slices and records the plan (``"slices"`` in its JSON), so
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import logging
@@ -525,10 +524,45 @@ def slice_model(model: nn.Module, plan: SlicePlan | Any) -> nn.Module:
                           f"{type(model).__name__}: {exc}") from None
 
 
-def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
-    from mpsearch.layers import quantizable_modules
+#: a module's hook dicts that a layer's replacement takes over (forward, pre-forward and
+#: backward hooks, with their kwargs / always-called flags)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
 
-    sliced = copy.deepcopy(model)
+
+def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a layer's replacement) the hooks registered on ``source``: a hook
+    the user put on a layer runs on its slices' output (or input) as on the layer's.
+
+    Not torch's own weight-computing hooks (``torch.nn.utils.prune``, the old-style
+    ``weight_norm`` / ``spectral_norm``): they rebuild the layer's weight, which the slices
+    already hold as plain values."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(source, attr, None)
+        if hooks:
+            # (the *_with_kwargs / *_always_called dicts hold flags, keyed as the hooks)
+            getattr(target, attr).update(
+                (k, h) for k, h in hooks.items()
+                if not type(h).__module__.startswith("torch.nn.utils"))
+    if getattr(source, "_is_full_backward_hook", None) is not None:
+        target._is_full_backward_hook = source._is_full_backward_hook
+
+
+def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
+    from mpsearch.layers import (
+        bake_parametrizations,
+        copy_model,
+        parametrized_layers,
+        quantizable_modules,
+    )
+
+    sliced = copy_model(model)
+    # a parametrized layer (weight_norm) is sliced with its current weight baked in, as
+    # the search saw it (it searches such a model with the weights baked: plain_weights)
+    baked = [n for n in parametrized_layers(sliced) if n in plan.layers]
+    if baked:
+        bake_parametrizations(sliced, baked)
     recurrent = {n: m for n, m in quantizable_modules(sliced).items()
                  if isinstance(m, RecurrentWeight)}
     for name, rows in plan.layers.items():
@@ -558,6 +592,7 @@ def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
         except ValueError as exc:
             raise ValueError(f"slices of {name!r}: {exc}") from None
         replacement.train(layer.training)
+        _carry_hooks(layer, replacement)
         sliced.set_submodule(name, replacement)
     return sliced
 
@@ -585,7 +620,9 @@ def merge_slices(model: nn.Module) -> nn.Module:
     with the original structure whose channels hold mixed-precision values."""
     for name, module in list(model.named_modules()):
         if isinstance(module, ChannelSlices):
-            model.set_submodule(name, module.merged())
+            merged = module.merged()
+            _carry_hooks(module, merged)
+            model.set_submodule(name, merged)
         elif isinstance(module, nn.RNNBase) and any(
                 isinstance(m, RecurrentSlices) for m in module.children()):
             _merge_recurrent(module)

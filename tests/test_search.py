@@ -436,3 +436,105 @@ def test_a_glob_that_matches_no_layer_is_named(mnist_cnn, mnist_calib, caplog) -
     said = [r.getMessage() for r in caplog.records if "match no quantizable layer" in r.getMessage()]
     assert len(said) == 1 and "exclude= pattern(s) ['clasifier.*']" in said[0]
     assert res.bitmap["classifier.2"].w_bits == 32  # the pattern that matched still applies
+
+
+def _computed_weights_model(kind: str) -> nn.Module:
+    import warnings
+
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 6))
+    if kind == "pruned":
+        prune.l1_unstructured(model[2], "weight", amount=0.5)
+    elif kind == "old_weight_norm":  # the deprecated hook-based forms
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nn.utils.weight_norm(model[2])
+            nn.utils.spectral_norm(model[0])
+    else:
+        from torch.nn.utils.parametrizations import weight_norm
+
+        weight_norm(model[2])
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["pruned", "old_weight_norm", "parametrized"])
+@pytest.mark.parametrize("slices", [None, 4])
+def test_weights_computed_by_torch_hooks_are_searched_and_left_intact(kind: str,
+                                                                      slices: int | None) -> None:
+    """Pruned layers and the old-style weight_norm / spectral_norm compute their weight in
+    a forward pre-hook (not a parameter): the search crashed on them before ('weight is not
+    an nn.Parameter'), and a sliced map of a parametrized layer could not be applied."""
+    model = _computed_weights_model(kind)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 12, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        y = model(data[0])
+    before = _state(model)
+    res = mpsearch.search(model, 3.0, data=data, progress=False, slices=slices)
+    _assert_same(before, model)
+    with torch.no_grad():
+        assert torch.equal(model(data[0]), y)
+    assert res.table["omega_2"].gt(0).all()  # the probes reach the computed weights
+    q = mpsearch.quantize(model, res.bitmap)
+    if slices:
+        q = mpsearch.merge_slices(q)
+    w = q[2].weight
+    assert w[0].unique().numel() <= 2 ** 4  # stored quantized, not recomputed from a source
+    if kind == "pruned":
+        assert int((w == 0).sum()) >= 512  # the pruned half stays zero
+    rep = mpsearch.validate(model, res.bitmap, data=data, progress=False)
+    assert 0 < rep.output_divergence < 0.05
+    with torch.no_grad():
+        assert torch.equal(model(data[0]), y)
+
+
+@pytest.mark.parametrize("shape, kind", [((8,), "mse"), ((8, 1), "mse"), ((8, 1, 4, 4), "mse"),
+                                         ((8, 5), "kl"), ((8, 3, 5), "kl"), ((8, 3, 1), "mse")])
+def test_the_divergence_follows_the_output_shape(shape: tuple[int, ...], kind: str) -> None:
+    """KL over the last dimension only where it holds classes: a regression's single value
+    (KL over one class is always 0: every layer would look harmless) and an image's width
+    are compared by MSE."""
+    from mpsearch.losses import Objective
+
+    class Shaped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, int(np.prod(shape[1:])))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).reshape(shape)
+
+    objective = Objective([torch.randn(8, 4)])
+    objective.prepare(Shaped(), torch.device("cpu"))
+    assert objective.kind == kind
+
+
+def test_a_padding_masked_nested_transformer_is_searched() -> None:
+    """nn.TransformerEncoder(enable_nested_tensor=True) given a key padding mask turns the
+    batch into nested tensors in eval mode, which have no shape to record: the search
+    crashed in discover. Its flag is off during the search and restored after."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                16, 2, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=True)
+            self.out = nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.out(self.enc(self.inp(x), src_key_padding_mask=mask))
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[1:, 5:] = True
+    data = [{"x": torch.randn(4, 7, 6), "mask": mask} for _ in range(2)]
+    assert model.enc.use_nested_tensor
+    res = mpsearch.search(model, 4.0, data=data, progress=False)
+    assert model.enc.use_nested_tensor
+    assert res.table["omega_2"].gt(0).all()
+    mpsearch.validate(model, res.bitmap, data=data, progress=False)

@@ -987,3 +987,33 @@ def test_a_sliced_layer_answers_the_settings_of_the_layer_it_replaces() -> None:
         torch.testing.assert_close(sliced(x), model(x))
         with pytest.raises(AttributeError, match="no_such_setting"):
             _ = sliced.conv.no_such_setting
+
+
+def test_a_sliced_layer_keeps_the_users_hooks() -> None:
+    """A forward hook that changes a layer's output, and a pre-hook that changes its input,
+    run on the slices as on the layer: before, the sliced copy (and quantize's) dropped
+    them, and the search optimised another function than the user's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 6)).eval()
+    model[2].register_forward_hook(lambda m, i, out: 5.0 * out.clamp(min=0))
+    model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2.0,))
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 12, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        y = model(data[0])
+    res = mpsearch.search(model, 4.0, data=data, progress=False, slices=4,
+                          sensitivity="fisher", refine=False)
+    assert res.bitmap.slices is not None and set(res.bitmap.slices.layers) >= {"0", "2"}
+    with torch.no_grad():
+        assert torch.allclose(res.sliced_model(data[0]), y, atol=1e-5)
+        q = mpsearch.quantize(model, res.bitmap)
+        unhooked = copy.deepcopy(model)
+        for m in unhooked.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        # quantized, the function is still the hooked one, far from the unhooked one
+        assert (q(data[0]) - y).abs().max() < 0.2 * (unhooked(data[0]) - y).abs().max()
+        merged = mpsearch.merge_slices(q)
+        assert torch.allclose(merged(data[0]), q(data[0]), atol=1e-5)
+        assert len(merged[2]._forward_hooks) == 1 and len(merged[0]._forward_pre_hooks) == 1

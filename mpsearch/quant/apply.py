@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from mpsearch._state import outside_inference_mode
 from mpsearch.layers import (
     RecurrentMatrix,
     bake_parametrizations,
+    copy_model,
     layer_kind,
     layer_weight,
     parametrized_layers,
@@ -226,5 +226,5 @@ def quantize(model: nn.Module, bitmap: BitMap) -> nn.Module:
     if needs_slicing(model, bitmap):
         return quantize_(slice_model(model, bitmap), bitmap)
     bitmap.check_model(model)
-    return quantize_(copy.deepcopy(model), bitmap)
+    return quantize_(copy_model(model), bitmap)
 
