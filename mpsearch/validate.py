@@ -210,6 +210,13 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     size_q = sum(weight_bytes(info, bitmap[info.name].w_bits, bitmap[info.name].qconfig)
                  for info in infos)
     predicted = bitmap.predicted.get("loss_increase")
+    searched = bitmap.provenance.get("loss")
+    if predicted is not None and isinstance(searched, str) and searched != objective.kind:
+        log.warning("the bit map predicts the increase of its search's loss (%s); this "
+                    "validation measures %s, so there is no prediction to compare with "
+                    "(validate with the same loss_fn= as the search for one)",
+                    searched, objective.kind)
+        predicted = None
     # a sliced map deploys with its slices of equal width merged, as export_onnx does
     deployed = (_deployed(*for_deployment(original, bitmap), batches, qmodel, profile)
                 if measure_latency else {})

@@ -153,3 +153,19 @@ def test_the_deployed_output_error_counts_real_tokens_only(tmp_path) -> None:  #
     assert abs(everywhere / expected - 1) > 0.05  # padding would change the figure
     assert rep.deployed_batches == 1
     assert rep.deployed_rel_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_validate_compares_a_prediction_only_in_its_own_loss(  # type: ignore[no-untyped-def]
+        mnist_cnn, mnist_calib, mnist_eval, caplog) -> None:
+    """A map searched on the label loss predicts a label-loss increase; validated with the
+    default divergence it printed that prediction beside a measured KL, as if comparable."""
+    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:2], loss_fn="task",
+                          sensitivity="fisher", refine=False, slices=None, progress=False)
+    assert res.bitmap.provenance["loss"] == "cross_entropy"
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        kl = mpsearch.validate(mnist_cnn, res.bitmap, data=mnist_eval[:1], progress=False)
+    assert kl.loss_kind == "kl" and kl.loss_increase_predicted is None
+    assert "no prediction to compare" in caplog.text and "predicted" not in str(kl)
+    task = mpsearch.validate(mnist_cnn, res.bitmap, data=mnist_eval[:1], loss_fn="task",
+                             progress=False)
+    assert task.loss_increase_predicted == pytest.approx(res.bitmap.predicted["loss_increase"])
