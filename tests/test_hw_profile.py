@@ -166,6 +166,41 @@ def test_export_cnn_matches_simulated_model(mnist_cnn: torch.nn.Module,
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
     with pytest.raises(ValueError, match="convolution"):
         build_onnx(mnist_cnn, BitMap.uniform(mnist_cnn, 4), x)
+    # a float64 model wrote a graph ORT refused to load (DynamicQuantizeLinear on doubles)
+    import copy
+
+    with pytest.raises(ValueError, match=r"float32 graphs.*torch.float64"):
+        mpsearch.export_onnx(copy.deepcopy(mnist_cnn).double(), bm, tmp_path / "f64.onnx",
+                             sample_batch=x.double())
+    assert not (tmp_path / "f64.onnx").exists()
+
+
+def test_export_of_a_head_tied_to_its_embedding_matches_quantize(tmp_path: Path) -> None:
+    """quantize() quantizes the one tensor an LM head shares with its embedding, so the
+    lookup reads quantized values; the export kept the lookup's table float (10× off)."""
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 32)
+            self.fc = torch.nn.Linear(32, 32)
+            self.head = torch.nn.Linear(32, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(self.emb(x))))
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    x = torch.randint(0, 50, (2, 7))
+    bm = BitMap.from_bits(model, {"head": 4}, default=8)
+    y = OrtModel(model, bm, x).run(x)
+    ref = mpsearch.quantize(model, bm)(x).detach().numpy()
+    untied = mpsearch.quantize(model, bm)
+    untied.emb.weight = torch.nn.Parameter(model.emb.weight.detach().clone())
+    off = untied(x).detach().numpy()
+    assert np.abs(y - ref).max() < 0.2 * np.abs(off - ref).max()
+    assert torch.equal(model.emb.weight, model.head.weight)  # the model is untouched
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from mpsearch.hw.specs import batch_from_spec, fused_stay_float, model_inputs, m
 from mpsearch.layers import (
     RecurrentMatrix,
     fingerprint,
+    layer_kind,
     layer_weight,
     model_shapes,
     quantizable_modules,
@@ -176,11 +177,18 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
 
     Raises:
         BitMapError: the bit map does not fit the model.
-        ValueError: a layer's bits have no real kernel for its kind (the message says why).
+        ValueError: a layer's bits have no real kernel for its kind (the message says why),
+            or the model is not float32.
     """
     from onnx import helper
 
     bitmap.check_model(model)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        raise ValueError(f"export_onnx writes float32 graphs (its int8/int4 kernels take "
+                         f"float32 activations); the model holds "
+                         f"{', '.join(sorted(str(d) for d in dtypes))} weights: export "
+                         f"model.float() with a float32 sample batch")
     fused_stay_float(model, bitmap)
     was_training = model.training
     model.eval()
@@ -219,7 +227,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
         new_nodes.extend(nodes)
         new_inits.extend(inits)
     used = {i for n in new_nodes for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
+    kept = [_tied(i, modules, bitmap, seen) for i in graph.initializer if i.name in used]
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.initializer[:]
@@ -233,6 +241,35 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     # e.g. a BERT pooler, is traced away): the latency model counts these only.
     helper.set_model_props(proto, {"mpsearch.layers": json.dumps(sorted(seen))})
     return proto
+
+
+def _tied(init: Any, modules: dict[str, nn.Module], bitmap: BitMap,
+          layers: dict[str, int]) -> Any:
+    """A float initializer the graph still reads, or, where it is the weight of a layer
+    quantized here that another module shares (an embedding tied to its LM head), that
+    weight's quantized values: :func:`mpsearch.quantize` quantizes the one shared tensor,
+    so the embedding lookup reads quantized values there too."""
+    from onnx import numpy_helper
+
+    from mpsearch.quant.apply import quantize_weight
+
+    value = None
+    for fqn in layers:
+        entry, module = bitmap[fqn], modules[fqn]
+        if entry.w_bits >= 32:
+            continue
+        weight = layer_weight(module).detach()
+        if tuple(init.dims) != tuple(weight.shape):
+            continue
+        if value is None:
+            value = numpy_helper.to_array(init)
+        if value.dtype == weight.numpy().dtype and (value == weight.numpy()).all():
+            log.info("export_onnx: %s is layer %r's weight, shared with another module: "
+                     "written with its %d-bit values", init.name, fqn, entry.w_bits)
+            kind = entry.kind or layer_kind(module) or "Linear"
+            q = quantize_weight(weight, kind, entry.w_bits, entry.qconfig, module)
+            return numpy_helper.from_array(q.numpy(), init.name)
+    return init
 
 
 def graph_layers(proto: Any) -> list[str]:
