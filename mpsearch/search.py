@@ -161,10 +161,14 @@ class SearchResult:
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
-    out = tuple(sorted({int(b) for b in bits}))
+    given = tuple(bits)  # a numpy array or any iterable of whole numbers
+    if not all(isinstance(b, (int, np.integer, float, np.floating)) and not isinstance(b, bool)
+               and float(b).is_integer() for b in given):
+        raise ValueError(f"bits must be whole numbers of {SUPPORTED_BITS}, got {given}")
+    out = tuple(sorted({int(b) for b in given}))
     bad = [b for b in out if b not in SUPPORTED_BITS]
     if bad or not out:
-        raise ValueError(f"bits must be a non-empty set of {SUPPORTED_BITS}, got {tuple(bits)}")
+        raise ValueError(f"bits must be a non-empty set of {SUPPORTED_BITS}, got {given}")
     return out
 
 
@@ -485,7 +489,7 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     batches = materialize(data, "data")
     table_bits = rest["sensitivity"].bits if isinstance(rest["sensitivity"],
                                                         SensitivityTable) else None
-    candidates = _check_bits(bits or table_bits or DEFAULT_BITS)
+    candidates = _check_bits(bits if bits is not None else table_bits or DEFAULT_BITS)
     qconfig = qconfig or QuantConfig()
     device = model_device(model)
     model = plain_weights(model)

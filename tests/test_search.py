@@ -123,6 +123,8 @@ def test_bad_input_errors(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-un
         mpsearch.search(nn.Sequential(nn.ReLU()), 4.0, data=[torch.randn(2, 3)], progress=False)
     with pytest.raises(ValueError, match="bits must be"):
         mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, bits=(1, 4), progress=False)
+    with pytest.raises(ValueError, match="whole numbers"):  # was truncated to 7 bits
+        mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, bits=(7.5, 8), progress=False)
     with pytest.raises(ValueError, match="unknown sensitivity"):
         mpsearch.search(mnist_cnn, 4.0, data=mnist_calib, sensitivity="magic", progress=False)
     with pytest.raises(ValueError, match="positive"):
@@ -538,3 +540,13 @@ def test_a_padding_masked_nested_transformer_is_searched() -> None:
     assert model.enc.use_nested_tensor
     assert res.table["omega_2"].gt(0).all()
     mpsearch.validate(model, res.bitmap, data=data, progress=False)
+
+
+def test_bits_as_a_numpy_array() -> None:
+    """bits=np.array([...]) crashed a sliced search (the truth value of an array)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    data = [torch.randn(8, 8) for _ in range(2)]
+    res = mpsearch.search(model, 4.0, data=data, bits=np.array([2, 4, 8]), progress=False,
+                          sensitivity="fisher", refine=False)
+    assert set(res.bitmap.bits().values()) <= {2, 4, 8}
