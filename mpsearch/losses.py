@@ -107,13 +107,14 @@ def _per_sample(per_position: Tensor, mask: Tensor | None,
 def mean_and_stderr(values: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
     """Weighted mean of independent values (weights summing to 1) and its standard error:
     ``sqrt(s² Σ w²)`` with ``s²`` the weighted variance, unbiased (``(Σ w (v − m)²) /
-    (1 − Σ w²)``); the plain ``std(ddof=1) / sqrt(n)`` for equal weights. 0 for one value."""
+    (1 − Σ w²)``); the plain ``std(ddof=1) / sqrt(n)`` for equal weights. inf
+    for one value: one sample gives no estimate of its error."""
     w = np.asarray(weights, dtype=float)
     v = np.asarray(values, dtype=float)
     mean = float(np.dot(w, v))
     sw2 = float(np.dot(w, w))
     if v.size < 2 or sw2 >= 1.0:
-        return mean, 0.0
+        return mean, math.inf
     var = float(np.dot(w, (v - mean) ** 2)) / (1.0 - sw2)
     return mean, math.sqrt(max(var, 0.0) * sw2)
 

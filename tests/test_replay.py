@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -366,7 +368,8 @@ def test_mean_and_stderr_known_answers() -> None:
     mean = 0.5 * 1 + (2 + 3 + 4) / 6
     var = float(w @ (v - mean) ** 2) / (1 - w @ w)
     assert mean_and_stderr(v, w) == pytest.approx((mean, np.sqrt(var * (w @ w))))
-    assert mean_and_stderr(np.array([5.0]), np.array([1.0])) == (5.0, 0.0)
+    # one sample: no error estimate (it read 0, certainty, in a table's stderr column)
+    assert mean_and_stderr(np.array([5.0]), np.array([1.0])) == (5.0, math.inf)
 
 
 def test_replay_sample_losses_over_batches() -> None:

@@ -124,7 +124,7 @@ class QError:
                                                      samples[1])[1]
                 else:
                     n = len(delta)
-                    omega_se[i, j] = float(delta.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+                    omega_se[i, j] = float(delta.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
             bar.close()
         idle = [names[i] for i in range(len(names)) if not omega[i].any()]
         if idle:
