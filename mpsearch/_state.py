@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -23,7 +23,8 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore its modes, flags, grads and hooks afterwards.
 
     Restored on exit, also after an exception: every module's ``training`` flag, every
-    parameter's ``requires_grad`` and ``.grad``, the hook dictionaries of every module
+    parameter's ``requires_grad`` and ``.grad``, every buffer (a forward that updates a
+    counter or a cache of its own runs many times), the hook dictionaries of every module
     (hooks the block added are removed; the user's own are kept) and torch's global CPU
     random number generator (building layers draws from it). Weights are not copied:
     mpsearch never writes to the user's weights, and the tests check that.
@@ -34,10 +35,14 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     computed, not zeroed; a divergence masked by ``attention_mask`` ignores them.
     """
     rng = torch.get_rng_state()
+    # buffers a model's own forward updates (a step counter, a cache); BatchNorm's running
+    # statistics too, were a module left in train mode
+    buffers = [(m, name, t, t.detach().clone()) for m in model.modules()
+               for name, t in m._buffers.items() if isinstance(t, Tensor) and not t.is_meta]
     nested = [m for m in model.modules()
               if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
-    for m in nested:
-        m.use_nested_tensor = False
+    for encoder in nested:
+        encoder.use_nested_tensor = False
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -59,8 +64,17 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             if name in flags:
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
-        for m in nested:
-            m.use_nested_tensor = True
+        for encoder in nested:
+            encoder.use_nested_tensor = True
+        for owner, name, t, copied in buffers:
+            if owner._buffers.get(name) is not t:
+                owner._buffers[name] = t
+            if t.shape != copied.shape:
+                with torch.no_grad():
+                    t.set_(copied)  # type: ignore[call-overload]
+            elif not torch.equal(t, copied):
+                with torch.no_grad():
+                    t.copy_(copied)
         torch.set_rng_state(rng)
 
 

@@ -12,7 +12,7 @@ A batch is one of:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +122,18 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
             f"{what} must be a re-iterable of batches (e.g. [batch] or a DataLoader), "
             f"got a single {type(data).__name__}; wrap it in a list"
         )
-    if iter(data) is data:
-        raise ValueError(
+    if isinstance(data, Iterator):  # not iter(data) is data: that starts a DataLoader
+        raise ValueError(  # noqa: TRY004 (callers catch one kind of error for bad data)
             f"{what} must be re-iterable (a list or DataLoader), got a one-shot "
             f"{type(data).__name__}; pass list(...) of it"
         )
-    batches = [_normal_tensors(b) for b in data]
+    # a shuffling DataLoader draws its order from torch's global generator: put it back,
+    # as every verb leaves the generator as it found it
+    rng = torch.get_rng_state()
+    try:
+        batches = [_normal_tensors(b) for b in data]
+    finally:
+        torch.set_rng_state(rng)
     if not batches:
         raise ValueError(f"{what} is empty: give at least one batch")
     for i, b in enumerate(batches):

@@ -427,8 +427,20 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
+def require_values(model: nn.Module) -> None:
+    """Raise ValueError where the model's weights have no values (the meta device)."""
+    meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_meta]
+    if meta:
+        raise ValueError(f"{len(meta)} weight(s) of the {type(model).__name__} are on the "
+                         f"meta device, with shapes but no values ({some(meta)}): load the "
+                         "model's weights first (model.to_empty(device='cpu') and "
+                         "load_state_dict)")
+
+
 def check_finite(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Raise ValueError naming every layer whose weight holds NaN or inf."""
+    """Raise ValueError naming every layer whose weight holds NaN or inf (or no value)."""
+    require_values(model)
     bad = [name for name, m in modules.items()
            if not bool(torch.isfinite(layer_weight(m)).all())]
     if bad:
@@ -531,6 +543,15 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                 make_hooks(name, kind, module)
             try:
                 call(model, split)
+            except TypeError as exc:
+                if (isinstance(batch, (tuple, list)) and len(batch) == 2
+                        and isinstance(batch[0], Tensor)):
+                    raise TypeError(
+                        f"{exc} (mpsearch calls the model on batch[0] alone: a 2-item "
+                        "tuple/list batch is (inputs, targets); for several inputs give "
+                        "((x1, x2), targets), ((x1, x2),) or a dict of keyword arguments)"
+                    ) from exc
+                raise
             finally:
                 for h in handles:
                     h.remove()
@@ -579,6 +600,30 @@ def idle_layers(model: nn.Module, layers: Sequence[LayerInfo],
                if i.calls or i.read_by}
         pending = [n for n in pending if n not in ran]
     return pending
+
+
+def weights_read(model: nn.Module, batch: Batch, modules: Mapping[str, nn.Module]) -> set[str]:
+    """Of the layers ``modules`` (FQN → module of ``model``), those whose weight some
+    operation of a forward pass on ``batch`` reads: for a layer that never ran, a model
+    that calls ``F.linear(x, layer.weight)`` itself, bypassing the layer."""
+    from torch.overrides import TorchFunctionMode
+
+    weights = {id(layer_weight(m)): n for n, m in modules.items()}
+    found: set[str] = set()
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            for value in itertools.chain(args, (kwargs or {}).values()):
+                if id(value) in weights:
+                    found.add(weights[id(value)])
+            return func(*args, **(kwargs or {}))
+
+    split = to_device(split_batch(batch), model_device(model))
+    with preserved(model), torch.no_grad(), Reads():
+        model.eval()
+        call(model, split)
+    return found
 
 
 def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],

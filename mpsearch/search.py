@@ -33,6 +33,7 @@ from mpsearch.layers import (
     plain_weights,
     quantizable_modules,
     unsearched_weights,
+    weights_read,
 )
 from mpsearch.losses import LossSpec, Objective
 from mpsearch.problem import AllocationProblem, Front, Solution
@@ -649,10 +650,19 @@ def _drop_idle(model: nn.Module, layers: list[LayerInfo], modules: dict[str, nn.
         raise ValueError(f"none of the {len(layers)} quantizable layer(s) ran on the "
                          "calibration data, so none can be rated: check that the batches "
                          "reach the model's layers (forward signature, keys)")
-    log.warning("%d layer(s) left out of the search and kept float, because they did not "
-                "run on any calibration batch (the loss cannot rate them): %s; give data "
-                "that runs them, or exclude= them to silence this", len(idle),
-                ", ".join(sorted(idle)[:8]) + (", ..." if len(idle) > 8 else ""))
+    bypassed = weights_read(model, batches[0], {n: modules[n] for n in idle})
+    if bypassed:
+        log.warning("%d layer(s) left out of the search and kept float: the model reads "
+                    "their weight itself (e.g. F.linear(x, layer.weight)) instead of calling "
+                    "the layer, and mpsearch rates, quantizes and counts layers through "
+                    "their own forward: %s; call the layer in the forward to search it",
+                    len(bypassed), some(sorted(bypassed)))
+    unused = sorted(idle - bypassed)
+    if unused:
+        log.warning("%d layer(s) left out of the search and kept float, because they did "
+                    "not run on any calibration batch (the loss cannot rate them): %s; give "
+                    "data that runs them, or exclude= them to silence this", len(unused),
+                    some(unused))
     return ([i for i in layers if i.name not in idle],
             {n: m for n, m in modules.items() if n not in idle})
 

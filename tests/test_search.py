@@ -550,3 +550,105 @@ def test_bits_as_a_numpy_array() -> None:
     res = mpsearch.search(model, 4.0, data=data, bits=np.array([2, 4, 8]), progress=False,
                           sensitivity="fisher", refine=False)
     assert set(res.bitmap.bits().values()) <= {2, 4, 8}
+
+
+def test_a_shuffling_dataloader_leaves_the_global_generator_alone() -> None:
+    """materialize started the loader twice (``iter(data) is data``) and each start drew
+    its order from torch's global generator: a search moved it by two epochs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    loader = DataLoader(TensorDataset(torch.randn(32, 8)), batch_size=8, shuffle=True)
+    data = [(x,) for (x,) in loader]
+    state = torch.get_rng_state()
+    mpsearch.search(model, 4.0, data=loader, progress=False, sensitivity="fisher",
+                    refine=False, slices=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    mpsearch.validate(model, mpsearch.BitMap.uniform(model, 4), data=loader, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(data) == 4
+
+
+def test_a_model_without_values_is_refused_clearly() -> None:
+    """A model built on the meta device failed inside torch ('Tensor.item() cannot be
+    called on meta tensors')."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    bm = mpsearch.BitMap.uniform(model, 4)  # shapes are enough for a bit map
+    data = [torch.randn(4, 8)]
+    for call in (lambda: mpsearch.search(model, 4.0, data=data, progress=False),
+                 lambda: mpsearch.quantize(model, bm),
+                 lambda: mpsearch.validate(model, bm, data=data, progress=False)):
+        with pytest.raises(ValueError, match="meta device.*load the model's weights"):
+            call()
+
+
+def test_buffers_the_forward_updates_are_restored() -> None:
+    """A forward that counts what it has seen ran ~50 times in a search and came back
+    with its buffers changed: the user's state_dict was not the one handed in."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(12, 32), nn.Linear(32, 6)
+            self.register_buffer("seen", torch.zeros(()))
+            self.register_buffer("ema", torch.zeros(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            with torch.no_grad():
+                self.seen += x.shape[0]
+                self.ema.mul_(0.9).add_(0.1 * h.mean(0))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Counting().eval()
+    data = [torch.randn(16, 12) for _ in range(3)]
+    before = _state(model)
+    seen = model.seen
+    mpsearch.search(model, 4.0, data=data, progress=False, sensitivity="fisher")
+    mpsearch.validate(model, mpsearch.BitMap.uniform(model, 4), data=data, progress=False)
+    _assert_same(before, model)
+    assert model.seen is seen and float(model.seen) == 0.0
+
+
+def test_a_layer_whose_weight_the_forward_reads_itself_is_named_as_such(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """F.linear(x, self.fc.weight) bypasses fc: it never runs, so it stays float; the
+    warning said it 'did not run on any calibration batch', as for an unused head."""
+
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc, self.unused = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(torch.relu(self.a(x)), self.fc.weight, self.fc.bias)
+
+    torch.manual_seed(0)
+    model = Bypass().eval()
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(model, 4.0, data=[torch.randn(4, 8)], progress=False,
+                              sensitivity="fisher", slices=None)
+    assert set(res.bitmap.bits()) == {"a", "fc", "unused"}
+    assert res.bitmap["fc"].w_bits == 32 and res.bitmap["unused"].w_bits == 32
+    assert "reads their weight itself" in caplog.text and ": fc;" in caplog.text
+    assert "did not run on any calibration batch" in caplog.text and ": unused;" in caplog.text
+
+
+def test_a_two_input_model_given_a_pair_is_told_the_batch_convention() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.fc(x + y)
+
+    pair = [torch.randn(4, 8), torch.randn(4, 8)]
+    with pytest.raises(TypeError, match=r"\(inputs, targets\).*\(\(x1, x2\), targets\)"):
+        mpsearch.search(Two(), 4.0, data=[pair], progress=False)
+    res = mpsearch.search(Two(), 4.0, data=[(tuple(pair),)], progress=False,
+                          sensitivity="fisher", slices=None)
+    assert set(res.bitmap.bits()) == {"fc"}

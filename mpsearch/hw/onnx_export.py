@@ -40,6 +40,7 @@ from mpsearch.layers import (
     layer_weight,
     model_shapes,
     quantizable_modules,
+    require_values,
 )
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     from onnx import helper
 
     bitmap.check_model(model)
+    require_values(model)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"export_onnx writes float32 graphs (its int8/int4 kernels take "

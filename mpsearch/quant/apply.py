@@ -21,6 +21,7 @@ from mpsearch.layers import (
     layer_weight,
     parametrized_layers,
     quantizable_modules,
+    require_values,
 )
 from mpsearch.quant.quantizer import QuantConfig, fake_quantize, fake_quantize_activation
 
@@ -117,6 +118,7 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
     """
     from mpsearch.slices import needs_slicing
 
+    require_values(model)
     if needs_slicing(model, bitmap):
         return _quantize_sliced_(model, bitmap)
     bitmap.check_model(model)
@@ -220,9 +222,11 @@ def quantize(model: nn.Module, bitmap: BitMap) -> nn.Module:
 
     Raises:
         BitMapError: the bit map does not fit the model (naming the layers).
+        ValueError: the model's weights are on the meta device (no values).
     """
     from mpsearch.slices import needs_slicing, slice_model
 
+    require_values(model)
     if needs_slicing(model, bitmap):
         return quantize_(slice_model(model, bitmap), bitmap)
     bitmap.check_model(model)
