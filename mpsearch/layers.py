@@ -402,7 +402,8 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
 
 def unsearched_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, int]:
     """Parameters by module kind of the weights (2-D or more) that no quantizable module
-    holds: embeddings, transposed and 3-D convolutions and the like, which stay float.
+    holds: embeddings, transposed and 3-D convolutions and the like, which stay float (a
+    custom module's own parameter by its name: ``pos_embedding``).
 
     A weight shared with a quantizable layer (tied embeddings) counts as covered; layers
     of a quantizable kind left out by ``include``/``exclude`` are the user's choice and do
@@ -410,12 +411,14 @@ def unsearched_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> di
     """
     covered = {id(layer_weight(m)) for m in modules.values()}
     out: dict[str, int] = {}
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         if layer_kind(module) is not None:
             continue
-        for p in module.parameters(recurse=False):
+        for attr, p in module.named_parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in covered:
-                kind = type(module).__name__
+                # torch's modules by kind (Embedding); a model's own parameter by name
+                kind = (type(module).__name__ if type(module).__module__.startswith("torch.")
+                        else f"{prefix}.{attr}" if prefix else attr)
                 out[kind] = out.get(kind, 0) + p.numel()
     return out
 

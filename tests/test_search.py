@@ -384,6 +384,10 @@ def test_weights_of_kinds_not_searched_are_named_with_their_share(
         "Embedding": 400, "ConvTranspose1d": 128}
     assert unsearched_weights(untied, quantizable_modules(untied, exclude="mid")) == {
         "Embedding": 400, "ConvTranspose1d": 128}  # excluded by choice: not counted
+    # a model's own parameter is named, not its class ("does not quantize Mixed")
+    untied.pos = nn.Parameter(torch.zeros(5, 8))
+    assert unsearched_weights(untied, quantizable_modules(untied))["pos"] == 40
+    del untied.pos
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="mpsearch"):
         mpsearch.search(untied.eval(), 4.0, data=[torch.randint(0, 50, (2, 5))] * 2,
