@@ -8,9 +8,12 @@ Linear), a ResNet with batch norm and three residual stages (16/32/64 channels),
 vision transformer (7×7 patches, two ``nn.TransformerEncoderLayer`` of width 64) and a
 GRU reading the image row by row, and a CNN with batch norm and dropout (three
 convolutions, a 2352 → 96 Linear; added, like the convolutional language model below,
-after a reviewer's two models of these kinds passed). Each is trained on the train split of the real MNIST
+after a reviewer's two models of these kinds passed), and three kinds a second reviewer
+brought (written again here after their runs): a CNN with squeeze-and-excitation after
+each of its three convolutions, a ResNeXt of grouped (4 groups) bottlenecks with batch
+norm, and an LSTM of 128 units reading the rows. Each is trained on the train split of the real MNIST
 digits (``mpsearch.zoo.mnist.train_mnist``, seed 0; 4 epochs, 15 for the transformer and
-the GRU, which learn slower). Two pretrained networks as well: the first two stages of
+the GRU, 8 for the LSTM, which learn slower). Two pretrained networks as well: the first two stages of
 MTCNN, PNet (12×12 input, four convolutions, 6.4 k weights) and RNet (24×24, three
 convolutions and a 576 → 128 Linear), with the weights facenet-pytorch ships, as face /
 non-face classifiers on scikit-image's LFW faces (64 calibration, 136 held-out images;
@@ -207,6 +210,76 @@ class BatchNormCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class SqueezeExcite(nn.Module):
+    """Channel attention: the pooled channels through a Linear bottleneck (a quarter as
+    wide) gate the feature map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.squeeze, self.excite = nn.Linear(channels, channels // 4), nn.Linear(
+            channels // 4, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class SECNN(nn.Module):
+    """Three 3×3 convolutions (32/64/64 channels), each followed by squeeze-and-excitation
+    and a max-pool, then a 576 → 64 → 10 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.ModuleDict({"conv": nn.Conv2d(c_in, c_out, 3, padding=1),
+                           "se": SqueezeExcite(c_out)})
+            for c_in, c_out in ((1, 32), (32, 64), (64, 64)))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 3 * 3, 64), nn.ReLU(),
+                                  nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = nn.functional.max_pool2d(stage["se"](torch.relu(stage["conv"](x))), 2)
+        return self.head(x)
+
+
+class _GroupedBlock(nn.Module):
+    """A ResNeXt bottleneck: 1×1 down, 3×3 grouped (4 groups), 1×1 up, with a residual."""
+
+    def __init__(self, channels: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, groups=4, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(), nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.pool(x))
+
+
+def resnext() -> nn.Module:
+    """A small ResNeXt: a 3×3 stem to 32 channels, three grouped bottlenecks (widths 32,
+    64, 64; two of stride 2), pooling and a 32 → 10 head."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+                         nn.ReLU(), _GroupedBlock(32, 32, 1), _GroupedBlock(32, 64, 2),
+                         _GroupedBlock(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 10))
+
+
+class RowLSTM(nn.Module):
+    """An LSTM (128 units) reading the 28 rows of the image; a Linear on its last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(28, 128, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x[:, 0])
+        return self.head(out[:, -1])
+
+
 def lee_text() -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Lee news corpus (``mpsearch.zoo.text_sentences``: its two halves share no
     story) as character ids: the ``"calib"`` half to train and calibrate on, the
@@ -293,7 +366,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10)),
-    "mnist_bn": BatchNormCNN,
+    "mnist_bn": BatchNormCNN, "se_cnn": SECNN, "resnext": resnext, "lstm": RowLSTM,
     "charlm_lstm": lambda: CharLM(lee_text()[2], nn.LSTM),
     "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU),
     "charlm_conv": lambda: CharConv(lee_text()[2])}
@@ -303,7 +376,7 @@ CHARLMS: dict[str, Callable[[int], nn.Module]] = {
     "charlm_gru": lambda vocab: CharLM(vocab, nn.GRU),
     "charlm_conv": CharConv}
 #: training epochs where the default 4 leaves a model far from converged
-EPOCHS = {"vit": 15, "gru": 15}
+EPOCHS = {"vit": 15, "gru": 15, "lstm": 8}
 #: pretrained models: their MTCNN stage and input side
 PRETRAINED = {"mtcnn_pnet": ("pnet", 12), "mtcnn_rnet": ("rnet", 24)}
 
