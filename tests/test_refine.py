@@ -73,6 +73,19 @@ def test_refine_settings_validated() -> None:
         Refine(min_gain=1.5)
     with pytest.raises(ValueError, match="max_passes"):
         Refine(max_passes=0)
+    with pytest.raises(ValueError, match="max_evals"):
+        Refine(max_evals="more")  # type: ignore[arg-type]
+
+
+def test_auto_limits_grow_with_the_units_searched() -> None:
+    """A sliced search of 8 layers has 128 units; its check alone measures each once, and
+    64 passes did not finish that round (a squeeze-and-excitation CNN: 1.8x -> 5.5x)."""
+    few, many = Refine().for_units(20), Refine().for_units(128)
+    assert (few.max_passes, few.max_evals) == (64.0, 200)
+    assert (many.max_passes, many.max_evals) == (256.0, 256)
+    fixed = Refine(max_passes=10, max_evals=30).for_units(128)  # the user's own: kept
+    assert (fixed.max_passes, fixed.max_evals) == (10, 30)
+    assert Refine(max_passes=None).for_units(128).max_passes is None
 
 
 def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
