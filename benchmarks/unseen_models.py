@@ -144,13 +144,14 @@ class VisionTransformer(nn.Module):
         return self.head(self.encoder(self.embed(patches) + self.position).mean(1))
 
 
-class RowGRU(nn.Module):
-    """A GRU (64 units) reading the 28 rows of the image; a Linear on its last state."""
+class RowRNN(nn.Module):
+    """A recurrent layer (``cell``: ``nn.GRU`` of 64 units, ``nn.LSTM`` of 128) reading the
+    28 rows of the image; a Linear on its last state."""
 
-    def __init__(self) -> None:
+    def __init__(self, cell: Callable[..., nn.Module] = nn.GRU, units: int = 64) -> None:
         super().__init__()
-        self.rnn = nn.GRU(28, 64, batch_first=True)
-        self.head = nn.Linear(64, 10)
+        self.rnn = cell(28, units, batch_first=True)
+        self.head = nn.Linear(units, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x[:, 0])
@@ -267,19 +268,6 @@ def resnext() -> nn.Module:
                          nn.Linear(32, 10))
 
 
-class RowLSTM(nn.Module):
-    """An LSTM (128 units) reading the 28 rows of the image; a Linear on its last state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(28, 128, batch_first=True)
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x[:, 0])
-        return self.head(out[:, -1])
-
-
 def lee_text() -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Lee news corpus (``mpsearch.zoo.text_sentences``: its two halves share no
     story) as character ids: the ``"calib"`` half to train and calibrate on, the
@@ -358,7 +346,7 @@ class RNetFace(nn.Module):
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "lenet5": lenet5, "mlp": mlp, "lenet300": lenet300, "mlp_wide": mlp_wide,
     "mnist_example": mnist_example, "resnet": resnet,
-    "vit": VisionTransformer, "gru": RowGRU, "mtcnn_pnet": PNetFace, "mtcnn_rnet": RNetFace,
+    "vit": VisionTransformer, "gru": RowRNN, "mtcnn_pnet": PNetFace, "mtcnn_rnet": RNetFace,
     "digits_mlp_small": lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
     "digits_mlp": lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
                                         nn.ReLU(), nn.Linear(64, 10)),
@@ -366,7 +354,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10)),
-    "mnist_bn": BatchNormCNN, "se_cnn": SECNN, "resnext": resnext, "lstm": RowLSTM,
+    "mnist_bn": BatchNormCNN, "se_cnn": SECNN, "resnext": resnext, "lstm": lambda: RowRNN(nn.LSTM, 128),
     "charlm_lstm": lambda: CharLM(lee_text()[2], nn.LSTM),
     "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU),
     "charlm_conv": lambda: CharConv(lee_text()[2])}
