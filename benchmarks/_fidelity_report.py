@@ -107,13 +107,17 @@ def bar_verdict(ceil: pd.DataFrame) -> str:
     unreachable = at4[at4["oracle_uniform_ratio"] < BAR]
     lines = []
     if len(reachable):
-        met = reachable[reachable["estimators_min"] >= BAR]
+        short = reachable[reachable["estimators_min"] < BAR]
+        verdict = ("every estimator + ILP meets it" if short.empty else
+                   "the estimator + ILP alone falls short of it on "
+                   + ", ".join(f"`{m}`" for m in short["model"])
+                   + (", and with the measured refinement every estimator meets it"
+                      if (reachable["refined_min"] >= BAR).all() else ""))
         lines.append(
             f"The oracle reaches the {BAR:g}× bar at 4.0 bits on "
             + ", ".join(f"`{m}` ({r:.1f}×)" for m, r in zip(
                 reachable["model"], reachable["oracle_uniform_ratio"]))
-            + "; there every estimator + ILP "
-            + ("meets it" if len(met) == len(reachable) else "does not always meet it")
+            + f"; there {verdict}"
             + " (worst estimator " + ", ".join(f"{w:.1f}×" for w in reachable["estimators_min"])
             + ", refined " + ", ".join(f"{w:.1f}×" for w in reachable["refined_min"]) + ").")
     if len(unreachable):
