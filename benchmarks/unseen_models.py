@@ -37,7 +37,7 @@ issue's bar is 4× at 4 bits.
 
 Writes ``results/unseen_models.{md,csv,png}``.
 
-    python benchmarks/unseen_models.py            # about 20 min on one thread
+    python benchmarks/unseen_models.py            # about 35 min on one thread (20 models)
 """
 
 from __future__ import annotations
