@@ -231,3 +231,17 @@ def test_fisher_takes_fewer_samples_a_call_on_big_models(mnist_cnn, mnist_calib,
     monkeypatch.setattr(fisher.Fisher, "_pieces", spy)
     np.testing.assert_allclose(table(), whole, rtol=1e-5, atol=1e-9)
     assert max(pieces) == 7 and sum(pieces) == 100
+
+
+def test_qerror_on_one_sample_claims_no_error_bar() -> None:
+    """One calibration sample gives no estimate of the error: the table said 0 (certainty)."""
+    import math
+
+    import mpsearch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    res = mpsearch.search(model, 4.0, data=[torch.randn(1, 6)], progress=False,
+                          slices=None, refine=False)
+    stderr = res.table["omega_2_stderr"]
+    assert all(math.isinf(v) for v in stderr) and res.table["omega_2"].gt(0).all()
