@@ -119,6 +119,18 @@ def mean_and_stderr(values: np.ndarray, weights: np.ndarray) -> tuple[float, flo
     return mean, math.sqrt(max(var, 0.0) * sw2)
 
 
+def effective_samples(increase: np.ndarray, weights: np.ndarray) -> float | None:
+    """How many samples carry a loss increase (each sample's increase over the float
+    model, weights summing to 1): ``(Σ c)² / Σ c²`` over the contributions ``c = w ·
+    max(increase, 0)`` — n when every sample is hurt alike, 1 when one sample holds it
+    all. None where no sample's loss increased."""
+    c = np.asarray(weights, dtype=float) * np.clip(np.asarray(increase, dtype=float), 0.0, None)
+    square = float(np.dot(c, c))
+    if not square > 0.0:
+        return None
+    return float(c.sum()) ** 2 / square
+
+
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy over the last dimension of ``logits``; ``-100`` targets are ignored."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),

@@ -49,8 +49,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mpsearch._replay import PrefixReplay
+from mpsearch.batches import batch_rows
 from mpsearch.layers import layer_weight
-from mpsearch.losses import mean_and_stderr
+from mpsearch.losses import effective_samples, mean_and_stderr
 from mpsearch.problem import AllocationProblem, Solution
 
 if TYPE_CHECKING:
@@ -67,20 +68,24 @@ class Refine:
 
     Attributes:
         max_evals: most measured maps (each a pass over the calibration data from the
-            first changed layer on). ``"auto"`` (default): 200, or two per unit searched
-            where there are more than 100 units.
+            first changed layer on). ``"auto"`` (default): 200, two per unit searched, or
+            as many as the ``"auto"`` pass limit, whichever is most.
         max_passes: most work, in passes over the calibration data: a map measured from
             its first changed layer on counts the share of the pass it recomputes, a
             reference pass counts whole; None: no such limit. Unlike the time budget it
             does not depend on the machine or its load, so the same search refines to the
-            same map. ``"auto"`` (default): 64, or two per unit searched where there are
-            more than 32 units (a sliced search: 16 slices of 8 layers are 128 units, and
-            the check alone measures each once). 64 passes take 2-70 s on this project's
-            models on one core (1 s per pass on the OCR CRNN with 32 text lines); a sliced
-            search's model is small, its passes cheap. On a squeeze-and-excitation CNN
-            with 16 slices a layer, the diagonal Fisher's map went from 1.8× to 5.5× below
-            uniform INT4 (held out) with the limit at 256 passes instead of 64: its check
-            had not finished one round.
+            same map. ``"auto"`` (default) is the most of: 64; two per unit searched (a
+            sliced search: 16 slices of 8 layers are 128 units, and the check alone
+            measures each once); and as many passes as :data:`WORK_MACS`
+            multiply-accumulates of the searched layers over the calibration data pay
+            for, up to :data:`MAX_AUTO_PASSES` (a cheap model refines until it converges:
+            a pass of an LSTM reading 500 MNIST digits row by row costs 1.1 G of them).
+            64 passes take 2-70 s on this project's models on one core (1 s per pass on
+            the OCR CRNN with 32 text lines). On a squeeze-and-excitation CNN with 16
+            slices a layer, the diagonal Fisher's map went from 1.8× to 5.5× below uniform
+            INT4 (held out) with the limit at 256 passes instead of 64: its check had not
+            finished one round; on that LSTM, Hutchinson's from 2.7× to 4.2× with 95
+            passes instead of 68, where it converged.
         time_budget_s: stop measuring after this many seconds (a cap; results that stop on
             it depend on the machine's speed).
         candidates: neighbours measured per round, best predicted first.
@@ -132,18 +137,27 @@ class Refine:
             raise ValueError(f"check_rounds must be >= 0, got {self.check_rounds}")
 
 
-    def for_units(self, units: int) -> Refine:
+    def for_units(self, units: int, pass_macs: float | None = None) -> Refine:
         """These settings with ``"auto"`` limits made numbers for a search of ``units``
-        units (layers, slices or tie groups)."""
+        units (layers, slices or tie groups) whose pass over the calibration data costs
+        ``pass_macs`` multiply-accumulates in the searched layers (None: unknown)."""
+        passes = max(MAX_PASSES, 2.0 * units)
+        if pass_macs is not None and pass_macs > 0:
+            passes = max(passes, float(min(MAX_AUTO_PASSES, WORK_MACS // pass_macs)))
         return dataclasses.replace(
             self,
-            max_evals=max(MAX_EVALS, 2 * units) if self.max_evals == "auto" else self.max_evals,
-            max_passes=(max(MAX_PASSES, 2.0 * units) if self.max_passes == "auto"
-                        else self.max_passes))
+            max_evals=(max(MAX_EVALS, 2 * units, int(passes)) if self.max_evals == "auto"
+                       else self.max_evals),
+            max_passes=passes if self.max_passes == "auto" else self.max_passes)
 
 
 #: the least of the ``"auto"`` limits of :class:`Refine`
 MAX_EVALS, MAX_PASSES = 200, 64.0
+#: the ``"auto"`` pass limit pays for at least this many multiply-accumulates of the
+#: searched layers (about 10-40 s on one core of this project's CPU), up to
+#: ``MAX_AUTO_PASSES`` passes: counted in work, not seconds, so that it is the same on
+#: every machine
+WORK_MACS, MAX_AUTO_PASSES = 2e11, 1024.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +182,14 @@ class Refinement:
         uniform_measured: that uniform map's measured calibration loss increase: against
             :attr:`measured_after`, what the mixed map gains on this model and data
             (:attr:`uniform_ratio`).
+        uniform_samples: how many calibration samples carry that uniform map's damage, as
+            an effective count (:func:`mpsearch.losses.effective_samples`: 64 samples hurt
+            alike count 64, one sample holding it all counts 1); None where the loss does
+            not split by sample. Few means the measured choices rest on those few
+            samples: on MTCNN's PNet (64 calibration faces, 9 carrying uniform INT4's
+            damage) maps measured 6-10x better than uniform there and 1-4x held out; but
+            on its RNet (1.6 of 64) they held 65-112x, so no warning is given.
+        samples: the calibration samples (None where the loss does not split by sample).
     """
 
     measured_before: float
@@ -180,6 +202,8 @@ class Refinement:
     stopped_by: str = "converged"
     uniform_bits: int | None = None
     uniform_measured: float | None = None
+    uniform_samples: float | None = None
+    samples: int | None = None
 
     @property
     def uniform_ratio(self) -> float | None:
@@ -328,7 +352,9 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
     from mpsearch.quant.apply import quantize_weight
 
     t0 = time.perf_counter()
-    settings = settings.for_units(problem.n_units)
+    samples = sum(batch_rows(b) for b in objective.batches)
+    settings = settings.for_units(problem.n_units,
+                                  samples * sum(float(info.macs) for info in layers))
     kinds = {info.name: info.kind for info in layers}
     originals = {n: layer_weight(modules[n]).detach() for n in problem.layers}
 
@@ -357,13 +383,15 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
     unit_costs = {k: problem.unit_table(problem.costs[k]) for k in problem.budgets}
     everything = list(range(problem.n_units))
     replay = PrefixReplay(model, objective, device, list(problem.layers))
-    # Fewer than three batches give no per-batch noise estimate: test gains per sample.
-    replay.per_sample = len(objective.batches) < 3
+    # Per-sample losses: with fewer than three batches, for the gain test (there is no
+    # per-batch noise estimate); always, to count the samples the uniform map hurts.
+    replay.per_sample = True
     moves: list[dict[str, Any]] = []
     evaluations = 0
     checked: dict[str, dict[int, list[float]]] = {}
     with replay:
         float_loss = float(replay.record().mean())
+        float_samples = replay.sample_losses()
         check_choice: np.ndarray | None = None
         if resolve is not None and settings.check_rounds:
             corrected, check_choice, n = _check(
@@ -399,18 +427,20 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
         # pair of moves reaches. (Local search from a uniform start fitted the calibration
         # data and lost on held-out data: measured on the MNIST dwsep CNN.)
         uniform: tuple[float, np.ndarray, int] | None = None
+        uniform_samples: tuple[np.ndarray, np.ndarray] | None = None
         for o in range(len(problem.bits)):
             trial = np.full_like(unit_choice, o)
             if (not problem.unit_allowed[:, o].all()
                     or not problem.is_feasible(problem.expand(trial))):
                 continue
             if np.array_equal(trial, unit_choice):  # the map is already this uniform one
-                measured = current
+                measured, trial_samples = current, current_samples
             else:
                 measured = float(replay.losses(weights_of(trial, everything)).mean()) - float_loss
+                trial_samples = replay.sample_losses()
                 evaluations += 1
             if uniform is None or measured < uniform[0]:
-                uniform = (measured, trial, o)
+                uniform, uniform_samples = (measured, trial, o), trial_samples
         # progress in passes over the calibration data where that is the limit
         by_pass = settings.max_passes is not None
         bar = tqdm(total=settings.max_passes if by_pass else settings.max_evals,
@@ -478,10 +508,13 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                           "measured": uniform[0], "uniform": problem.bits[o]})
             unit_choice, current = uniform[1], uniform[0]
         passes = replay.passes
+    paired = _paired(uniform_samples, float_samples)
     report = Refinement(before, current, evaluations, moves, time.perf_counter() - t0, checked,
                         passes, stopped_by,
                         uniform_bits=None if uniform is None else problem.bits[uniform[2]],
-                        uniform_measured=None if uniform is None else uniform[0])
+                        uniform_measured=None if uniform is None else uniform[0],
+                        uniform_samples=None if paired is None else effective_samples(*paired),
+                        samples=None if float_samples is None else len(float_samples[0]))
     log.info("refinement: measured loss increase %.4g -> %.4g in %d evaluations (%.1f passes, "
              "%.1f s), %d moves; stopped: %s", before, current, evaluations, passes,
              report.time_s, len(moves), stopped_by)

@@ -415,10 +415,13 @@ def _log_gain(refinement: Refinement) -> None:
                      "better" if refinement.measured_after < refinement.uniform_measured
                      else "no better")
         return
+    carried = ("" if refinement.uniform_samples is None else
+               f", its damage carried by about {refinement.uniform_samples:.0f} of the "
+               f"{refinement.samples} samples")
     log.info("measured on the calibration data: loss increase %.4g, %s the best uniform map "
-             "within the budget (INT%d: %.4g)%s", refinement.measured_after,
+             "within the budget (INT%d: %.4g%s)%s", refinement.measured_after,
              f"{ratio:.2f}x below" if ratio > 1.0 else "no better than",
-             refinement.uniform_bits, refinement.uniform_measured,
+             refinement.uniform_bits, refinement.uniform_measured, carried,
              "; mixed precision gains little on this model and data" if ratio < 1.5 else "")
 
 
@@ -763,6 +766,9 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
         if refinement.uniform_bits is not None and refinement.uniform_measured is not None:
             predicted["calibration_uniform_bits"] = refinement.uniform_bits
             predicted["calibration_uniform_loss_increase"] = refinement.uniform_measured
+        if refinement.uniform_samples is not None and refinement.samples is not None:
+            predicted["calibration_uniform_samples"] = round(refinement.uniform_samples, 1)
+            predicted["calibration_samples"] = refinement.samples
     return BitMap(entries, model_class=type(model).__name__,
                   fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),
                   budget=budget.limits(), predicted=predicted,
