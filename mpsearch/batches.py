@@ -188,16 +188,22 @@ def first_output(output: Any) -> Any:
 
 def ignored_outputs(output: Any) -> list[str]:
     """The other tensors of a plain tuple, list or dict output, which :func:`first_output`
-    leaves out, as ``"[1] (8, 10)"`` / ``"'boxes' (8, 4)"``. For outputs with ``logits``
-    or ``last_hidden_state`` (Hugging Face's) only ``pooler_output``, which a layer of its
-    own computes: the rest are hidden states, attentions and caches, not further
-    predictions. Empty for a tensor."""
+    leaves out, as ``"[1] (8, 10)"`` / ``"'boxes' (8, 4)"`` (a plain dict with a
+    ``logits`` entry: every other one). For Hugging Face's outputs only ``pooler_output``,
+    which a layer of its own computes: the rest are hidden states, attentions and caches,
+    not further predictions. Empty for a tensor."""
     if isinstance(output, Tensor):
         return []
     def get(key: str) -> Any:
         value = getattr(output, key, None)
         return output.get(key) if value is None and isinstance(output, Mapping) else value
-    if any(isinstance(get(k), Tensor) for k in ("logits", "last_hidden_state")):
+    named = next((k for k in ("logits", "last_hidden_state") if isinstance(get(k), Tensor)), None)
+    if named is not None and isinstance(output, Mapping) and not type(
+            output).__module__.startswith("transformers"):
+        # the user's own dict: its other entries are predictions too
+        return [f"{k!r} {tuple(v.shape)}" for k, v in output.items()
+                if k != named and isinstance(v, Tensor)]
+    if named is not None:
         pooled = get("pooler_output")
         return ([f"'pooler_output' {tuple(pooled.shape)}"] if isinstance(pooled, Tensor)
                 and not isinstance(get("logits"), Tensor) else [])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -119,6 +119,16 @@ def mean_and_stderr(values: np.ndarray, weights: np.ndarray) -> tuple[float, flo
     return mean, math.sqrt(max(var, 0.0) * sw2)
 
 
+def _compared(output: Any) -> str:
+    """Which of a model's outputs :func:`first_output` takes, in words."""
+    for key in ("logits", "last_hidden_state"):
+        value = (output.get(key) if isinstance(output, Mapping)
+                 else getattr(output, key, None))
+        if isinstance(value, Tensor):
+            return repr(key)
+    return "the first"
+
+
 def effective_samples(increase: np.ndarray, weights: np.ndarray) -> float | None:
     """How many samples carry a loss increase (each sample's increase over the float
     model, weights summing to 1): ``(Σ c)² / Σ c²`` over the contributions ``c = w ·
@@ -194,10 +204,10 @@ class Objective:
                 others = ignored_outputs(out)
                 if others:
                     log.warning("the model returns %d tensors and the divergence compares "
-                                "only the first with the float model's; a layer that feeds "
+                                "only %s with the float model's; a layer that feeds "
                                 "only the others (%s) goes unmeasured (a search rates it "
                                 "harmless and gives it the fewest bits). Pass loss_fn= "
-                                "to score them too", len(others) + 1,
+                                "to score them too", len(others) + 1, _compared(out),
                                 ", ".join(others[:4]) + (", ..." if len(others) > 4 else ""))
         self._refs = []
         if self.is_divergence:

@@ -524,13 +524,8 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
             # what the search below would refuse, refused before the channel scores
             if not isinstance(rest["sensitivity"], SensitivityTable):
                 _resolve_estimator(rest["sensitivity"])  # type: ignore[arg-type]
-            names = [i.name for i in layers]
-            _, limits = _hardware_costs(None, model, layers, candidates, qconfig, {},
-                                        Budget.coerce(budget))
-            AllocationProblem(names, candidates, np.zeros((len(names), len(candidates))),
-                              cost_tables(layers, candidates, qconfig, rest["a_bits"]),  # type: ignore[arg-type]
-                              limits, pinned=_resolve_pins(pin, names, candidates)
-                              ).check_budgets()
+            _budget_problem(model, layers, candidates, qconfig, budget, pin,
+                            rest["a_bits"]).check_budgets()  # type: ignore[arg-type]
             count = AUTO_SLICES if auto else int(n_slices)
             sliceable -= set(idle_layers(model, layers, batches))
             ranked = [i for i in cuttable if i.name in sliceable]
@@ -584,8 +579,69 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     # the table keeps its plan: passed back, it is searched on the same slices
     table = dataclasses.replace(result.sensitivity, settings={**result.sensitivity.settings,
                                                               "slices": plan.to_dict()})
-    return dataclasses.replace(result, sensitivity=table, sliced_model=sliced,
-                               timings_s={"slice": planning, **result.timings_s})
+    result = dataclasses.replace(result, sensitivity=table, sliced_model=sliced,
+                                 timings_s={"slice": planning, **result.timings_s})
+    if result.refinement is None:
+        return result
+    widest = _widest_uniform(_budget_problem(model, layers, candidates, qconfig, budget, pin,
+                                             rest["a_bits"]))  # type: ignore[arg-type]
+    refinement = result.refinement
+    if widest is None or (refinement.uniform_bits or 0) >= widest:
+        return result
+    # The sliced model's uniform maps cost more bytes than the model's own (a slice by
+    # input features carries its own scales): under a size budget the refinement compared
+    # against a narrower one. Measure the one the budget fits on the unsliced model.
+    from mpsearch.validate import validate
+
+    uniform = validate(original, BitMap.uniform(original, widest), data=batches,
+                       loss_fn=loss_fn, progress=False).loss_increase
+    if uniform > refinement.measured_after:
+        refinement = dataclasses.replace(refinement, uniform_bits=widest,
+                                         uniform_measured=uniform)
+        bitmap.predicted.update(calibration_uniform_bits=widest,
+                                calibration_uniform_loss_increase=uniform)
+        _log_gain(refinement)
+        return dataclasses.replace(result, refinement=refinement)
+    if stored is not None:
+        log.warning("the sliced map measured no better than uniform INT%d, which this budget "
+                    "fits on the unsliced model (slices by input features carry scales of "
+                    "their own, which a size budget pays for): search with slices=None",
+                    widest)
+        return result
+    log.warning("the sliced map measured no better than uniform INT%d on the calibration "
+                "data (%.4g against %.4g), which this budget fits on the unsliced model: "
+                "slices by input features carry scales of their own, which a size budget "
+                "pays for; searching per layer instead", widest, refinement.measured_after,
+                uniform)
+    per_layer = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                       include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                       progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+    per_layer.bitmap.provenance["slices_auto"] = (
+        f"per layer: {count} slices measured no better than uniform INT{widest} within "
+        f"this budget")
+    return per_layer
+
+
+def _budget_problem(model: nn.Module, layers: Sequence[LayerInfo], bits: Sequence[int],
+                    qconfig: QuantConfig, budget: Budget | float,
+                    pin: Mapping[str, int] | None, a_bits: int | None) -> AllocationProblem:
+    """The per-layer problem of ``model`` with no sensitivities: its budgets and pins."""
+    names = [i.name for i in layers]
+    _, limits = _hardware_costs(None, model, layers, bits, qconfig, {}, Budget.coerce(budget))
+    return AllocationProblem(names, bits, np.zeros((len(names), len(bits))),
+                             cost_tables(layers, bits, qconfig, a_bits), limits,
+                             pinned=_resolve_pins(pin, names, bits))
+
+
+def _widest_uniform(problem: AllocationProblem) -> int | None:
+    """The widest bit width below 32 at which every layer fits the problem's budgets and
+    pins, or None."""
+    for o in sorted(range(len(problem.bits)), key=lambda o: -problem.bits[o]):
+        choice = np.full(len(problem.layers), o)
+        if (problem.bits[o] < 32 and problem.unit_allowed[:, o].all()
+                and problem.is_feasible(choice)):
+            return int(problem.bits[o])
+    return None
 
 
 def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:

@@ -82,11 +82,23 @@ def test_search_json_is_one_object(capsys, tmp_path, model_cache):
     assert doc["slices"]["classifier.0"] == AUTO_SLICES
     ref = doc["refinement"]  # on by default; measured, never worse than the solver's map
     assert ref["measured_after"] <= ref["measured_before"]
-    assert ref["stopped_by"] in ("converged", "max_passes") and 0 < ref["passes"] <= 65
+    assert ref["stopped_by"] in ("converged", "max_passes") and ref["passes"] > 0
+    assert 1 <= ref["uniform_samples"] <= ref["samples"] == 200  # two batches of 100
     # avg bits 5: the best uniform map within the budget is INT5, measured beside the map
     assert ref["uniform_bits"] == 5
     assert ref["uniform_ratio"] == pytest.approx(ref["uniform_measured"] / ref["measured_after"])
     assert doc["predicted"]["calibration_uniform_loss_increase"] == ref["uniform_measured"]
+
+
+def test_search_text_says_the_loss_and_the_samples_behind_the_gain(capsys, tmp_path,
+                                                                   model_cache):
+    code, out, _ = run(capsys, "search", "--model", "zoo:cnn", *CALIB, "--avg-bits", "4",
+                       "--sensitivity", "fisher", "--slices", "none",
+                       "--out", str(tmp_path / "b.json"), "-q")
+    assert code == 0
+    assert "loss: KL divergence of the output from the float model's" in out
+    assert "against uniform INT4 within the budget" in out
+    assert "of the 200 calibration samples" in out
 
 
 @pytest.mark.parametrize("fmt", ["mpsearch", "hawq", "gptqmodel", "compressed-tensors",

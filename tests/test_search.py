@@ -347,6 +347,8 @@ def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
     assert ignored_outputs((t, 1, torch.zeros(2, 5))) == ["[2] (2, 5)"]
     assert ignored_outputs({"x": t, "y": t}) == ["'y' (2, 3)"]
     assert ignored_outputs({"logits": t, "hidden_states": (t, t)}) == []
+    # a plain dict's other entries are predictions too, wherever its logits sit
+    assert ignored_outputs({"boxes": torch.zeros(2, 4), "logits": t}) == ["'boxes' (2, 4)"]
     # a Hugging Face encoder's pooler is a layer of its own that only pooler_output reads
     assert ignored_outputs({"last_hidden_state": t, "pooler_output": torch.zeros(2, 4)}) == [
         "'pooler_output' (2, 4)"]

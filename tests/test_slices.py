@@ -1017,3 +1017,30 @@ def test_a_sliced_layer_keeps_the_users_hooks() -> None:
         merged = mpsearch.merge_slices(q)
         assert torch.allclose(merged(data[0]), q(data[0]), atol=1e-5)
         assert len(merged[2]._forward_hooks) == 1 and len(merged[0]._forward_pre_hooks) == 1
+
+
+def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: ignore[no-untyped-def]
+        mnist_cnn, mnist_calib, monkeypatch) -> None:
+    """Slices by input features carry scales of their own: at uniform INT4's own bytes the
+    sliced model's INT4 does not fit, and the refinement alone compared against INT3. The
+    search measures the unsliced model's INT4 instead, and reports the gain against it."""
+    import sys
+
+    search_module = sys.modules["mpsearch.search"]
+    calib = [x for x, _ in mnist_calib[:2]]
+    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4), data=calib,
+                                 progress=False)
+    budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+    res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher", progress=False)
+    r = res.refinement
+    assert res.bitmap.slices is not None and r is not None
+    assert r.uniform_bits == 4 and res.bitmap.predicted["calibration_uniform_bits"] == 4
+    assert r.uniform_measured == pytest.approx(uniform4.loss_increase, rel=1e-4)
+    assert r.measured_after < r.uniform_measured  # kept: it measured better than INT4
+    assert mpsearch.validate(mnist_cnn, res.bitmap, data=calib[:1], progress=False
+                             ).size_bytes_quantized <= budget.size_bytes
+    # what the sliced search alone compared against: a narrower uniform map
+    monkeypatch.setattr(search_module, "_widest_uniform", lambda problem: None)
+    alone = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=res.sensitivity,
+                            progress=False).refinement
+    assert alone is not None and alone.uniform_bits == 3

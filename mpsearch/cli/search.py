@@ -86,7 +86,9 @@ def run_search(args: argparse.Namespace) -> int:
                                  "time_s": r.time_s, "stopped_by": r.stopped_by,
                                  "uniform_bits": r.uniform_bits,
                                  "uniform_measured": r.uniform_measured,
-                                 "uniform_ratio": _finite(r.uniform_ratio)}
+                                 "uniform_ratio": _finite(r.uniform_ratio),
+                                 "uniform_samples": r.uniform_samples,
+                                 "samples": r.samples}
         refined = (f"\nrefinement: measured calibration loss increase {r.measured_before:.4g}"
                    f" -> {r.measured_after:.4g}, {len(r.moves)} move(s), {r.evaluations} maps "
                    f"measured ({r.passes:.1f} passes, {r.time_s:.1f} s; {r.stopped_by})")
@@ -100,6 +102,9 @@ def run_search(args: argparse.Namespace) -> int:
                 gain = "the searched map measured no loss increase"
             refined += (f"\nagainst uniform INT{r.uniform_bits} within the budget, measured "
                         f"on the calibration data: {r.uniform_measured:.4g} ({gain})")
+            if r.uniform_samples is not None:
+                refined += (f"; its damage is carried by about {r.uniform_samples:.0f} of the "
+                            f"{r.samples} calibration samples")
     sliced = ""
     if res.bitmap.slices is not None:
         payload["slices"] = {n: len(p) for n, p in res.bitmap.slices.layers.items()}
@@ -109,11 +114,23 @@ def run_search(args: argparse.Namespace) -> int:
                   + "; --slices none searches per layer")
     elif why := res.bitmap.provenance.get("slices_auto"):
         sliced = f"\n--slices auto: {why}; --slices N cuts N channel slices per layer"
+    loss = res.bitmap.provenance.get("loss")
     text = (markdown_table(res.table, index=True, floatfmt=".3g")
-            + f"\n\n{res.bitmap!r}\npredicted: {res.bitmap.predicted}{refined}{sliced}"
+            + f"\n\n{res.bitmap!r}\nloss: {_LOSS_WORDS.get(str(loss), loss)}"
+            + f"\npredicted: {res.bitmap.predicted}{refined}{sliced}"
             + f"\nwrote {path}")
     emit(args, payload, text)
     return EXIT_OK
+
+
+#: the search's loss (``provenance["loss"]``) in words
+_LOSS_WORDS = {
+    "kl": "KL divergence of the output from the float model's (over its last dimension)",
+    "mse": "mean squared error of the output from the float model's (an output that is not "
+           "class logits)",
+    "cross_entropy": "cross-entropy to the data's labels",
+    "hf_loss": "the model's own loss",
+}
 
 
 def _finite(x: float | None) -> float | None:
