@@ -21,6 +21,7 @@ from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
 from mpsearch.costs import cost_tables, latency_cost_table
+from mpsearch.errors import InfeasibleBudget
 from mpsearch.layers import (
     RNN_KINDS,
     LayerInfo,
@@ -568,9 +569,27 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         assert isinstance(table, SensitivityTable)
         rest["sensitivity"] = dataclasses.replace(table, settings={
             k: v for k, v in table.settings.items() if k != "slices"})
-    result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits, include=include,
-                    exclude=exclude, pin=pin, qconfig=qconfig, seed=seed, progress=progress,
-                    slices=None, **rest)  # type: ignore[arg-type]
+    def per_layer(why: str) -> SearchResult:
+        out = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                     include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                     progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+        out.bitmap.provenance["slices_auto"] = f"per layer: {why}"
+        return out
+
+    scales = ("slices by input features carry scales of their own, which a size budget "
+              "pays for")
+    try:
+        result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                        include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                        progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+    except InfeasibleBudget as exc:
+        if stored is not None:
+            raise InfeasibleBudget(f"{exc} on the sliced model this table was measured on "
+                                   f"({scales}); search with slices=None and a new table",
+                                   exc.smallest) from None
+        log.warning("the %d-slice model cannot meet this budget (%s; %s): searching per layer",
+                    count, exc, scales)
+        return per_layer(f"{count} slices did not fit the budget")
     bitmap = result.bitmap
     bitmap.slices = plan
     bitmap.provenance["slices"] = count
@@ -604,22 +623,14 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         return dataclasses.replace(result, refinement=refinement)
     if stored is not None:
         log.warning("the sliced map measured no better than uniform INT%d, which this budget "
-                    "fits on the unsliced model (slices by input features carry scales of "
-                    "their own, which a size budget pays for): search with slices=None",
-                    widest)
+                    "fits on the unsliced model (%s): search with slices=None", widest, scales)
         return result
     log.warning("the sliced map measured no better than uniform INT%d on the calibration "
-                "data (%.4g against %.4g), which this budget fits on the unsliced model: "
-                "slices by input features carry scales of their own, which a size budget "
-                "pays for; searching per layer instead", widest, refinement.measured_after,
-                uniform)
-    per_layer = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
-                       include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
-                       progress=progress, slices=None, **rest)  # type: ignore[arg-type]
-    per_layer.bitmap.provenance["slices_auto"] = (
-        f"per layer: {count} slices measured no better than uniform INT{widest} within "
-        f"this budget")
-    return per_layer
+                "data (%.4g against %.4g), which this budget fits on the unsliced model (%s): "
+                "searching per layer instead", widest, refinement.measured_after, uniform,
+                scales)
+    return per_layer(f"{count} slices measured no better than uniform INT{widest} within "
+                     f"this budget")
 
 
 def _budget_problem(model: nn.Module, layers: Sequence[LayerInfo], bits: Sequence[int],
