@@ -1044,3 +1044,26 @@ def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: 
     alone = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=res.sensitivity,
                             progress=False).refinement
     assert alone is not None and alone.uniform_bits == 3
+
+
+def test_a_size_budget_the_slices_cannot_meet_is_searched_per_layer(  # type: ignore[no-untyped-def]
+        mnist_cnn, mnist_calib, caplog) -> None:
+    """Just above the bytes of every layer at 2 bits, only the unsliced model fits: the
+    slices' own scales do not. The default search says so and searches per layer."""
+    calib = [x for x, _ in mnist_calib[:2]]
+    two = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 2), data=calib[:1],
+                            progress=False).size_bytes_quantized
+    budget = mpsearch.Budget(size_bytes=1.01 * two)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher",
+                              progress=False)
+    assert "cannot meet this budget" in caplog.text and "searching per layer" in caplog.text
+    assert res.bitmap.slices is None
+    assert "did not fit the budget" in res.bitmap.provenance["slices_auto"]
+    assert mpsearch.validate(mnist_cnn, res.bitmap, data=calib[:1], progress=False
+                             ).size_bytes_quantized <= budget.size_bytes
+    # a sliced table cannot be searched per layer: its budget error says why
+    sliced = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
+                             progress=False).sensitivity
+    with pytest.raises(mpsearch.InfeasibleBudget, match="slices=None"):
+        mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=sliced, progress=False)
