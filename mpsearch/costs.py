@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,10 +25,41 @@ def weight_bytes(info: LayerInfo, bits: int, cfg: QuantConfig) -> float:
     """Bytes of one layer's weight at ``bits``, scales and zero points included."""
     if bits >= 16:
         return info.params * bits / 8
+    return info.params * bits / 8 + _scale_bytes(info, cfg)
+
+
+def _scale_bytes(info: LayerInfo, cfg: QuantConfig) -> float:
+    """Bytes of a layer's scales and zero points at one width."""
     out_ch, red = weight_matrix_shape(info.kind, info.weight_shape)
     groups = n_scale_groups((out_ch, red), cfg)
-    per_group = SCALE_BYTES + (0 if cfg.symmetric else ZERO_POINT_BYTES)
-    return info.params * bits / 8 + groups * per_group
+    return groups * (SCALE_BYTES + (0 if cfg.symmetric else ZERO_POINT_BYTES))
+
+
+def sliced_weight_bytes(layers: Sequence[LayerInfo], modules: Mapping[str, nn.Module],
+                        widths: Mapping[str, int],
+                        configs: Mapping[str, QuantConfig]) -> float:
+    """Bytes of a model's quantized weights as deployed, scales and zero points included.
+
+    The parts of a Linear sliced by input features keep the whole layer's row ranges (one
+    scale per row at each width), so its rows store one scale per distinct width among its
+    parts — what ``export_onnx`` writes once it has merged the parts of equal width
+    (:func:`~mpsearch.coalesce`). The search's ``size_bytes`` table charges every part
+    the layer's scales (it cannot see which widths the parts will share), so a size budget
+    it meets holds here with room to spare."""
+    total = 0.0
+    owners: dict[int, tuple[LayerInfo, QuantConfig, set[int]]] = {}
+    for info in layers:
+        b, cfg = widths[info.name], configs[info.name]
+        part = getattr(modules.get(info.name), "slice_of", None)
+        if part is None or b >= 16:
+            total += weight_bytes(info, b, cfg)
+            continue
+        total += info.params * b / 8
+        owner = owners.setdefault(id(part.parent), (info, cfg, set()))
+        owner[2].add(b)
+    for info, cfg, used in owners.values():
+        total += len(used) * _scale_bytes(info, cfg)  # every part has the layer's rows
+    return total
 
 
 def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConfig,

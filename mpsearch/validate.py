@@ -23,8 +23,8 @@ from mpsearch.batches import (
     to_device,
 )
 from mpsearch.bitmap import BitMap
-from mpsearch.costs import weight_bytes
-from mpsearch.layers import discover
+from mpsearch.costs import sliced_weight_bytes
+from mpsearch.layers import discover, quantizable_modules
 from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
 from mpsearch.slices import for_deployment, needs_slicing, slice_model
@@ -207,8 +207,9 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     n = len(batches)
     infos = discover(model)
     size_f = sum(info.params * 4.0 for info in infos)
-    size_q = sum(weight_bytes(info, bitmap[info.name].w_bits, bitmap[info.name].qconfig)
-                 for info in infos)
+    size_q = sliced_weight_bytes(infos, quantizable_modules(model),
+                                 {i.name: bitmap[i.name].w_bits for i in infos},
+                                 {i.name: bitmap[i.name].qconfig for i in infos})
     predicted = bitmap.predicted.get("loss_increase")
     searched = bitmap.provenance.get("loss")
     if predicted is not None and isinstance(searched, str) and searched != objective.kind:

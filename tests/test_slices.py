@@ -1067,3 +1067,33 @@ def test_a_size_budget_the_slices_cannot_meet_is_searched_per_layer(  # type: ig
                              progress=False).sensitivity
     with pytest.raises(mpsearch.InfeasibleBudget, match="slices=None"):
         mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=sliced, progress=False)
+
+
+def test_a_sliced_maps_bytes_count_one_scale_per_row_and_width(  # type: ignore[no-untyped-def]
+        mnist_calib) -> None:
+    """Slices by input features keep the whole layer's row ranges: a row stores one scale
+    per width its parts use, as the deployment (parts of one width merged) does — uniform
+    INT4 of the sliced model is uniform INT4's bytes, and a map's bytes are its
+    coalesced map's."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10)).eval()
+    calib = [x for x, _ in mnist_calib[:2]]
+
+    def size(bitmap):  # type: ignore[no-untyped-def]
+        return mpsearch.validate(mlp, bitmap, data=calib[:1], progress=False
+                                 ).size_bytes_quantized
+    uniform = size(mpsearch.BitMap.uniform(mlp, 4))
+    # 784 x 64 + 64 x 10 weights at 4 bits, and per row an fp16 scale and a zero point
+    assert uniform == (784 * 64 + 64 * 10) / 2 + (64 + 10) * 3
+    only4 = mpsearch.search(mlp, 4.0, data=calib, bits=[4], slices=8, sensitivity="fisher",
+                            refine=False, progress=False).bitmap
+    assert only4.slices is not None and size(only4) == uniform
+    mixed = mpsearch.search(mlp, 4.0, data=calib, slices=8, sensitivity="fisher",
+                            refine=False, progress=False).bitmap
+    assert size(mixed) == size(mpsearch.coalesce(mixed))
+    scales = size(mixed) - mixed.avg_bits() * (784 * 64 + 64 * 10) / 8
+    # a scale per row and width used in it: not one per slice (8 of the first layer's)
+    widths = len({mixed[n].w_bits for n in mixed if n.startswith("1.")})
+    assert scales == pytest.approx(64 * 3 * widths + 10 * 3)
+    assert "1" in mixed.slices.inputs and 1 < widths < 8  # the 784 inputs cut, 8 slices
