@@ -33,8 +33,9 @@ runs with every default (ILP, bits 2/3/4/5/6/8, divergence loss, measured refine
 (the 3-bit search reuses the 4-bit search's table), and each time again with the same
 table and no refinement (the estimator + ILP alone); at 4.0 bits the default search runs
 once more at uniform INT4's own bytes, scales and zero points counted (a size budget, the
-same table), which slices by input features spend more of. Each map is validated on the
-held-out data (1,000 MNIST digits, 136 faces, 541 small digits, 8,192 characters): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
+same table), which slices by input features spend more of: a row of a Linear cut by
+input features keeps a scale per width its parts use, and the search's size table
+charges each part the layer's scales. Each map is validated on the held-out data (1,000 MNIST digits, 136 faces, 541 small digits, 8,192 characters): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
 issue's bar is 4× at 4 bits.
 
 Writes ``results/unseen_models.{md,csv,png}``.
@@ -549,8 +550,8 @@ def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float,
                f"({', '.join(m for m in order if bare.loc[m] >= BAR) or 'none'})."),
               (f"Models where every estimator meets the bar at uniform INT4's own bytes "
                f"(scales and zero points counted; the default's maps at 4.0 average bits "
-               f"take {extra.min():.3f}-{extra.max():.3f}× uniform INT4's bytes: slices by "
-               f"input features carry scales of their own): {(sized >= BAR).sum()} of "
+               f"take {extra.min():.3f}-{extra.max():.3f}× uniform INT4's bytes: a row of a "
+               f"Linear cut by input features keeps a scale per width its parts use): {(sized >= BAR).sum()} of "
                f"{len(order)} ({', '.join(m for m in order if sized.loc[m] >= BAR) or 'none'})."),
               "",
               "## Every run", "",
