@@ -615,10 +615,12 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     uniform = validate(original, BitMap.uniform(original, widest), data=batches,
                        loss_fn=loss_fn, progress=False).loss_increase
     if uniform > refinement.measured_after:
+        # (its samples were not counted: the count of the narrower map would mislead)
         refinement = dataclasses.replace(refinement, uniform_bits=widest,
-                                         uniform_measured=uniform)
+                                         uniform_measured=uniform, uniform_samples=None)
         bitmap.predicted.update(calibration_uniform_bits=widest,
                                 calibration_uniform_loss_increase=uniform)
+        bitmap.predicted.pop("calibration_uniform_samples", None)
         _log_gain(refinement)
         return dataclasses.replace(result, refinement=refinement)
     if stored is not None:

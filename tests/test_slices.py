@@ -1037,6 +1037,8 @@ def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: 
     assert r.uniform_bits == 4 and res.bitmap.predicted["calibration_uniform_bits"] == 4
     assert r.uniform_measured == pytest.approx(uniform4.loss_increase, rel=1e-4)
     assert r.measured_after < r.uniform_measured  # kept: it measured better than INT4
+    assert r.uniform_samples is None  # counted on the narrower map: not reported
+    assert "calibration_uniform_samples" not in res.bitmap.predicted
     assert mpsearch.validate(mnist_cnn, res.bitmap, data=calib[:1], progress=False
                              ).size_bytes_quantized <= budget.size_bytes
     # what the sliced search alone compared against: a narrower uniform map
