@@ -34,8 +34,7 @@ runs with every default (ILP, bits 2/3/4/5/6/8, divergence loss, measured refine
 table and no refinement (the estimator + ILP alone); at 4.0 bits the default search runs
 once more at uniform INT4's own bytes, scales and zero points counted (a size budget, the
 same table), which slices by input features spend more of: a row of a Linear cut by
-input features keeps a scale per width its parts use, and the search's size table
-charges each part the layer's scales. Each map is validated on the held-out data (1,000 MNIST digits, 136 faces, 541 small digits, 8,192 characters): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
+input features keeps a scale per width its parts use (the search counts them so). Each map is validated on the held-out data (1,000 MNIST digits, 136 faces, 541 small digits, 8,192 characters): ratio = output KL of uniform INT4 (INT3) / that of the searched map; the
 issue's bar is 4× at 4 bits.
 
 Writes ``results/unseen_models.{md,csv,png}``.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpsearch.layers import LayerInfo, weight_matrix_shape
+from mpsearch.problem import SharedCost
 from mpsearch.quant import QuantConfig, n_scale_groups
 
 if TYPE_CHECKING:
@@ -43,9 +44,8 @@ def sliced_weight_bytes(layers: Sequence[LayerInfo], modules: Mapping[str, nn.Mo
     The parts of a Linear sliced by input features keep the whole layer's row ranges (one
     scale per row at each width), so its rows store one scale per distinct width among its
     parts — what ``export_onnx`` writes once it has merged the parts of equal width
-    (:func:`~mpsearch.coalesce`). The search's ``size_bytes`` table charges every part
-    the layer's scales (it cannot see which widths the parts will share), so a size budget
-    it meets holds here with room to spare."""
+    (:func:`~mpsearch.coalesce`). The search counts them the same way
+    (:func:`shared_scales`)."""
     total = 0.0
     owners: dict[int, tuple[LayerInfo, QuantConfig, set[int]]] = {}
     for info in layers:
@@ -60,6 +60,28 @@ def sliced_weight_bytes(layers: Sequence[LayerInfo], modules: Mapping[str, nn.Mo
     for info, cfg, used in owners.values():
         total += len(used) * _scale_bytes(info, cfg)  # every part has the layer's rows
     return total
+
+
+def shared_scales(layers: Sequence[LayerInfo], modules: Mapping[str, nn.Module],
+                  bits: Sequence[int], cfg: QuantConfig,
+                  size: np.ndarray) -> list[SharedCost]:
+    """The scales of each Linear cut by input features, as a shared ``size_bytes`` charge:
+    its parts keep the layer's rows, so a row stores a scale (and zero point) once per
+    width its parts use (as :func:`sliced_weight_bytes` counts). Takes them out of the
+    parts' rows of ``size`` (in place)."""
+    groups: dict[int, list[int]] = {}
+    for i, info in enumerate(layers):
+        part = getattr(modules.get(info.name), "slice_of", None)
+        if part is not None:
+            groups.setdefault(id(part.parent), []).append(i)
+    shared = []
+    for members in groups.values():
+        scales = _scale_bytes(layers[members[0]], cfg)
+        charge = tuple(0.0 if b >= 16 else scales for b in bits)
+        for i in members:
+            size[i] = [layers[i].params * b / 8 for b in bits]
+        shared.append(SharedCost("size_bytes", tuple(layers[i].name for i in members), charge))
+    return shared
 
 
 def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConfig,

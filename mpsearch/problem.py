@@ -9,6 +9,11 @@ objects (in ``front.py``). No torch in here.
 Tied layers (fusion groups such as q/k/v) must take the same option; solvers treat each
 tie group, and each untied layer, as one *unit* whose table row is the sum of its
 members' rows (:meth:`AllocationProblem.unit_table`).
+
+A cost may also hold a part that is not a sum over layers: a :class:`SharedCost` is paid
+once per distinct option that any layer of a group takes (the scales that the parts of a
+Linear cut by input features share at each width). Solvers that work on sums alone solve
+:meth:`AllocationProblem.conservative`, which charges every layer of the group in full.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from numpy.typing import ArrayLike, NDArray
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.front import BoolArray, FloatArray, Front, IntArray, Solution
 
-__all__ = ["AllocationProblem", "BoolArray", "FloatArray", "Front", "IntArray", "Solution"]
+__all__ = ["AllocationProblem", "BoolArray", "FloatArray", "Front", "IntArray", "SharedCost",
+           "Solution"]
 
 
 
@@ -74,6 +80,20 @@ def _merge_ties(groups: Sequence[Sequence[str]], index: Mapping[str, int]) -> li
     return [group for group in members.values() if len(group) > 1]
 
 
+@dataclass(frozen=True)
+class SharedCost:
+    """A part of cost ``cost`` paid once for each distinct option that the ``layers`` take:
+    ``charge[o]`` when at least one of them takes option ``o``.
+
+    The parts of a Linear cut by input features keep the whole layer's rows, so the
+    rows' scales are stored once per width the parts use, not once per part.
+    """
+
+    cost: str
+    layers: tuple[str, ...]
+    charge: tuple[float, ...]
+
+
 @dataclass(frozen=True, init=False, eq=False, repr=False)
 class AllocationProblem:
     """Choose one bits option per layer: least summed sensitivity within every budget.
@@ -91,6 +111,8 @@ class AllocationProblem:
         pinned: layer -> the bits value it must take.
         allowed: ``L x B`` bool; ``False`` means the option is not offered for that
             layer (e.g. no kernel). Default: everything allowed.
+        shared: parts of costs paid once per distinct option a group of layers takes
+            (:class:`SharedCost`), on top of the ``costs`` tables.
 
     Raises:
         ValueError: an input is malformed or contradictory (the message names the value
@@ -113,6 +135,8 @@ class AllocationProblem:
     ties: tuple[tuple[str, ...], ...]
     pinned: Mapping[str, int]
     allowed: BoolArray
+    shared: tuple[SharedCost, ...]
+    _shared_rows: tuple[tuple[str, IntArray, FloatArray], ...] = field(init=False, repr=False)
     _units: tuple[tuple[str, ...], ...] = field(init=False, repr=False)
     _unit_of: IntArray = field(init=False, repr=False)
     _first_layer: IntArray = field(init=False, repr=False)
@@ -131,6 +155,7 @@ class AllocationProblem:
         ties: Sequence[Sequence[str]] = (),
         pinned: Mapping[str, int] | None = None,
         allowed: ArrayLike | None = None,
+        shared: Sequence[SharedCost] = (),
     ) -> None:
         put = object.__setattr__
         names = tuple(layers)
@@ -211,6 +236,22 @@ class AllocationProblem:
             pins[name] = int(value)
         put(self, "pinned", pins)
         self._build_units(groups)
+        rows: list[tuple[str, IntArray, FloatArray]] = []
+        for part in shared:
+            if not isinstance(part, SharedCost) or part.cost not in cost_tables:
+                raise ValueError(f"shared costs must be SharedCost of one of the costs "
+                                 f"{sorted(cost_tables)}, got {part!r}")
+            unknown = [name for name in part.layers if name not in index]
+            if unknown or not part.layers or len(set(part.layers)) != len(part.layers):
+                raise ValueError(f"shared cost {part.cost!r} names unknown or repeated layers "
+                                 f"{unknown or list(part.layers)}")
+            charge = np.array(part.charge, dtype=float)
+            if charge.shape != (len(options),) or not np.isfinite(charge).all():
+                raise ValueError(f"shared cost {part.cost!r} needs one finite charge per bits "
+                                 f"option {options}, got {part.charge}")
+            rows.append((part.cost, np.array([index[n] for n in part.layers]), _frozen(charge)))
+        put(self, "shared", tuple(shared))
+        put(self, "_shared_rows", tuple(rows))
 
     def _require_finite(self, name: str, table: FloatArray) -> None:
         bad = np.argwhere(~np.isfinite(table))
@@ -273,7 +314,7 @@ class AllocationProblem:
         return (
             f"AllocationProblem(n_layers={self.n_layers}, bits={self.bits}, "
             f"costs={list(self.costs)}, budgets={self.budgets}, n_units={self.n_units}, "
-            f"pinned={len(self.pinned)})"
+            f"pinned={len(self.pinned)}, shared={len(self.shared)})"
         )
 
     @property
@@ -351,6 +392,31 @@ class AllocationProblem:
         # set to min_cost() is met exactly by the choice that achieves it.
         return math.fsum(table[np.arange(self.n_layers), choice].tolist())
 
+    def _cost(self, name: str, choice: IntArray) -> float:
+        """Cost ``name`` of a choice: its table summed, and its shared charges."""
+        terms = self.costs[name][np.arange(self.n_layers), choice].tolist()
+        for cost, members, charge in self._shared_rows:
+            if cost == name:
+                terms += charge[np.unique(choice[members])].tolist()
+        return math.fsum(terms)
+
+    def shared_charges(self, name: str) -> list[tuple[IntArray, FloatArray]]:
+        """The shared charges of cost ``name``: (layer indices, charge per option) each."""
+        return [(members, charge) for cost, members, charge in self._shared_rows
+                if cost == name]
+
+    def conservative(self) -> AllocationProblem:
+        """The problem with every shared charge folded into the table of each layer of its
+        group: costs only sums over layers, each at least the exact one, so whatever meets
+        its budgets meets this problem's. Itself when nothing is shared."""
+        if not self.shared:
+            return self
+        costs = {name: table.copy() for name, table in self.costs.items()}
+        for cost, members, charge in self._shared_rows:
+            costs[cost][members] += charge
+        return AllocationProblem(self.layers, self.bits, self.sensitivity, costs, self.budgets,
+                                 ties=self.ties, pinned=self.pinned, allowed=self.allowed)
+
     def evaluate(self, choice: ArrayLike) -> dict[str, float]:
         """Loss and every cost of a choice.
 
@@ -362,8 +428,8 @@ class AllocationProblem:
         """
         picked = self._choice(choice)
         result = {"loss": self._sum(self.sensitivity, picked)}
-        for name, table in self.costs.items():
-            result[name] = self._sum(table, picked)
+        for name in self.costs:
+            result[name] = self._cost(name, picked)
         return result
 
     def is_feasible(self, choice: ArrayLike) -> bool:
@@ -373,12 +439,14 @@ class AllocationProblem:
             return False
         if not self._unit_allowed[self._unit_of, picked].all():
             return False
-        return all(self._sum(self.costs[k], picked) <= limit for k, limit in self.budgets.items())
+        return all(self._cost(k, picked) <= limit for k, limit in self.budgets.items())
 
     def _extreme_choice(self, name: str, largest: bool) -> IntArray:
         if name not in self.costs:
             raise ValueError(f"unknown cost {name!r}; costs are {sorted(self.costs)}")
-        table = self.unit_table(self.costs[name])
+        # shared charges counted in full: the cheapest option of each layer of a group is
+        # the same (a narrower width is cheaper everywhere), so its charge is paid once
+        table = self.unit_table(self.conservative().costs[name])
         if largest:
             unit_choice = np.where(self._unit_allowed, table, -np.inf).argmax(axis=1)
         else:
@@ -386,12 +454,13 @@ class AllocationProblem:
         return self.expand(unit_choice)
 
     def min_cost(self, name: str) -> float:
-        """Smallest achievable sum of cost ``name`` under ties, pins and allowed options."""
-        return self._sum(self.costs[name], self._extreme_choice(name, largest=False))
+        """Smallest achievable sum of cost ``name`` under ties, pins and allowed options
+        (with shared charges: of the choice that is cheapest with each charged in full)."""
+        return self._cost(name, self._extreme_choice(name, largest=False))
 
     def max_cost(self, name: str) -> float:
         """Largest achievable sum of cost ``name`` under ties, pins and allowed options."""
-        return self._sum(self.costs[name], self._extreme_choice(name, largest=True))
+        return self._cost(name, self._extreme_choice(name, largest=True))
 
     def check_budgets(self) -> None:
         """Raise if any single budget is below the smallest achievable value of its cost.

@@ -20,7 +20,7 @@ from mpsearch._state import outside_inference_mode, preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
-from mpsearch.costs import cost_tables, latency_cost_table
+from mpsearch.costs import cost_tables, latency_cost_table, shared_scales
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.layers import (
     RNN_KINDS,
@@ -346,11 +346,13 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                         "weights directly, so they have no input of their own to quantize",
                         ", ".join(i.name for i in layers if i.read_by)[:300])
         costs = cost_tables(layers, bits, qconfig, a_bits)
+        shared = shared_scales(layers, modules, bits, qconfig, costs["size_bytes"])
         allowed, limits = _hardware_costs(profile, model, layers, bits, qconfig, costs, budget)
         ties, pinned = _resolve_ties(tie, layers), _resolve_pins(pin, names, bits)
         # Fail on an impossible budget before the (costly) sensitivity stage.
         AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
-                          limits, ties=ties, pinned=pinned, allowed=allowed).check_budgets()
+                          limits, ties=ties, pinned=pinned, allowed=allowed,
+                          shared=shared).check_budgets()
         weights_id = tensor_digest(layer_weight(modules[n]) for n in sorted(names))
         settings = _refine_settings(refine, a_bits)
         objective = None
@@ -375,7 +377,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             timings["sensitivity"] = time.perf_counter() - t
             t = time.perf_counter()
             problem = AllocationProblem(names, bits, table.omega, costs, limits,
-                                        ties=ties, pinned=pinned, allowed=allowed)
+                                        ties=ties, pinned=pinned, allowed=allowed,
+                                        shared=shared)
             front = solve(problem, solver, seed=seed)
             timings["solve"] = time.perf_counter() - t
             best, refinement = front.best, None
@@ -561,6 +564,7 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     if why:
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
                  "%d channel slices per layer (slices=None: per layer)", why, count)
+    own_include = include
     if include is not None:
         include = [include] if isinstance(include, str) else list(include)
         include += [f"{n}.{PART}.*" for n in plan.layers]
@@ -576,8 +580,8 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         out.bitmap.provenance["slices_auto"] = f"per layer: {why}"
         return out
 
-    scales = ("slices by input features carry scales of their own, which a size budget "
-              "pays for")
+    scales = ("with one scale per tensor, every slice carries a scale of its own, which a "
+              "size budget pays for")
     try:
         result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits,
                         include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
@@ -607,13 +611,15 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     refinement = result.refinement
     if widest is None or (refinement.uniform_bits or 0) >= widest:
         return result
-    # The sliced model's uniform maps cost more bytes than the model's own (a slice by
-    # input features carries its own scales): under a size budget the refinement compared
-    # against a narrower one. Measure the one the budget fits on the unsliced model.
+    # The sliced model's uniform maps can cost more bytes than the model's own (with one
+    # scale per tensor, each slice has its own): under a size budget the refinement then
+    # compared against a narrower one. Measure the one the budget fits on the unsliced model.
     from mpsearch.validate import validate
 
-    uniform = validate(original, BitMap.uniform(original, widest), data=batches,
-                       loss_fn=loss_fn, progress=False).loss_increase
+    uniform = validate(original, BitMap.uniform(original, widest, qconfig=qconfig,
+                                                a_bits=rest["a_bits"],  # type: ignore[arg-type]
+                                                include=own_include, exclude=exclude),
+                       data=batches, loss_fn=loss_fn, progress=False).loss_increase
     if uniform > refinement.measured_after:
         # (its samples were not counted: the count of the narrower map would mislead)
         refinement = dataclasses.replace(refinement, uniform_bits=widest,

@@ -1021,17 +1021,21 @@ def test_a_sliced_layer_keeps_the_users_hooks() -> None:
 
 def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: ignore[no-untyped-def]
         mnist_cnn, mnist_calib, monkeypatch) -> None:
-    """Slices by input features carry scales of their own: at uniform INT4's own bytes the
-    sliced model's INT4 does not fit, and the refinement alone compared against INT3. The
-    search measures the unsliced model's INT4 instead, and reports the gain against it."""
+    """With one scale per tensor every slice carries a scale of its own: at uniform INT4's
+    own bytes the sliced model's INT4 does not fit, and the refinement alone compared
+    against INT3. The search measures the unsliced model's INT4 (with the same scales)
+    instead, and reports the gain against it."""
     import sys
 
     search_module = sys.modules["mpsearch.search"]
     calib = [x for x, _ in mnist_calib[:2]]
-    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4), data=calib,
-                                 progress=False)
+    per_tensor = mpsearch.QuantConfig(granularity="tensor")
+    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4,
+                                                                    qconfig=per_tensor),
+                                 data=calib, progress=False)
     budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
-    res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher", progress=False)
+    res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher",
+                          qconfig=per_tensor, progress=False)
     r = res.refinement
     assert res.bitmap.slices is not None and r is not None
     assert r.uniform_bits == 4 and res.bitmap.predicted["calibration_uniform_bits"] == 4
@@ -1044,21 +1048,43 @@ def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: 
     # what the sliced search alone compared against: a narrower uniform map
     monkeypatch.setattr(search_module, "_widest_uniform", lambda problem: None)
     alone = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=res.sensitivity,
-                            progress=False).refinement
+                            qconfig=per_tensor, progress=False).refinement
     assert alone is not None and alone.uniform_bits == 3
+
+
+def test_slices_by_input_features_pay_their_scales_once_per_width(  # type: ignore[no-untyped-def]
+        mnist_cnn, mnist_calib) -> None:
+    """Per-channel scales: the parts of a Linear cut by input features share its rows, so
+    the sliced model at uniform INT4 takes uniform INT4's bytes, and a budget of exactly
+    those bytes fits the sliced model's INT4 (which the refinement compares against)."""
+    calib = [x for x, _ in mnist_calib[:2]]
+    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4), data=calib,
+                                 progress=False)
+    budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+    res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher", progress=False)
+    r = res.refinement
+    assert res.bitmap.slices is not None and r is not None
+    assert any(getattr(m, "inputs", False) for m in res.sliced_model.modules())
+    assert r.uniform_bits == 4 and r.uniform_samples is not None
+    assert r.uniform_measured == pytest.approx(uniform4.loss_increase, rel=1e-4)
+    report = mpsearch.validate(mnist_cnn, res.bitmap, data=calib[:1], progress=False)
+    assert report.size_bytes_quantized <= budget.size_bytes
+    assert res.bitmap.predicted["size_bytes"] == pytest.approx(report.size_bytes_quantized)
 
 
 def test_a_size_budget_the_slices_cannot_meet_is_searched_per_layer(  # type: ignore[no-untyped-def]
         mnist_cnn, mnist_calib, caplog) -> None:
-    """Just above the bytes of every layer at 2 bits, only the unsliced model fits: the
-    slices' own scales do not. The default search says so and searches per layer."""
+    """One byte above every layer at 2 bits with one scale per tensor, only the unsliced
+    model fits: the slices' own scales do not. The default search says so and searches
+    per layer."""
     calib = [x for x, _ in mnist_calib[:2]]
-    two = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 2), data=calib[:1],
-                            progress=False).size_bytes_quantized
-    budget = mpsearch.Budget(size_bytes=1.01 * two)
+    per_tensor = mpsearch.QuantConfig(granularity="tensor")
+    two = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 2, qconfig=per_tensor),
+                            data=calib[:1], progress=False).size_bytes_quantized
+    budget = mpsearch.Budget(size_bytes=two + 1.0)
     with caplog.at_level("WARNING", logger="mpsearch"):
         res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher",
-                              progress=False)
+                              qconfig=per_tensor, progress=False)
     assert "cannot meet this budget" in caplog.text and "searching per layer" in caplog.text
     assert res.bitmap.slices is None
     assert "did not fit the budget" in res.bitmap.provenance["slices_auto"]
@@ -1066,9 +1092,10 @@ def test_a_size_budget_the_slices_cannot_meet_is_searched_per_layer(  # type: ig
                              ).size_bytes_quantized <= budget.size_bytes
     # a sliced table cannot be searched per layer: its budget error says why
     sliced = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
-                             progress=False).sensitivity
+                             qconfig=per_tensor, progress=False).sensitivity
     with pytest.raises(mpsearch.InfeasibleBudget, match="slices=None"):
-        mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=sliced, progress=False)
+        mpsearch.search(mnist_cnn, budget, data=calib, sensitivity=sliced, qconfig=per_tensor,
+                        progress=False)
 
 
 def test_a_sliced_maps_bytes_count_one_scale_per_row_and_width(  # type: ignore[no-untyped-def]

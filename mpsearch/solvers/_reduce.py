@@ -13,6 +13,13 @@ reuse the normalisation, the prices and the hull moves). Two reductions keep the
 
 Budget rows are shifted by each unit's cheapest option and divided by the remaining
 slack, so coefficients lie in [0, 1] whatever the cost's units (BOPs reach 1e12).
+
+Shared charges (:class:`~mpsearch.problem.SharedCost`) are left out of the tables, which
+then bound each cost from below: dropping options that alone break a budget stays exact,
+the Lagrangian bound stays a bound, and the greedy start is taken from the conservative
+problem, so it meets the real budgets. Dominance is not used on the units of a shared
+group (a dominating option may bring a charge of its own). The ILP adds the charges back
+exactly (:attr:`Model.shared`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +39,7 @@ __all__ = [
     "REDUCE",
     "Model",
     "Start",
+    "conservative",
     "dominated",
     "joint_infeasible",
     "lagrangian",
@@ -56,6 +64,22 @@ def joint_infeasible(problem: AllocationProblem) -> InfeasibleBudget:
     )
 
 
+def conservative(problem: AllocationProblem, solver: str) -> AllocationProblem:
+    """``problem`` with its shared charges counted in full (what the heuristic solvers
+    search); raises if that no longer meets the budgets."""
+    folded = problem.conservative()
+    if folded is not problem:
+        try:
+            folded.check_budgets()
+        except InfeasibleBudget as exc:
+            raise InfeasibleBudget(
+                f"{solver} charges every layer of a shared group in full (the scales of a "
+                f"Linear cut by input features, once per part) and then cannot meet the "
+                f"budgets ({exc}); the ILP solver ('ilp') counts them exactly",
+                exc.smallest) from None
+    return folded
+
+
 @dataclass
 class Model:
     """The problem in unit space, normalised: loss scaled to max |coefficient| 1, each
@@ -68,6 +92,9 @@ class Model:
     capacity: list[float]  # per budget: 1.0, or 0.0 when the budget sits at its minimum
     slack: list[float]  # per budget, in cost units (for tightening)
     resolution: float = 1e-10  # loss differences CBC may ignore (normalised units)
+    # per budget: (units of a shared group, charge per option / slack), paid once per
+    # distinct option the units take
+    shared: list[list[tuple[IntArray, FloatArray]]] = field(default_factory=list)
 
 
 def dominated(allowed: BoolArray, criteria: FloatArray) -> BoolArray:
@@ -88,6 +115,12 @@ def normalise(problem: AllocationProblem) -> Model:
     tables = [problem.unit_table(problem.costs[k]) for k in problem.budgets]
     limits = list(problem.budgets.values())
     criteria = np.stack([sensitivity, *tables], axis=-1)
+    groups = [[(np.unique(problem.unit_of[members]), charge)
+               for members, charge in problem.shared_charges(name)]
+              for name in problem.budgets]
+    grouped = np.zeros(problem.n_units, dtype=bool)
+    for units, _ in (g for per_budget in groups for g in per_budget):
+        grouped[units] = True
     # Rounding allowance: keeping an option that is infeasible by a hair costs nothing
     # (CBC and the exact check reject it); dropping a feasible one costs optimality.
     tolerance = [
@@ -106,7 +139,7 @@ def normalise(problem: AllocationProblem) -> Model:
             if REDUCE:
                 allowed &= ~(deltas[k] > max(slack[k], 0.0) + tolerance[k])
         if REDUCE:
-            allowed &= ~dominated(allowed, criteria)
+            allowed &= ~(dominated(allowed, criteria) & ~grouped[:, None])
         if int(allowed.sum()) == before:
             break
     loss_scale = float(np.abs(sensitivity[allowed]).max()) or 1.0
@@ -118,6 +151,8 @@ def normalise(problem: AllocationProblem) -> Model:
         shares=[d / den for d, den in zip(deltas, denominators)],
         capacity=[max(s, 0.0) / den for s, den in zip(slack, denominators)],
         slack=slack,
+        shared=[[(units, charge / den) for units, charge in per_budget]
+                for per_budget, den in zip(groups, denominators)],
     )
 
 
@@ -213,7 +248,14 @@ def reduce(problem: AllocationProblem) -> tuple[Model, Start]:
     clock = time.perf_counter()
     model = normalise(problem)
     bound, reduced_costs, prices = lagrangian(model)
-    choice = lagrangian_greedy(model, prices)
+    if any(model.shared):  # the tables are lower bounds: start from the conservative side
+        try:
+            safe = normalise(problem.conservative())
+            choice = lagrangian_greedy(safe, lagrangian(safe)[2])
+        except InfeasibleBudget:  # only the shared charges counted exactly fit
+            choice = None
+    else:
+        choice = lagrangian_greedy(model, prices)
     if choice is not None and not problem.is_feasible(problem.expand(choice)):
         choice = None
     rows = np.arange(problem.n_units)

@@ -43,7 +43,7 @@ from mpsearch.solvers._moves import (
     upgrade,
     used_shares,
 )
-from mpsearch.solvers._reduce import Model, lagrangian, lagrangian_greedy, normalise
+from mpsearch.solvers._reduce import Model, conservative, lagrangian, lagrangian_greedy, normalise
 
 __all__ = ["GreedySolver"]
 
@@ -126,6 +126,8 @@ class GreedySolver:
             )
         clock = time.perf_counter()
         problem.check_budgets()
+        # shared charges (scales of slices) counted in full: every sum it sees is one
+        exact, problem = problem, conservative(problem, self.name)
         model = normalise(problem)
         bound, _, prices = lagrangian(model)
         # Budgets exactly at a reachable total are common (a limit set to a uniform map's
@@ -143,12 +145,14 @@ class GreedySolver:
                 {name: problem.min_cost(name) for name in problem.budgets},
             )
         choice = best[1]
-        solution = problem.solution(problem.expand(choice))
+        solution = exact.solution(problem.expand(choice))
         rows = np.arange(problem.n_units)
         loss = math.fsum(model.loss[rows, choice].tolist())
         allowance = 1e-9 * float(np.abs(np.where(model.allowed, model.loss, 0)).max(1).sum())
         status, gap = "feasible", None
-        if loss - bound <= allowance:
+        if exact.shared:  # the bound is the conservative problem's, not this one's
+            pass
+        elif loss - bound <= allowance:
             status, gap = "optimal", 0.0
         elif loss != 0:
             gap = (loss - bound) / abs(loss)

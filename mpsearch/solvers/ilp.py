@@ -1,7 +1,9 @@
 """Exact allocation by integer linear programming (PuLP + CBC).
 
 One binary ``x[u, b]`` per unit (tie group or lone layer) and open option, one option
-per unit, ``sum cost <= budget`` per budget, minimise summed sensitivity.
+per unit, ``sum cost <= budget`` per budget, minimise summed sensitivity. A shared charge
+(:class:`~mpsearch.problem.SharedCost`, paid once per distinct option of a group) gets a
+binary ``y[g, b] >= x[u, b]`` for each unit ``u`` of the group, charged in the budget row.
 
 Before CBC sees the model it is shrunk without losing the optimum (dominated and
 oversized options dropped, reduced-cost fixing between a Lagrangian bound and a greedy
@@ -287,9 +289,12 @@ class ILPSolver:
             coefficients = shares[units, options]
             largest = np.zeros(len(counts))
             np.maximum.at(largest, units, coefficients)
-            if largest.sum() <= capacity - 1e-9 and cuts.margins[k] == 0.0:
+            charged = model.shared[k] if model.shared else []
+            most = largest.sum() + sum(float(charge.sum()) for _, charge in charged)
+            if most <= capacity - 1e-9 and cuts.margins[k] == 0.0:
                 continue  # cannot bind
             terms = [(x[i], c) for i, c in enumerate(coefficients.tolist()) if c != 0.0]
+            terms += self._shared_terms(lp, x, units, options, charged, f"{k}")
             if not terms:
                 continue
             row = pulp.LpAffineExpression(terms)
@@ -368,6 +373,27 @@ class ILPSolver:
             proved=proved,
             absolute_gap=gap,
         )
+
+    @staticmethod
+    def _shared_terms(lp: Any, x: list[Any], units: IntArray, options: IntArray,
+                      charged: list[tuple[IntArray, Any]], tag: str) -> list[tuple[Any, float]]:
+        """Budget-row terms of shared charges: ``y[g, o]`` is 1 when a unit of group ``g``
+        takes option ``o`` (forced by ``y >= x``; the budget keeps it 0 otherwise)."""
+        import pulp
+
+        terms: list[tuple[Any, float]] = []
+        for g, (members, charge) in enumerate(charged):
+            inside = np.isin(units, members)
+            for o in np.unique(options[inside]).tolist():
+                if charge[o] == 0.0:
+                    continue
+                y = lp.add_variable(f"y{tag}_{g}_{o}", cat=pulp.LpBinary)
+                terms.append((y, float(charge[o])))
+                for n, i in enumerate(np.flatnonzero(inside & (options == o)).tolist()):
+                    lp.addConstraint(pulp.LpConstraint(
+                        pulp.LpAffineExpression([(y, 1.0), (x[i], -1.0)]),
+                        pulp.LpConstraintGE, f"share{tag}_{g}_{o}_{n}", 0.0))
+        return terms
 
     def _call_cbc(
         self, lp: Any, *, warm: bool, seed: int, resolution: float, preprocess: bool

@@ -26,7 +26,7 @@ import numpy as np
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.problem import AllocationProblem, FloatArray, Front, IntArray, Solution
 from mpsearch.solvers._moves import budget_weight, upgrade
-from mpsearch.solvers._reduce import Model, lagrangian, normalise
+from mpsearch.solvers._reduce import Model, conservative, lagrangian, normalise
 from mpsearch.solvers.greedy import GreedySolver
 from mpsearch.solvers.ilp import ILPSolver
 
@@ -177,6 +177,8 @@ class NSGA2Solver:
         """
         clock = time.perf_counter()
         problem.check_budgets()
+        # shared charges (scales of slices) counted in full: every sum it sees is one
+        exact, problem = problem, conservative(problem, self.name)
         objectives = list(problem.budgets)
         if not objectives:
             front = GreedySolver().solve(problem)  # no trade-off: the least-loss choice
@@ -190,9 +192,10 @@ class NSGA2Solver:
         encoding = _Encoding.build(model, weight)
         seeds, proved = self._seeds(problem, model, weight, limits, seed)
         archive = self._evolve(model, encoding, seeds, prices, limits, seed)
-        solutions = [problem.solution(problem.expand(c)) for c in archive]
-        solutions = [s for s in solutions if problem.is_feasible(s.choice)]
+        solutions = [exact.solution(problem.expand(c)) for c in archive]
+        solutions = [s for s in solutions if exact.is_feasible(s.choice)]
         if proved is not None:
+            proved = exact.solution(proved.choice)
             solutions.append(proved)
         front = Front.build(solutions, objectives=objectives, solver=self.name,
                             status="feasible", time_s=0.0)
@@ -205,7 +208,9 @@ class NSGA2Solver:
             )
         best = min(kept, key=lambda s: s.loss)
         gap: float | None = None
-        if proved is not None and best.loss >= proved.loss:
+        if exact.shared:  # no bound on the exact problem from the conservative one
+            gap = None
+        elif proved is not None and best.loss >= proved.loss:
             gap = 0.0
         elif best.loss != 0:
             gap = max(best.loss - bound * model.loss_scale, 0.0) / abs(best.loss)

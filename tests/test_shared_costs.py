@@ -1,0 +1,109 @@
+"""Shared charges (SharedCost): paid once per distinct option of a group of layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from problem_instances import brute_force, random_budgeted
+
+from mpsearch.errors import InfeasibleBudget
+from mpsearch.problem import AllocationProblem, SharedCost
+from mpsearch.solvers import GreedySolver, ILPSolver, NSGA2Solver
+from mpsearch.solvers import _reduce as reduce_module
+
+
+def _two_parts(limit: float) -> AllocationProblem:
+    """A layer cut into two parts of 100 weights each, a third layer of 100, bits 2/4:
+    weight bytes in the table, 10 bytes of scales per width the two parts use."""
+    layers = ["fc.part0", "fc.part1", "head"]
+    bits = (2, 4)
+    size = np.array([[25.0, 50.0], [25.0, 50.0], [35.0, 60.0]])  # head: scales inside
+    sensitivity = np.array([[4.0, 0.0], [3.0, 0.0], [1.0, 0.0]])
+    return AllocationProblem(layers, bits, sensitivity, {"size_bytes": size},
+                             {"size_bytes": limit},
+                             shared=[SharedCost("size_bytes", ("fc.part0", "fc.part1"),
+                                                (10.0, 10.0))])
+
+
+def test_charge_paid_once_per_distinct_width() -> None:
+    problem = _two_parts(1e9)
+    assert problem.evaluate(np.array([1, 1, 1]))["size_bytes"] == 50 + 50 + 60 + 10
+    assert problem.evaluate(np.array([0, 1, 1]))["size_bytes"] == 25 + 50 + 60 + 20
+    assert problem.min_cost("size_bytes") == 25 + 25 + 35 + 10
+    assert problem.max_cost("size_bytes") == 50 + 50 + 60 + 10
+    folded = problem.conservative()
+    assert not folded.shared
+    assert folded.evaluate(np.array([1, 1, 1]))["size_bytes"] == 50 + 50 + 60 + 20
+    assert "shared=1" in repr(problem)
+
+
+def test_ilp_uses_what_the_exact_charge_leaves() -> None:
+    # 170 bytes: both parts at 4 bits with one set of scales (160 + 10), the head at 4
+    # too. Charged per part (180) that does not fit; the head would have to drop instead.
+    problem = _two_parts(170.0)
+    front = ILPSolver().solve(problem)
+    assert front.status == "optimal"
+    assert front.best.bits == {"fc.part0": 4, "fc.part1": 4, "head": 4}
+    assert front.best.costs["size_bytes"] == 170.0
+    assert front.best.loss == 0.0
+    # the heuristic solvers search the conservative problem: a feasible, worse answer
+    for solver in (GreedySolver(), NSGA2Solver(pop_size=8, n_gen=5)):
+        best = solver.solve(problem).best
+        assert problem.is_feasible(best.choice)
+        assert best.loss > 0.0
+
+
+def test_heuristic_solvers_say_when_only_the_exact_count_fits() -> None:
+    problem = _two_parts(95.0)  # all at 2 bits: 85 + 10; charged per part 105
+    assert ILPSolver().solve(problem).best.costs["size_bytes"] == 95.0
+    with pytest.raises(InfeasibleBudget, match="counts them exactly"):
+        GreedySolver().solve(problem)
+
+
+def test_shared_cost_validation() -> None:
+    def problem(shared: SharedCost) -> AllocationProblem:
+        return AllocationProblem(["a", "b"], (2, 4), np.zeros((2, 2)),
+                                 {"size_bytes": np.ones((2, 2))}, {}, shared=[shared])
+
+    with pytest.raises(ValueError, match="one of the costs"):
+        problem(SharedCost("bops", ("a", "b"), (1.0, 1.0)))
+    with pytest.raises(ValueError, match="unknown or repeated"):
+        problem(SharedCost("size_bytes", ("a", "c"), (1.0, 1.0)))
+    with pytest.raises(ValueError, match="one finite charge"):
+        problem(SharedCost("size_bytes", ("a", "b"), (1.0,)))
+
+
+def _with_shared(seed: int) -> AllocationProblem:
+    problem, _ = random_budgeted(seed)
+    rng = np.random.default_rng(1000 + seed)
+    shared = []
+    for name in problem.budgets:
+        if problem.n_layers < 2 or rng.random() < 0.3:
+            continue
+        size = int(rng.integers(2, problem.n_layers + 1))
+        members = sorted(rng.choice(problem.n_layers, size, replace=False).tolist())
+        scale = float(np.abs(problem.costs[name]).max())
+        shared.append(SharedCost(name, tuple(problem.layers[i] for i in members),
+                                 tuple((rng.random(problem.n_options) * scale).tolist())))
+    return AllocationProblem(problem.layers, problem.bits, problem.sensitivity, problem.costs,
+                             problem.budgets, ties=problem.ties, pinned=problem.pinned,
+                             allowed=problem.allowed, shared=shared)
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+@pytest.mark.parametrize("seed", range(60))
+def test_ilp_optimum_with_shared_charges_matches_brute_force(
+        seed: int, reduced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reduce_module, "REDUCE", reduced)
+    problem = _with_shared(seed)
+    expected = brute_force(problem)
+    if expected is None:
+        with pytest.raises(InfeasibleBudget):
+            ILPSolver().solve(problem)
+        return
+    front = ILPSolver().solve(problem)
+    assert front.status == "optimal"
+    assert problem.is_feasible(front.best.choice)
+    assert front.best.loss == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert front.best.costs == {k: v for k, v in problem.evaluate(front.best.choice).items()
+                                if k != "loss"}
