@@ -103,9 +103,28 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+#: what a model that takes several inputs was most likely given, said with its TypeError
+TWO_INPUTS_HINT = (
+    "mpsearch calls the model on batch[0] alone: a 2-item tuple/list batch is "
+    "(inputs, targets); for several inputs give ((x1, x2), targets), ((x1, x2),) or a dict "
+    "of keyword arguments, and data is a list of such batches: one batch goes in a list, "
+    "[batch]")
+
+
 def call(model: nn.Module, split: SplitBatch) -> Any:
-    """Call the model on a split batch (already on the right device)."""
-    return model(*split.args, **split.kwargs)
+    """Call the model on a split batch (already on the right device).
+
+    Raises:
+        TypeError: the model's own, with :data:`TWO_INPUTS_HINT` where the model was
+            called on one input and missed an argument (the batch's second item, taken
+            for targets, may have been meant as an input)."""
+    try:
+        return model(*split.args, **split.kwargs)
+    except TypeError as exc:
+        if (len(split.args) == 1 and not split.kwargs and split.targets is not None
+                and "argument" in str(exc) and TWO_INPUTS_HINT not in str(exc)):
+            raise TypeError(f"{exc} ({TWO_INPUTS_HINT})") from exc
+        raise
 
 
 def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]:
@@ -136,12 +155,24 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
         torch.set_rng_state(rng)
     if not batches:
         raise ValueError(f"{what} is empty: give at least one batch")
+    kinds = {_kind(b) for b in batches}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{what} must be a list of batches of one kind, got a {type(data).__name__} of "
+            f"{' and '.join(sorted(kinds))}: if it is one batch (e.g. ((x1, x2), targets)), "
+            "wrap it in a list, [batch]")
     for i, b in enumerate(batches):
         try:
             split_batch(b)
         except TypeError as exc:
             raise TypeError(f"{what}[{i}]: {exc}") from None
     return batches
+
+
+def _kind(batch: Any) -> str:
+    return ("a tensor" if isinstance(batch, Tensor) else "a tuple/list"
+            if isinstance(batch, (tuple, list)) else "a mapping" if isinstance(batch, Mapping)
+            else type(batch).__name__)
 
 
 def _normal_tensors(batch: Any) -> Any:

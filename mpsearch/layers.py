@@ -545,16 +545,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                 assert kind is not None
                 make_hooks(name, kind, module)
             try:
-                call(model, split)
-            except TypeError as exc:
-                if (isinstance(batch, (tuple, list)) and len(batch) == 2
-                        and isinstance(batch[0], Tensor)):
-                    raise TypeError(
-                        f"{exc} (mpsearch calls the model on batch[0] alone: a 2-item "
-                        "tuple/list batch is (inputs, targets); for several inputs give "
-                        "((x1, x2), targets), ((x1, x2),) or a dict of keyword arguments)"
-                    ) from exc
-                raise
+                call(model, split)  # a TypeError says how batches of several inputs look
             finally:
                 for h in handles:
                     h.remove()

@@ -56,6 +56,14 @@ LossSpec = LossFn | Literal["divergence", "task"] | None
 LOSS_NAMES = ("divergence", "task")
 
 
+def compared_output(output: Any) -> Tensor:
+    """The tensor a divergence compares (:func:`first_output`), a value per sample
+    ``(N,)`` as ``(N, 1)``: the last dimension is what a position's divergence sums over,
+    and the samples stay the leading one."""
+    first: Tensor = first_output(output)
+    return first[:, None] if first.dim() == 1 else first
+
+
 def _masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over positions; ``mask`` (same leading shape, 1 = real token) weights them."""
     if mask is not None and tuple(mask.shape) == tuple(per_position.shape):
@@ -213,7 +221,7 @@ class Objective:
         if self.is_divergence:
             for i, batch in enumerate(self.batches):
                 out = call(model, to_device(split_batch(batch), device))
-                ref = first_output(out).detach()
+                ref = compared_output(out).detach()
                 if not torch.isfinite(ref).all():
                     raise ValueError(f"the float model's output on batch {i} of the data is "
                                      "non-finite (NaN/inf): check the inputs and the weights")
@@ -248,8 +256,8 @@ class Objective:
             raise RuntimeError("Objective.prepare() must run before a divergence loss")
         ref = self._refs[i]
         if self.kind == "kl":
-            return kl_divergence(first_output(out), ref, mask)
-        return mse_divergence(first_output(out), ref, mask)
+            return kl_divergence(compared_output(out), ref, mask)
+        return mse_divergence(compared_output(out), ref, mask)
 
     @torch.no_grad()
     def sample_losses(self, out: Any, i: int, targets: Tensor | None, mask: Tensor | None,
@@ -266,7 +274,7 @@ class Objective:
             if not self._refs:
                 raise RuntimeError("Objective.prepare() must run before a divergence loss")
             per_position = (_kl_per_position if self.kind == "kl" else _mse_per_position)(
-                first_output(out), self._refs[i])
+                compared_output(out), self._refs[i])
             return _per_sample(per_position, mask, rows)
         if self.kind == "cross_entropy" and targets is not None:
             logits = first_output(out)

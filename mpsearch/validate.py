@@ -16,6 +16,7 @@ from mpsearch.batches import (
     Batch,
     call,
     first_output,
+    ignored_outputs,
     materialize,
     model_device,
     output_kind,
@@ -47,6 +48,8 @@ class ValidationReport:
         loss_increase_predicted: the bit map's predicted increase (Σ Ω), where it has one.
         divergence_kind: ``kl`` (logits) or ``mse`` (hidden states).
         output_divergence: mean divergence of the quantized output from the float output.
+        outputs_not_compared: the model's other outputs, where it returns several tensors
+            and the divergence compares one (``"[1] (8, 1)"``); empty otherwise.
         accuracy_float: top-1 accuracy of the float model, where targets are class labels.
         accuracy_quantized: the same for the quantized model.
         agreement: fraction of positions where both models predict the same class (logits).
@@ -100,6 +103,7 @@ class ValidationReport:
     deployed_batches: int | None = None
     deployed_rel_error: float | None = None
     deployed_vs_simulated_rel_error: float | None = None
+    outputs_not_compared: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -111,7 +115,10 @@ class ValidationReport:
             ("loss increase", f"{self.loss_increase:.6g} measured"
              + (f", {self.loss_increase_predicted:.6g} predicted"
                 if self.loss_increase_predicted is not None else "")),
-            (f"output {self.divergence_kind}", f"{self.output_divergence:.6g}"),
+            (f"output {self.divergence_kind}", f"{self.output_divergence:.6g}" + (
+                f" (one output of several; not compared: "
+                f"{', '.join(self.outputs_not_compared)})" if self.outputs_not_compared
+                else "")),
         ]
         if self.accuracy_float is not None and self.accuracy_quantized is not None:
             rows.append(("accuracy", f"{self.accuracy_float:.4f} → {self.accuracy_quantized:.4f}"))
@@ -189,6 +196,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
             sums["lq"] += float(objective.loss_of_output(out_q, i, batch, split.targets,
                                                          split.attention_mask))
             yf, yq = first_output(out_f), first_output(out_q)
+            if i == 0:
+                others = ignored_outputs(out_f)
             div_kind = "kl" if output_kind(out_f) == "logits" else "mse"
             div = kl_divergence if div_kind == "kl" else mse_divergence
             # KL >= 0; float32 rounding leaves about -1e-8 where the outputs barely differ
@@ -235,7 +244,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         accuracy_quantized=sums["acc_q"] / n_acc if n_acc else None,
         agreement=sums["agree"] / n_agree if n_agree else None,
         avg_bits=bitmap.avg_bits(), size_bytes_float=size_f, size_bytes_quantized=size_q,
-        n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted), **deployed,
+        n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted),
+        outputs_not_compared=others, **deployed,
     )
 
 

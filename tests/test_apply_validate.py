@@ -79,6 +79,29 @@ def test_validate_known_figures(mnist_cnn, mnist_eval) -> None:  # type: ignore[
     assert "accuracy" in str(r8) and json.dumps(r8.to_dict())
 
 
+def test_validate_names_the_outputs_it_does_not_compare(mnist_cnn, mnist_eval) -> None:  # type: ignore[no-untyped-def]
+    """A model with two heads: the report's divergence is the first head's, and it says
+    which output it left out (a map can wreck the other head unseen)."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.value = mnist_cnn, nn.Linear(10, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.body(x)
+            return logits, self.value(logits)
+
+    model = TwoHeads().eval()
+    data = mnist_eval[:1]
+    report = mpsearch.validate(model, BitMap.uniform(model, 4), data=data, progress=False)
+    assert report.outputs_not_compared == ["[1] (250, 1)"]
+    assert "not compared: [1] (250, 1)" in str(report)
+    alone = mpsearch.validate(mnist_cnn, BitMap.uniform(mnist_cnn, 4), data=data,
+                              progress=False)
+    assert alone.outputs_not_compared == [] and "not compared" not in str(alone)
+
+
 def test_validate_rejects_foreign_bitmap(mnist_cnn, mnist_eval) -> None:  # type: ignore[no-untyped-def]
     other = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(mpsearch.BitMapError, match="does not fit"):

@@ -131,6 +131,43 @@ def test_empirical_fisher_is_mean_of_per_sample_squares(monkeypatch: pytest.Monk
     np.testing.assert_allclose(looped.omega, table.omega, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [False, True])
+def test_custom_loss_reads_its_batch_in_the_fisher_pass(block: bool) -> None:
+    """A loss_fn(output, batch) that takes its labels from the batch gets each sample's
+    own batch: the empirical Fisher equals the task loss's (cross-entropy on the labels)."""
+    model = _softmax_linear()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 6, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+               for n in (7, 12)]
+    rows = []
+
+    def labelled(out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        rows.append(len(x))
+        return F.cross_entropy(out, y)
+
+    task = _estimate(model, batches, Fisher(block=block), loss_fn="task")
+    custom = _estimate(model, batches, Fisher(block=block), loss_fn=labelled)
+    assert set(rows) == {1}  # one sample per gradient: the empirical Fisher
+    np.testing.assert_allclose(custom.omega, task.omega, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fisher", "qerror"])
+def test_a_value_per_sample_is_compared_as_one_column(name: str) -> None:
+    """A model returning ``(N,)`` is rated as the same model returning ``(N, 1)`` (MSE per
+    sample, not over the batch as one position)."""
+    torch.manual_seed(0)
+    column = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    flat = nn.Sequential(*column, nn.Flatten(0)).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 6, generator=gen) for n in (9, 5)]
+    assert flat(batches[0]).shape == (9,)
+    est = ESTIMATORS[name]()
+    one, two = _estimate(flat, batches, est), _estimate(column, batches, est)
+    np.testing.assert_allclose(one.omega, two.omega, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(one.omega_stderr, two.omega_stderr, rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss_fn", ["task", None])
 def test_fisher_rejects_nan_gradients(loss_fn: str | None) -> None:
     model = _softmax_linear()

@@ -658,3 +658,13 @@ def test_a_two_input_model_given_a_pair_is_told_the_batch_convention() -> None:
     res = mpsearch.search(Two(), 4.0, data=[(tuple(pair),)], progress=False,
                           sensitivity="fisher", slices=None)
     assert set(res.bitmap.bits()) == {"fc"}
+    # validate says the same
+    with pytest.raises(TypeError, match=r"\(\(x1, x2\), targets\)"):
+        mpsearch.validate(Two(), res.bitmap, data=[pair], progress=False)
+    # one batch passed as the data, not in a list: its items are read as two batches
+    one = (tuple(pair), torch.randn(4, 4))
+    for verb in (lambda d: mpsearch.search(Two(), 4.0, data=d, progress=False),
+                 lambda d: mpsearch.validate(Two(), res.bitmap, data=d, progress=False)):
+        with pytest.raises(ValueError, match=r"one batch .*wrap it in a list"):
+            verb(one)
+    assert mpsearch.validate(Two(), res.bitmap, data=[one], progress=False).n_samples == 4

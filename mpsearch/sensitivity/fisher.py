@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from mpsearch._report import some
 from mpsearch.batches import batch_rows, first_output, slice_batch, split_batch, to_device
 from mpsearch.layers import layer_weight, weight_key
-from mpsearch.losses import cross_entropy
+from mpsearch.losses import compared_output, cross_entropy
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -179,15 +179,15 @@ class Fisher:
         probe = _Probe(objective, i, s0, s1, gen)
         split = to_device(split_batch(batch), device)
         if self.micro_batch > 1:
-            return {n: g[None] for n, g in _grad(model, weights, split, probe).items()}
+            return {n: g[None] for n, g in _grad(model, weights, split, probe, batch).items()}
         if objective.kind not in ("custom", "hf_loss") and s1 - s0 > 1:
             try:
                 return _vmap_grads(model, weights, split, probe, s1 - s0)
             except Exception as exc:  # noqa: BLE001 (ops without batching rules: loop instead)
                 log.debug("per-sample gradients by vmap failed (%s); looping", exc)
-        rows = [_grad(model, weights, to_device(split_batch(slice_batch(batch, r, r + 1)),
-                                                device), probe.row(r))
-                for r in range(s1 - s0)]
+        pieces = [slice_batch(batch, r, r + 1) for r in range(s1 - s0)]
+        rows = [_grad(model, weights, to_device(split_batch(one), device), probe.row(r), one)
+                for r, one in enumerate(pieces)]
         return {n: torch.stack([g[n] for g in rows]) for n in weights}
 
 
@@ -246,7 +246,7 @@ class _Probe:
         """The pseudo-loss of ``out``; ``rows``: samples it covers (default the probe's)."""
         aux = self.aux if aux is None else aux
         mask = self.mask if mask is None else mask
-        y = first_output(out)
+        y = compared_output(out) if self.kind in ("kl", "mse") else first_output(out)
         if self.kind == "kl":
             assert aux is not None and mask is not None
             per_pos = F.cross_entropy(y.float().reshape(-1, y.shape[-1]),
@@ -283,12 +283,13 @@ def _check(grads: Mapping[str, Tensor], probe: _Probe) -> None:
 
 
 def _grad(model: nn.Module, weights: Mapping[str, Tensor], split: Any,
-          probe: _Probe) -> dict[str, Tensor]:
-    """One gradient of ``probe``'s pseudo-loss with respect to every layer weight."""
+          probe: _Probe, batch: Any) -> dict[str, Tensor]:
+    """One gradient of ``probe``'s pseudo-loss with respect to every layer weight
+    (``batch``: the samples ``split`` holds, as the user's ``loss_fn`` receives them)."""
     params = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
     with torch.enable_grad():
         out = _call(model, params, split.args, split.kwargs)
-        loss = probe.loss(out, None, split)
+        loss = probe.loss(out, batch, split)
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite loss on calibration batch {probe.i}, samples "
                              f"{probe.s0}:{probe.s1}")
