@@ -1052,6 +1052,39 @@ def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: 
     assert alone is not None and alone.uniform_bits == 3
 
 
+def test_a_sliced_map_no_better_than_the_models_own_uniform_map_is_searched_per_layer(  # type: ignore[no-untyped-def]
+        mnist_cnn, mnist_calib, monkeypatch, caplog) -> None:
+    """The branch after the measurement above: where the unsliced model's uniform map
+    measures no worse than the sliced map (here the measurement of it is scaled to no
+    damage at all, as no real model here gives deterministically), the search says so
+    and returns the per-layer search instead."""
+    import dataclasses
+    import sys
+
+    validate_module = sys.modules["mpsearch.validate"]  # the module: the name is the verb
+    calib = [x for x, _ in mnist_calib[:2]]
+    per_tensor = mpsearch.QuantConfig(granularity="tensor")
+    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4,
+                                                                    qconfig=per_tensor),
+                                 data=calib, progress=False)
+    budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+    real = validate_module.validate
+
+    def harmless(*args, **kwargs):  # type: ignore[no-untyped-def]
+        report = real(*args, **kwargs)
+        return dataclasses.replace(report, loss_increase=0.0)
+
+    monkeypatch.setattr(validate_module, "validate", harmless)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher",
+                              qconfig=per_tensor, progress=False)
+    assert "measured no better than uniform INT4" in caplog.text
+    assert res.bitmap.slices is None and res.sliced_model is None
+    assert "no better than uniform INT4" in res.bitmap.provenance["slices_auto"]
+    assert real(mnist_cnn, res.bitmap, data=calib[:1], progress=False
+                ).size_bytes_quantized <= budget.size_bytes
+
+
 def test_slices_by_input_features_pay_their_scales_once_per_width(  # type: ignore[no-untyped-def]
         mnist_cnn, mnist_calib) -> None:
     """Per-channel scales: the parts of a Linear cut by input features share its rows, so
