@@ -1019,6 +1019,16 @@ def test_a_sliced_layer_keeps_the_users_hooks() -> None:
         assert len(merged[2]._forward_hooks) == 1 and len(merged[0]._forward_pre_hooks) == 1
 
 
+def _per_tensor_int4_bytes(model, calib):  # type: ignore[no-untyped-def]
+    """Two calibration batches, one scale per tensor, uniform INT4's report on them and a
+    size budget of its bytes."""
+    data = [x for x, _ in calib[:2]]
+    per_tensor = mpsearch.QuantConfig(granularity="tensor")
+    uniform4 = mpsearch.validate(model, mpsearch.BitMap.uniform(model, 4, qconfig=per_tensor),
+                                 data=data, progress=False)
+    return data, per_tensor, uniform4, mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+
+
 def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: ignore[no-untyped-def]
         mnist_cnn, mnist_calib, monkeypatch) -> None:
     """With one scale per tensor every slice carries a scale of its own: at uniform INT4's
@@ -1028,12 +1038,7 @@ def test_a_size_budget_is_measured_against_the_models_own_uniform_map(  # type: 
     import sys
 
     search_module = sys.modules["mpsearch.search"]
-    calib = [x for x, _ in mnist_calib[:2]]
-    per_tensor = mpsearch.QuantConfig(granularity="tensor")
-    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4,
-                                                                    qconfig=per_tensor),
-                                 data=calib, progress=False)
-    budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+    calib, per_tensor, uniform4, budget = _per_tensor_int4_bytes(mnist_cnn, mnist_calib)
     res = mpsearch.search(mnist_cnn, budget, data=calib, sensitivity="fisher",
                           qconfig=per_tensor, progress=False)
     r = res.refinement
@@ -1062,12 +1067,7 @@ def test_a_sliced_map_no_better_than_the_models_own_uniform_map_is_searched_per_
     import sys
 
     validate_module = sys.modules["mpsearch.validate"]  # the module: the name is the verb
-    calib = [x for x, _ in mnist_calib[:2]]
-    per_tensor = mpsearch.QuantConfig(granularity="tensor")
-    uniform4 = mpsearch.validate(mnist_cnn, mpsearch.BitMap.uniform(mnist_cnn, 4,
-                                                                    qconfig=per_tensor),
-                                 data=calib, progress=False)
-    budget = mpsearch.Budget(size_bytes=uniform4.size_bytes_quantized)
+    calib, per_tensor, _, budget = _per_tensor_int4_bytes(mnist_cnn, mnist_calib)
     real = validate_module.validate
 
     def harmless(*args, **kwargs):  # type: ignore[no-untyped-def]

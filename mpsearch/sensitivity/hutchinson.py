@@ -295,7 +295,7 @@ class Hutchinson:
             worst = sorted(rel, key=rel.__getitem__, reverse=True)[:3]
             log.warning("Hutchinson stopped at %d probes before every relative standard error "
                         "reached %.3g; worst: %s", est.n_probes, self.tol,
-                        ", ".join(f"{n} ({rel[n]:.2f})" for n in worst))
+                        ", ".join(f"layer {n!r} at {rel[n]:.2f}" for n in worst))
         if idle:
             log.warning("the loss does not depend on %d layer(s) (zero curvature; the solver "
                         "will give them the fewest bits): %s", len(idle), some(idle))
