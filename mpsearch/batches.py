@@ -122,7 +122,7 @@ def call(model: nn.Module, split: SplitBatch) -> Any:
         return model(*split.args, **split.kwargs)
     except TypeError as exc:
         if (len(split.args) == 1 and not split.kwargs and split.targets is not None
-                and "argument" in str(exc) and TWO_INPUTS_HINT not in str(exc)):
+                and "positional argument" in str(exc) and TWO_INPUTS_HINT not in str(exc)):
             raise TypeError(f"{exc} ({TWO_INPUTS_HINT})") from exc
         raise
 
@@ -156,9 +156,9 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
     if not batches:
         raise ValueError(f"{what} is empty: give at least one batch")
     kinds = {_kind(b) for b in batches}
-    if len(kinds) > 1:
+    if isinstance(data, tuple) and len(kinds) > 1:  # a list may mix x and (x,) batches
         raise ValueError(
-            f"{what} must be a list of batches of one kind, got a {type(data).__name__} of "
+            f"{what} must be a list of batches, got a tuple of "
             f"{' and '.join(sorted(kinds))}: if it is one batch (e.g. ((x1, x2), targets)), "
             "wrap it in a list, [batch]")
     for i, b in enumerate(batches):

@@ -80,6 +80,10 @@ def _merge_ties(groups: Sequence[Sequence[str]], index: Mapping[str, int]) -> li
     return [group for group in members.values() if len(group) > 1]
 
 
+#: options up to which min_cost enumerates every set of options a shared group may use
+_MAX_SUBSET_OPTIONS = 8
+
+
 @dataclass(frozen=True)
 class SharedCost:
     """A part of cost ``cost`` paid once for each distinct option that the ``layers`` take:
@@ -246,9 +250,10 @@ class AllocationProblem:
                 raise ValueError(f"shared cost {part.cost!r} names unknown or repeated layers "
                                  f"{unknown or list(part.layers)}")
             charge = np.array(part.charge, dtype=float)
-            if charge.shape != (len(options),) or not np.isfinite(charge).all():
-                raise ValueError(f"shared cost {part.cost!r} needs one finite charge per bits "
-                                 f"option {options}, got {part.charge}")
+            if (charge.shape != (len(options),) or not np.isfinite(charge).all()
+                    or (charge < 0).any()):
+                raise ValueError(f"shared cost {part.cost!r} needs one finite charge >= 0 per "
+                                 f"bits option {options}, got {part.charge}")
             rows.append((part.cost, np.array([index[n] for n in part.layers]), _frozen(charge)))
         put(self, "shared", tuple(shared))
         put(self, "_shared_rows", tuple(rows))
@@ -444,22 +449,45 @@ class AllocationProblem:
     def _extreme_choice(self, name: str, largest: bool) -> IntArray:
         if name not in self.costs:
             raise ValueError(f"unknown cost {name!r}; costs are {sorted(self.costs)}")
-        # shared charges counted in full: the cheapest option of each layer of a group is
-        # the same (a narrower width is cheaper everywhere), so its charge is paid once
-        table = self.unit_table(self.conservative().costs[name])
-        if largest:
-            unit_choice = np.where(self._unit_allowed, table, -np.inf).argmax(axis=1)
-        else:
-            unit_choice = np.where(self._unit_allowed, table, np.inf).argmin(axis=1)
+        sign = -1.0 if largest else 1.0
+        groups = [np.unique(self._unit_of[members]) for members, _ in self.shared_charges(name)]
+        charges = [charge for _, charge in self.shared_charges(name)]
+        exact = (len(self.bits) <= _MAX_SUBSET_OPTIONS
+                 and sum(len(g) for g in groups) == len(np.unique(np.concatenate(groups)))
+                 if groups else True)
+        table = self.unit_table((self if exact else self.conservative()).costs[name])
+        value = np.where(self._unit_allowed, sign * table, np.inf)
+        unit_choice = value.argmin(axis=1)
+        for units, charge in zip(groups, charges) if exact else ():
+            # Every set of options the group may use: each unit takes its extreme within
+            # the set. The set the best choice uses is among them, so the least of their
+            # exact costs is the minimum (the largest, for a maximum, is a lower bound).
+            best: tuple[float, IntArray] | None = None
+            for mask in range(1, 2 ** len(self.bits)):
+                used = np.array([(mask >> o) & 1 for o in range(len(self.bits))], dtype=bool)
+                within = np.where(used, value[units], np.inf)
+                pick = within.argmin(axis=1)
+                rows = within[np.arange(len(units)), pick]
+                if not np.isfinite(rows).all():
+                    continue
+                total = math.fsum([*rows.tolist(), *(sign * charge[np.unique(pick)]).tolist()])
+                if best is None or total < best[0]:
+                    best = (total, pick)
+            assert best is not None  # the set of every option covers each unit
+            unit_choice[units] = best[1]
         return self.expand(unit_choice)
 
     def min_cost(self, name: str) -> float:
         """Smallest achievable sum of cost ``name`` under ties, pins and allowed options
-        (with shared charges: of the choice that is cheapest with each charged in full)."""
+        (with shared charges: exact where no unit is in two groups and there are at most
+        :data:`_MAX_SUBSET_OPTIONS` options, else that of the cheapest choice with every
+        charge paid in full, an upper bound)."""
         return self._cost(name, self._extreme_choice(name, largest=False))
 
     def max_cost(self, name: str) -> float:
-        """Largest achievable sum of cost ``name`` under ties, pins and allowed options."""
+        """Largest achievable sum of cost ``name`` under ties, pins and allowed options
+        (with shared charges: the largest of the choices tried for :meth:`min_cost`'s
+        search, turned round, which can fall short of the true largest)."""
         return self._cost(name, self._extreme_choice(name, largest=True))
 
     def check_budgets(self) -> None:

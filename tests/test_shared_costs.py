@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from problem_instances import brute_force, random_budgeted
@@ -71,6 +73,39 @@ def test_shared_cost_validation() -> None:
         problem(SharedCost("size_bytes", ("a", "c"), (1.0, 1.0)))
     with pytest.raises(ValueError, match="one finite charge"):
         problem(SharedCost("size_bytes", ("a", "b"), (1.0,)))
+    with pytest.raises(ValueError, match=">= 0"):
+        problem(SharedCost("size_bytes", ("a", "b"), (1.0, -1.0)))
+
+
+def test_smallest_cost_when_the_cheapest_options_differ() -> None:
+    """A pinned part, or a width without scales (16 bits), makes the cheapest choice use
+    one width less than each part's cheapest option alone: the minimum counts that."""
+    sensitivity = np.array([[1.0, 0.0], [1.0, 0.0]])
+    pinned = AllocationProblem(["p0", "p1"], (4, 8), sensitivity,
+                               {"size_bytes": np.array([[10.0, 20.0], [10.0, 20.0]])},
+                               {"size_bytes": 56.0}, pinned={"p0": 8},
+                               shared=[SharedCost("size_bytes", ("p0", "p1"), (15.0, 15.0))])
+    assert pinned.min_cost("size_bytes") == 55.0  # both at 8: one set of scales
+    front = ILPSolver().solve(pinned)
+    assert front.status == "optimal" and front.best.bits == {"p0": 8, "p1": 8}
+    wide = AllocationProblem(["p0", "p1"], (4, 16), sensitivity,
+                             {"size_bytes": np.array([[10.0, 40.0], [10.0, 12.0]])},
+                             {"size_bytes": 36.0},
+                             shared=[SharedCost("size_bytes", ("p0", "p1"), (15.0, 0.0))])
+    assert wide.min_cost("size_bytes") == 35.0
+    assert wide.max_cost("size_bytes") == 52.0
+    sweep = ILPSolver().sweep(wide, "size_bytes", n_points=3)
+    assert min(s.costs["size_bytes"] for s in sweep.solutions) == 35.0
+
+
+def test_heuristic_solvers_report_exact_costs_and_valid_gaps() -> None:
+    problem = _two_parts(1e9).with_budgets({})
+    for solver in (GreedySolver(), NSGA2Solver(pop_size=8, n_gen=5)):
+        best = solver.solve(problem).best
+        assert best.costs["size_bytes"] == problem.evaluate(best.choice)["size_bytes"] == 170.0
+    front = GreedySolver().solve(_two_parts(170.0))
+    # the gap is measured from a bound on the exact problem: the exact optimum is 0 loss
+    assert front.gap is not None and front.gap > 0 and front.status == "feasible"
 
 
 def _with_shared(seed: int) -> AllocationProblem:
@@ -88,6 +123,47 @@ def _with_shared(seed: int) -> AllocationProblem:
     return AllocationProblem(problem.layers, problem.bits, problem.sensitivity, problem.costs,
                              problem.budgets, ties=problem.ties, pinned=problem.pinned,
                              allowed=problem.allowed, shared=shared)
+
+
+def _disjoint(seed: int) -> AllocationProblem:
+    """Like :func:`_with_shared`, with groups that share no unit (as slices' scales are)
+    and budgets anywhere from the smallest achievable cost up: :meth:`min_cost` is exact
+    there, so no feasible budget may be refused."""
+    problem = _with_shared(seed)
+    seen: set[int] = set()
+    kept = []
+    for part in problem.shared:
+        units = {int(problem.unit_of[problem.layers.index(n)]) for n in part.layers}
+        if not units & seen:
+            kept.append(part)
+            seen |= units
+    problem = AllocationProblem(problem.layers, problem.bits, problem.sensitivity,
+                                problem.costs, {}, ties=problem.ties, pinned=problem.pinned,
+                                allowed=problem.allowed, shared=kept)
+    rng = np.random.default_rng(2000 + seed)
+    budgets = {}
+    for name in _with_shared(seed).budgets:
+        low, high = problem.min_cost(name), problem.max_cost(name)
+        budgets[name] = low + float(rng.random()) ** 3 * (high - low)
+    return problem.with_budgets(budgets)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_tight_budgets_with_disjoint_shared_groups_match_brute_force(seed: int) -> None:
+    problem = _disjoint(seed)
+    expected = brute_force(problem)
+    for name in problem.budgets:  # the minimum is achieved by some choice
+        options = [np.flatnonzero(row) for row in problem.unit_allowed]
+        costs = [problem.evaluate(problem.expand(np.array(c)))[name]
+                 for c in itertools.product(*options)]
+        assert problem.min_cost(name) == pytest.approx(min(costs), rel=1e-12)
+    if expected is None:
+        with pytest.raises(InfeasibleBudget):
+            ILPSolver().solve(problem)
+        return
+    front = ILPSolver().solve(problem)
+    assert front.status == "optimal"
+    assert front.best.loss == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("reduced", [True, False])

@@ -41,6 +41,7 @@ __all__ = [
     "Start",
     "conservative",
     "dominated",
+    "exact_bound",
     "joint_infeasible",
     "lagrangian",
     "lagrangian_greedy",
@@ -78,6 +79,16 @@ def conservative(problem: AllocationProblem, solver: str) -> AllocationProblem:
                 f"budgets ({exc}); the ILP solver ('ilp') counts them exactly",
                 exc.smallest) from None
     return folded
+
+
+def exact_bound(exact: AllocationProblem, model: Model, bound: float) -> float:
+    """A Lagrangian lower bound on ``exact``'s optimum in ``model``'s loss units, where
+    ``model`` (and its ``bound``) are the conservative problem's: with shared charges, the
+    bound of the tables without them (a lower bound on every cost)."""
+    if not exact.shared:
+        return bound
+    lower = normalise(exact)
+    return lagrangian(lower)[0] * lower.loss_scale / model.loss_scale
 
 
 @dataclass

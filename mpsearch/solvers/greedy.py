@@ -43,7 +43,14 @@ from mpsearch.solvers._moves import (
     upgrade,
     used_shares,
 )
-from mpsearch.solvers._reduce import Model, conservative, lagrangian, lagrangian_greedy, normalise
+from mpsearch.solvers._reduce import (
+    Model,
+    conservative,
+    exact_bound,
+    lagrangian,
+    lagrangian_greedy,
+    normalise,
+)
 
 __all__ = ["GreedySolver"]
 
@@ -150,9 +157,8 @@ class GreedySolver:
         loss = math.fsum(model.loss[rows, choice].tolist())
         allowance = 1e-9 * float(np.abs(np.where(model.allowed, model.loss, 0)).max(1).sum())
         status, gap = "feasible", None
-        if exact.shared:  # the bound is the conservative problem's, not this one's
-            pass
-        elif loss - bound <= allowance:
+        bound = exact_bound(exact, model, bound)
+        if loss - bound <= allowance:
             status, gap = "optimal", 0.0
         elif loss != 0:
             gap = (loss - bound) / abs(loss)

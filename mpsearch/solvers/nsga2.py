@@ -26,7 +26,7 @@ import numpy as np
 from mpsearch.errors import InfeasibleBudget
 from mpsearch.problem import AllocationProblem, FloatArray, Front, IntArray, Solution
 from mpsearch.solvers._moves import budget_weight, upgrade
-from mpsearch.solvers._reduce import Model, conservative, lagrangian, normalise
+from mpsearch.solvers._reduce import Model, conservative, exact_bound, lagrangian, normalise
 from mpsearch.solvers.greedy import GreedySolver
 from mpsearch.solvers.ilp import ILPSolver
 
@@ -181,7 +181,7 @@ class NSGA2Solver:
         exact, problem = problem, conservative(problem, self.name)
         objectives = list(problem.budgets)
         if not objectives:
-            front = GreedySolver().solve(problem)  # no trade-off: the least-loss choice
+            front = GreedySolver().solve(exact)  # no trade-off: the least-loss choice
             return Front.build(front.solutions, solver=self.name, status=front.status,
                                time_s=time.perf_counter() - clock, gap=front.gap)
         model = normalise(problem)
@@ -208,11 +208,10 @@ class NSGA2Solver:
             )
         best = min(kept, key=lambda s: s.loss)
         gap: float | None = None
-        if exact.shared:  # no bound on the exact problem from the conservative one
-            gap = None
-        elif proved is not None and best.loss >= proved.loss:
+        if proved is not None and best.loss >= proved.loss and not exact.shared:
             gap = 0.0
         elif best.loss != 0:
+            bound = exact_bound(exact, model, bound)
             gap = max(best.loss - bound * model.loss_scale, 0.0) / abs(best.loss)
         elapsed = time.perf_counter() - clock
         logger.info("nsga2: %d solutions (of %d archived), best loss %.6g, %.2fs", len(kept),
