@@ -456,6 +456,9 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
                 break
             totals = {k: math.fsum(unit_costs[k][u, unit_choice[u]] for u in everything)
                       for k in unit_costs}
+            if problem.shared:  # the tables leave shared charges out: the exact totals
+                totals.update({k: v for k, v in problem.evaluate(
+                    problem.expand(unit_choice)).items() if k in totals})
             slack = {k: problem.budgets[k] - totals[k] for k in unit_costs}
             # Measure the best-rated candidates first; only when none of them improves, the
             # next ones (interactions are what the ratings miss), up to `patience` batches.
