@@ -431,7 +431,14 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
 
 
 def require_values(model: nn.Module) -> None:
-    """Raise ValueError where the model's weights have no values (the meta device)."""
+    """Raise ValueError where the model's weights have no values (the meta device), or
+    where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles)."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise ValueError(  # noqa: TRY004 (the model is unusable as given, as below)
+            "the model is torch.compile's wrapper: pass the module it wraps "
+                         "(model._orig_mod), and compile the quantized model afterwards; "
+                         "the search hooks and swaps weights on every pass, which would "
+                         "recompile it each time")
     meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if t.is_meta]
     if meta:

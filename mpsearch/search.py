@@ -381,6 +381,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                                         shared=shared)
             front = solve(problem, solver, seed=seed)
             timings["solve"] = time.perf_counter() - t
+            if front.solver == "ilp" and front.status != "optimal":
+                gap = "" if front.gap is None else f", proved within {front.gap:.2%} of it"
+                log.warning("the ILP stopped at its time limit before proving its answer "
+                            "optimal (after %.0f s%s): pass solver=ILPSolver(time_limit_s="
+                            "None) to wait for the proof", front.time_s, gap)
             best, refinement = front.best, None
             if settings is not None:
                 assert objective is not None
@@ -595,6 +600,8 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                     count, exc, scales)
         return per_layer(f"{count} slices did not fit the budget")
     bitmap = result.bitmap
+    if not plan.layers:  # nothing could be cut: a per-layer map, as the warning said
+        return result
     bitmap.slices = plan
     bitmap.provenance["slices"] = count
     if why:

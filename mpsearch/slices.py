@@ -599,7 +599,8 @@ def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
 
 def needs_slicing(model: nn.Module, bitmap: Any) -> bool:
     """Whether ``bitmap`` is from a sliced search and ``model`` is the original (unsliced)."""
-    return (isinstance(getattr(bitmap, "slices", None), SlicePlan)
+    plan = getattr(bitmap, "slices", None)
+    return (isinstance(plan, SlicePlan) and bool(plan.layers)  # an empty plan slices nothing
             and not any(isinstance(m, (ChannelSlices, RecurrentSlices))
                         for m in model.modules()))
 

@@ -180,3 +180,47 @@ def _check_optimum(problem: AllocationProblem) -> None:
     assert front.best.loss == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert front.best.costs == {k: v for k, v in problem.evaluate(front.best.choice).items()
                                 if k != "loss"}
+
+
+def _sliced_layers(n_layers: int, n_parts: int, limit_share: float) -> AllocationProblem:
+    """Layers cut into parts of equal size that pay their rows' scales once per width
+    (as ``costs.shared_scales`` charges a Linear cut by input features), losses 4^-b."""
+    rng = np.random.default_rng(7)
+    bits = (2, 4, 8)
+    names, loss, size, shared = [], [], [], []
+    for layer in range(n_layers):
+        parts = [f"l{layer}.parts.{k}" for k in range(n_parts)]
+        names += parts
+        for _ in parts:
+            s = float(rng.lognormal(0.0, 1.5))
+            loss.append([s * 4.0 ** (2 - b) for b in bits])
+            size.append([64.0 * b / 8 for b in bits])
+        shared.append(SharedCost("size_bytes", tuple(parts), (16.0, 16.0, 16.0)))
+    at4 = float(np.array(size)[:, 1].sum()) + 16.0 * n_layers
+    return AllocationProblem(names, bits, np.array(loss), {"size_bytes": np.array(size)},
+                             {"size_bytes": limit_share * at4}, shared=shared)
+
+
+def test_ilp_starts_from_charges_paid_once_per_width() -> None:
+    # The conservative start pays every part its layer's scales: half a 4-bit part's
+    # bytes here. The start from the tables under budgets lowered by the charges its own
+    # answer pays meets the exact budget with far less loss.
+    problem = _sliced_layers(2, 4, 1.0)
+    rows = np.arange(problem.n_units)
+    model, start = reduce_module.reduce(problem)
+    conservative = reduce_module._conservative_start(problem)
+    lowered = reduce_module._lowered_start(problem)
+    assert conservative is not None and lowered is not None
+    assert problem.is_feasible(problem.expand(lowered))
+    assert problem.evaluate(problem.expand(lowered))["loss"] < 0.5 * problem.evaluate(
+        problem.expand(conservative))["loss"]
+    assert start.choice is not None
+    assert (start.choice == lowered).all() or problem.evaluate(
+        problem.expand(start.choice))["loss"] <= problem.evaluate(problem.expand(lowered))["loss"]
+    assert model.loss[rows, start.choice].sum() == pytest.approx(start.loss)
+    _check_optimum(problem)
+
+
+@pytest.mark.parametrize("share", [0.6, 0.8, 1.0, 1.2])
+def test_sliced_layers_optimum_under_shared_scales(share: float) -> None:
+    _check_optimum(_sliced_layers(2, 4, share))

@@ -1159,3 +1159,24 @@ def test_a_sliced_maps_bytes_count_one_scale_per_row_and_width(  # type: ignore[
     widths = len({mixed[n].w_bits for n in mixed if n.startswith("1.")})
     assert scales == pytest.approx(64 * 3 * widths + 10 * 3)
     assert "1" in mixed.slices.inputs and 1 < widths < 8  # the 784 inputs cut, 8 slices
+
+
+def test_slices_with_no_layer_to_cut_give_a_per_layer_map() -> None:
+    # every layer pinned: nothing to slice; the map must be usable like a per-layer one
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5)).eval()
+    data = [(torch.randn(32, 16), torch.randint(0, 5, (32,)))]
+    result = mpsearch.search(model, 4.0, data=data, slices=4, pin={"*": 4}, refine=False,
+                             progress=False)
+    assert result.bitmap.slices is None
+    report = mpsearch.validate(model, result.bitmap, data=data, progress=False)
+    uniform = mpsearch.validate(model, mpsearch.BitMap.uniform(model, 4), data=data,
+                                progress=False)
+    assert report.output_divergence == pytest.approx(uniform.output_divergence)
+
+
+def test_compiled_model_is_refused_with_the_module_to_pass() -> None:
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5)).eval()
+    data = [(torch.randn(8, 16), torch.randint(0, 5, (8,)))]
+    with pytest.raises(ValueError, match="_orig_mod"):
+        mpsearch.search(torch.compile(model), 4.0, data=data, progress=False)

@@ -17,9 +17,10 @@ slack, so coefficients lie in [0, 1] whatever the cost's units (BOPs reach 1e12)
 Shared charges (:class:`~mpsearch.problem.SharedCost`) are left out of the tables, which
 then bound each cost from below: dropping options that alone break a budget stays exact,
 the Lagrangian bound stays a bound, and the greedy start is taken from the conservative
-problem, so it meets the real budgets. Dominance is not used on the units of a shared
-group (a dominating option may bring a charge of its own). The ILP adds the charges back
-exactly (:attr:`Model.shared`).
+problem, so it meets the real budgets. On the units of a shared group an option beats
+another only with its charges counted in full (taking it may bring a charge of its own;
+leaving the other never costs more). The ILP adds the charges back exactly
+(:attr:`Model.shared`).
 """
 
 from __future__ import annotations
@@ -108,10 +109,14 @@ class Model:
     shared: list[list[tuple[IntArray, FloatArray]]] = field(default_factory=list)
 
 
-def dominated(allowed: BoolArray, criteria: FloatArray) -> BoolArray:
+def dominated(allowed: BoolArray, criteria: FloatArray,
+              handicap: FloatArray | None = None) -> BoolArray:
     """Options another open option of the same unit weakly beats on every criterion
-    (``criteria`` is ``U x B x C``); exact ties go to the lower option index."""
-    better, worse = criteria[:, :, None, :], criteria[:, None, :, :]
+    (``criteria`` is ``U x B x C``); exact ties go to the lower option index.
+    ``handicap`` (``U x B x C``, >= 0) is added to an option's criteria where it is the
+    one beating: what taking it may cost beyond its row (a shared charge)."""
+    ahead = criteria if handicap is None else criteria + handicap
+    better, worse = ahead[:, :, None, :], criteria[:, None, :, :]
     weakly = (better <= worse).all(axis=-1)
     strictly = (better < worse).any(axis=-1)
     earlier = np.triu(np.ones((allowed.shape[1],) * 2, dtype=bool), k=1)
@@ -129,9 +134,12 @@ def normalise(problem: AllocationProblem) -> Model:
     groups = [[(np.unique(problem.unit_of[members]), charge)
                for members, charge in problem.shared_charges(name)]
               for name in problem.budgets]
-    grouped = np.zeros(problem.n_units, dtype=bool)
-    for units, _ in (g for per_budget in groups for g in per_budget):
-        grouped[units] = True
+    # a unit of a shared group switching to an option may bring that option's charge
+    # (no other unit of the group took it) and may save nothing: charged in full
+    handicap = np.zeros_like(criteria)
+    for k, per_budget in enumerate(groups):
+        for units, charge in per_budget:
+            handicap[units, :, 1 + k] += charge
     # Rounding allowance: keeping an option that is infeasible by a hair costs nothing
     # (CBC and the exact check reject it); dropping a feasible one costs optimality.
     tolerance = [
@@ -150,7 +158,7 @@ def normalise(problem: AllocationProblem) -> Model:
             if REDUCE:
                 allowed &= ~(deltas[k] > max(slack[k], 0.0) + tolerance[k])
         if REDUCE:
-            allowed &= ~(dominated(allowed, criteria) & ~grouped[:, None])
+            allowed &= ~dominated(allowed, criteria, handicap)
         if int(allowed.sum()) == before:
             break
     loss_scale = float(np.abs(sensitivity[allowed]).max()) or 1.0
@@ -244,6 +252,49 @@ def lagrangian_greedy(model: Model, prices: FloatArray) -> IntArray | None:
     return upgrade(pick(high).astype(np.int64), loss, allowed, weight, shares, limits)
 
 
+def _conservative_start(problem: AllocationProblem) -> IntArray | None:
+    """The greedy start of the problem with every shared charge paid by every member (it
+    meets the exact budgets, but overpays: by a third of a 4-bit slice's bytes where a
+    layer cut in 16 pays its rows' scales in every part)."""
+    try:
+        safe = normalise(problem.conservative())
+    except InfeasibleBudget:  # only the shared charges counted exactly fit
+        return None
+    choice = lagrangian_greedy(safe, lagrangian(safe)[2])
+    return choice if choice is not None and problem.is_feasible(problem.expand(choice)) else None
+
+
+#: rounds of :func:`_lowered_start`
+_LOWERING_ROUNDS = 8
+
+
+def _lowered_start(problem: AllocationProblem) -> IntArray | None:
+    """The greedy start of the tables without the shared charges, under budgets lowered
+    by the charges its own answer pays, until that answer meets the exact budgets: a
+    group pays its charge once per option its members take, a few times, not once per
+    member as the conservative problem has it. None if no round fits."""
+    bare = AllocationProblem(problem.layers, problem.bits, problem.sensitivity, problem.costs,
+                             problem.budgets, ties=problem.ties, pinned=problem.pinned,
+                             allowed=problem.allowed)
+    limits = dict(problem.budgets)
+    for _ in range(_LOWERING_ROUNDS):
+        try:
+            model = normalise(bare.with_budgets(limits))
+        except InfeasibleBudget:
+            return None
+        choice = lagrangian_greedy(model, lagrangian(model)[2])
+        if choice is None:
+            return None
+        exact = problem.evaluate(problem.expand(choice))
+        if problem.is_feasible(problem.expand(choice)):
+            return choice
+        tables = bare.evaluate(bare.expand(choice))
+        # what this answer pays in charges comes off the budget the tables get
+        limits = {name: min(limits[name], limit - (exact[name] - tables[name]))
+                  for name, limit in problem.budgets.items()}
+    return None
+
+
 @dataclass(frozen=True)
 class Start:
     """The greedy allocation (if any) and the Lagrangian bound, in normalised units."""
@@ -259,17 +310,16 @@ def reduce(problem: AllocationProblem) -> tuple[Model, Start]:
     clock = time.perf_counter()
     model = normalise(problem)
     bound, reduced_costs, prices = lagrangian(model)
-    if any(model.shared):  # the tables are lower bounds: start from the conservative side
-        try:
-            safe = normalise(problem.conservative())
-            choice = lagrangian_greedy(safe, lagrangian(safe)[2])
-        except InfeasibleBudget:  # only the shared charges counted exactly fit
-            choice = None
+    rows = np.arange(problem.n_units)
+    if any(model.shared):  # the tables are lower bounds: starts that meet the exact budgets
+        starts = [_conservative_start(problem), _lowered_start(problem)]
+        feasible = [c for c in starts if c is not None]
+        choice = min(feasible, key=lambda c: math.fsum(model.loss[rows, c].tolist()),
+                     default=None)
     else:
         choice = lagrangian_greedy(model, prices)
     if choice is not None and not problem.is_feasible(problem.expand(choice)):
         choice = None
-    rows = np.arange(problem.n_units)
     allowance = 1e-9 * float(np.abs(np.where(model.allowed, model.loss, 0)).max(1).sum())
     loss = math.inf if choice is None else math.fsum(model.loss[rows, choice].tolist())
     # CBC by default ignores improvements under 1e-5 (absolute): make it relative and tiny.
