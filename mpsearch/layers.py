@@ -436,9 +436,8 @@ def require_values(model: nn.Module) -> None:
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise ValueError(  # noqa: TRY004 (the model is unusable as given, as below)
             "the model is torch.compile's wrapper: pass the module it wraps "
-                         "(model._orig_mod), and compile the quantized model afterwards; "
-                         "the search hooks and swaps weights on every pass, which would "
-                         "recompile it each time")
+            "(model._orig_mod), and compile the quantized model afterwards; the search "
+            "hooks and swaps weights on every pass, which would recompile it each time")
     meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if t.is_meta]
     if meta:
