@@ -58,6 +58,10 @@ class LayerEntry:
     shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):  # 4.0 (JSON from elsewhere) is 4; shifts need ints
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, int(value))
         if isinstance(self.w_bits, bool) or self.w_bits not in SUPPORTED_BITS:
             raise ValueError(f"w_bits must be one of {SUPPORTED_BITS}, got {self.w_bits!r}")
         if self.a_bits is not None and (isinstance(self.a_bits, bool)

@@ -213,7 +213,12 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
     if isinstance(tie, str):  # a string other than "fused": a bad value, not a bad type
         raise ValueError(f"tie must be 'fused', None or a list of lists of layer names, "  # noqa: TRY004
                          f"got {tie!r}")
-    return [list(g) for g in tie]
+    groups_given = list(tie)
+    flat = [g for g in groups_given if isinstance(g, str)]
+    if flat:  # ["a", "b"] would read as the groups ["a"] and ["b"] (or letters): no tie
+        raise ValueError(f"tie must be a list of lists of layer names, e.g. "
+                         f"[{[str(g) for g in groups_given][:4]}], got {tie!r}")
+    return [list(g) for g in groups_given]
 
 
 @outside_inference_mode

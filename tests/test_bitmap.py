@@ -98,3 +98,13 @@ def test_a_bitmap_whose_layer_kind_changed_does_not_fit() -> None:
     doc["layers"]["0"]["kind"] = "Linear"
     with pytest.raises(BitMapError, match=r"kind changed: \['0 \(bit map Linear, model Conv2d\)"):
         BitMap.from_dict(doc).check_model(model)
+
+
+def test_whole_number_float_bits_are_read_as_ints() -> None:
+    from mpsearch.bitmap import LayerEntry
+
+    entry = LayerEntry(w_bits=4.0, a_bits=8.0)  # type: ignore[arg-type]
+    assert type(entry.w_bits) is int and entry.w_bits == 4
+    assert type(entry.a_bits) is int and entry.a_bits == 8
+    with pytest.raises(ValueError, match="w_bits"):
+        LayerEntry(w_bits=4.5)  # type: ignore[arg-type]

@@ -668,3 +668,10 @@ def test_a_two_input_model_given_a_pair_is_told_the_batch_convention() -> None:
         with pytest.raises(ValueError, match=r"one batch .*wrap it in a list"):
             verb(one)
     assert mpsearch.validate(Two(), res.bitmap, data=[one], progress=False).n_samples == 4
+
+
+def test_a_flat_tie_list_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    data = [(torch.randn(16, 8), torch.randint(0, 4, (16,)))]
+    with pytest.raises(ValueError, match="list of lists"):
+        mpsearch.search(model, 4.0, data=data, tie=["0", "2"], progress=False)
