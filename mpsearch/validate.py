@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +147,15 @@ class ValidationReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _shifts_labels(model: nn.Module, batch: object) -> bool:
+    """Whether ``model`` is a Hugging Face causal LM given ``labels`` in a dict batch: it
+    shifts them itself (token t + 1 is scored against the logits at t)."""
+    name = type(model).__name__
+    return (isinstance(batch, Mapping) and "labels" in batch
+            and name.endswith(("ForCausalLM", "LMHeadModel"))
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 @outside_inference_mode
 def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
              loss_fn: LossSpec = None, progress: bool = True,
@@ -207,6 +216,9 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
                 sums["agree"] += float((pf == pq).float().mean())
                 n_agree += 1
                 t = split.targets
+                if t is not None and _shifts_labels(model, batch) and t.dim() >= 2:
+                    # a Hugging Face causal LM predicts labels[:, 1:] from logits[:, :-1]
+                    pf, pq, t = pf[:, :-1], pq[:, :-1], t[:, 1:]
                 if t is not None and t.shape == pf.shape and not t.is_floating_point():
                     valid = t != -100
                     denom = max(int(valid.sum()), 1)

@@ -192,3 +192,18 @@ def test_validate_compares_a_prediction_only_in_its_own_loss(  # type: ignore[no
     task = mpsearch.validate(mnist_cnn, res.bitmap, data=mnist_eval[:1], loss_fn="task",
                              progress=False)
     assert task.loss_increase_predicted == pytest.approx(res.bitmap.predicted["loss_increase"])
+
+
+def test_accuracy_of_a_causal_lm_given_labels_is_of_the_next_token() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=20,
+                                     n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 20, (4, 12))
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    expected = float((predicted[:, :-1] == ids[:, 1:]).float().mean())
+    report = mpsearch.validate(model, mpsearch.BitMap.uniform(model, 8),
+                               data=[{"input_ids": ids, "labels": ids}], progress=False)
+    assert report.accuracy_float == pytest.approx(expected)
