@@ -137,6 +137,11 @@ def import_bitmap(fmt: str, obj: Any, **options: Any) -> BitMap:
 
     Raises:
         ValueError: unknown format, a format without importer, or malformed input.
+        TypeError: input of the wrong type (either error names the format and the key).
+
+    Warns:
+        ExportWarning: with ``model``, parts of the input that match no layer of it (and
+            so set nothing).
     """
     f = _format(fmt)
     if f.import_ is None:
@@ -167,10 +172,22 @@ def dumps(fmt: str, obj: Any) -> str:
 
 
 def loads(fmt: str, text: str) -> Any:
-    """Parse what :func:`dumps` wrote (the input of the importers)."""
-    if _format(fmt).text:
+    """Parse what :func:`dumps` wrote (the input of the importers).
+
+    Raises:
+        ValueError: unknown format, or text that is not JSON for a JSON format.
+        TypeError: ``text`` is not a string.
+    """
+    text_format = _format(fmt).text
+    if not isinstance(text, str):
+        raise TypeError(f"{fmt}: loads takes the text of a file, got {type(text).__name__}")
+    if text_format:
         return text.split()
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{fmt}: not JSON ({exc}); expected the file an export of this "
+                         "format writes") from None
 
 
 def write(fmt: str, obj: Any, path: str | os.PathLike[str]) -> Path:

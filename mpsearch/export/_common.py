@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,8 +25,8 @@ class ExportWarning(UserWarning):
     """An export could not say exactly what the bit map says (bits widened, layer skipped)."""
 
 
-def warn(fmt: str, problems: Sequence[str], what: str) -> None:
-    """One warning for all the layers an export had to change, naming a few of them."""
+def warn(fmt: str, problems: Sequence[str], what: str, unit: str = "layer(s)") -> None:
+    """One warning for all the layers (or ``unit``) an export had to change, naming a few."""
     if not problems:
         return
     shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6
@@ -35,7 +36,7 @@ def warn(fmt: str, problems: Sequence[str], what: str) -> None:
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
             "mpsearch."):
         frame, level = frame.f_back, level + 1
-    warnings.warn(f"{fmt}: {what} for {len(problems)} layer(s): {shown}", ExportWarning,
+    warnings.warn(f"{fmt}: {what} for {len(problems)} {unit}: {shown}", ExportWarning,
                   stacklevel=level)
 
 
@@ -96,8 +97,8 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
     without kinds or shapes.
 
     Raises:
-        ValueError: a name is not a quantizable layer of ``model``, or a layer has no bits
-            and ``default_bits`` is None.
+        ValueError: no settings, a name is not a quantizable layer of ``model``, or a layer
+            has no bits and ``default_bits`` is None.
     """
     from dataclasses import replace
 
@@ -105,9 +106,9 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
     from mpsearch.layers import fingerprint, layer_kind, layer_weight, quantizable_modules
 
     prov = {"solver": "imported", "imported_from": source, **(extra_provenance or {})}
+    if not settings:  # with a model, every layer would silently take default_bits
+        raise ValueError(f"{source}: no layer found in the input")
     if model is None:
-        if not settings:
-            raise ValueError(f"{source}: no layer found in the input")
         return BitMap(dict(settings), provenance=_provenance(**prov))
     modules = quantizable_modules(model)
     unknown = sorted(set(settings) - set(modules))
@@ -138,11 +139,72 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
 
 
 def qconfig_for(granularity: str, group_size: int | None, symmetric: bool) -> QuantConfig:
-    """Our quantizer config for an imported scheme (range method: our default)."""
+    """Our quantizer config for an imported scheme (range method: our default).
+
+    A ``"group"`` scheme without a positive group size (GPTQ's ``group_size=-1``) is per
+    channel.
+
+    Raises:
+        ValueError: a granularity other than tensor, channel or group.
+    """
+    if granularity not in ("tensor", "channel", "group"):
+        raise ValueError(f"granularity {granularity!r} is not offered; mpsearch reads "
+                         "'tensor', 'channel' or 'group'")
     if granularity == "group" and group_size is not None and group_size > 0:
         return QuantConfig(symmetric=symmetric, granularity="group", group_size=group_size)
     return QuantConfig(symmetric=symmetric,
                        granularity="tensor" if granularity == "tensor" else "channel")
+
+
+def expect_dict(fmt: str, value: Any, what: str) -> Mapping[str, Any]:
+    """``value``, checked to be a dict with string keys.
+
+    Raises:
+        TypeError: it is not, naming ``what`` and the value seen.
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{fmt}: {what} must be a dict, got {type(value).__name__} "
+                        f"{reprlib.repr(value)}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{fmt}: the keys of {what} must be strings, got {bad[:3]!r}")
+    return value
+
+
+def expect_names(fmt: str, value: Any, what: str, items: str = "names") -> list[str]:
+    """``value``, checked to be a list of strings (a lone string is not one).
+
+    Raises:
+        TypeError: it is not, naming ``what`` and the value seen.
+    """
+    if (not isinstance(value, Sequence) or isinstance(value, str)
+            or not all(isinstance(v, str) for v in value)):
+        raise TypeError(f"{fmt}: {what} must be a list of {items}, got {reprlib.repr(value)}")
+    return list(value)
+
+
+def imported_entry(fmt: str, where: str, w_bits: Any, a_bits: Any = None, *,
+                   granularity: str = "channel", group_size: Any = None,
+                   symmetric: Any = False) -> LayerEntry:
+    """A layer's entry from the values an importer read (see :func:`qconfig_for`).
+
+    Raises:
+        TypeError: bits or group size that are not numbers (``"4"`` is not read as 4).
+        ValueError: values :class:`LayerEntry` or :class:`QuantConfig` refuse (4.5 bits,
+            9 bits, a non-bool ``symmetric``); both name ``fmt`` and ``where``.
+    """
+    from mpsearch.bitmap import LayerEntry
+
+    for what, value in (("bits", w_bits), ("activation bits", a_bits),
+                        ("group_size", group_size)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            raise TypeError(f"{fmt}: {where}: {what} must be an integer, got {value!r}")
+    try:
+        return LayerEntry(w_bits=w_bits, a_bits=a_bits,
+                          qconfig=qconfig_for(granularity, group_size, symmetric))
+    except ValueError as exc:
+        raise ValueError(f"{fmt}: {where}: {exc}") from None
 
 
 def model_layer_names(model: nn.Module | None) -> list[str] | None:

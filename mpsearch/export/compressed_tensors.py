@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mpsearch.export._common import build_bitmap, is_float, model_layer_names, qconfig_for, warn
+from mpsearch.export._common import (
+    build_bitmap,
+    expect_dict,
+    expect_names,
+    imported_entry,
+    is_float,
+    model_layer_names,
+    warn,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -92,58 +100,82 @@ def import_(config: Any, *, model: nn.Module | None = None,
 
     With ``model``, compressed-tensors' own matching assigns each quantizable layer its
     scheme (``apply_quantization_config`` on a copy; needs compressed-tensors); without
-    it, only exact-name ``targets`` are read.
+    it, only exact-name ``targets`` are read. Missing ``QuantizationArgs`` fields take
+    compressed-tensors' defaults (``num_bits=8``, ``type="int"``, ``symmetric=True``).
 
     Raises:
-        ValueError: no model and a target is a regex or class name; unsupported args.
-    """
-    from mpsearch.bitmap import LayerEntry
+        ValueError: no model and a target is a regex or class name; a group without
+            ``targets``; a config compressed-tensors refuses; non-integer weights; bits or
+            a strategy mpsearch does not take.
+        TypeError: a field of the wrong type (``config_groups`` not a dict, ``targets`` not
+            a list of names, ``num_bits`` not a number, …).
 
-    if not isinstance(config, Mapping):
+    Warns:
+        ExportWarning: with ``model``, ``targets`` and ``ignore`` entries that match no
+            module of it.
+    """
+    if not isinstance(config, Mapping) and hasattr(config, "model_dump"):
         config = config.model_dump()
-    groups = config.get("config_groups") or {}
+    config = expect_dict(FORMAT, config, "the quantization config")
+    schemes: dict[str, Mapping[str, Any]]
     if model is not None:
         schemes = _schemes_on(model, config)
     else:
         schemes = {}
+        groups = expect_dict(FORMAT, config.get("config_groups") or {}, "config_groups")
         for name, group in groups.items():
-            for target in group.get("targets", []):
+            group = expect_dict(FORMAT, group, f"config_groups[{name!r}]")
+            if "targets" not in group:
+                raise ValueError(f"compressed-tensors: config_groups[{name!r}] has no "
+                                 "'targets'")
+            for target in expect_names(FORMAT, group["targets"], f"the targets of {name!r}"):
                 if target.startswith("re:") or "." not in target:
                     raise ValueError(f"compressed-tensors: target {target!r} of {name!r} is "
                                      "a pattern or class name; pass model= to resolve it")
                 schemes[target] = group
-        for target in config.get("ignore") or []:
+        for target in expect_names(FORMAT, config.get("ignore") or [], "ignore"):
             schemes[target] = {}
     settings: dict[str, LayerEntry] = {}
     for fqn, scheme in schemes.items():
-        weights = scheme.get("weights") if scheme else None
+        where = f"the scheme of {fqn!r}"
+        weights = expect_dict(FORMAT, scheme.get("weights") or {}, f"the weights of {where}")
         if not weights:
-            settings[fqn] = LayerEntry(w_bits=32)
+            settings[fqn] = imported_entry(FORMAT, repr(fqn), 32)
             continue
         if weights.get("type", "int") != "int":
             raise ValueError(f"compressed-tensors: {fqn!r} has {weights.get('type')!r} "
                              "weights; mpsearch reads integer schemes")
-        acts = scheme.get("input_activations")
-        strategy = weights.get("strategy") or "tensor"
-        settings[fqn] = LayerEntry(
-            w_bits=int(weights["num_bits"]), a_bits=int(acts["num_bits"]) if acts else None,
-            qconfig=qconfig_for(strategy, weights.get("group_size"),
-                                bool(weights.get("symmetric", True))))
+        acts = expect_dict(FORMAT, scheme.get("input_activations") or {},
+                           f"the input_activations of {where}")
+        settings[fqn] = imported_entry(
+            FORMAT, repr(fqn), weights.get("num_bits", 8),
+            acts.get("num_bits", 8) if acts else None,
+            granularity=weights.get("strategy") or "tensor",
+            group_size=weights.get("group_size"), symmetric=weights.get("symmetric", True))
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)
 
 
-def _schemes_on(model: nn.Module, config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _schemes_on(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """Each quantizable layer's scheme as compressed-tensors itself assigns it."""
     import copy
 
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.utils import is_match
 
+    try:
+        validated = QuantizationConfig.model_validate(dict(config))
+    except (ValueError, TypeError, KeyError) as exc:  # pydantic: ValidationError(ValueError)
+        raise ValueError(f"compressed-tensors: not a valid QuantizationConfig: {exc}") from None
     names = model_layer_names(model) or []
     shadow = copy.deepcopy(model)
-    apply_quantization_config(shadow, QuantizationConfig.model_validate(dict(config)),
-                              show_progress=False)
+    apply_quantization_config(shadow, validated, show_progress=False)
     modules = dict(shadow.named_modules())
-    out: dict[str, dict[str, Any]] = {}
+    wanted = [t for g in validated.config_groups.values() for t in g.targets]
+    unmatched = [t for t in dict.fromkeys(wanted + list(validated.ignore or []))
+                 if t not in modules and not any(is_match(n, m, t) for n, m in modules.items())]
+    warn(FORMAT, unmatched, f"ignored (matches no module of {type(model).__name__})",
+         unit="target(s)")
+    out: dict[str, Mapping[str, Any]] = {}
     for name in names:
         scheme = getattr(modules[name], "quantization_scheme", None)
         out[name] = scheme.model_dump() if scheme is not None else {}

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from mpsearch.export._common import (
     build_bitmap,
     exact_pattern,
+    expect_dict,
+    imported_entry,
     is_float,
     literal_of,
     model_layer_names,
-    qconfig_for,
     warn,
     widen,
 )
@@ -100,19 +101,26 @@ def export(bitmap: BitMap, *, desc_act: bool = False) -> dict[str, Any]:
     return out
 
 
+def _regex(pattern: str) -> str:
+    return pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+
+
+def _first_rule(dynamic: Mapping[str, Any], module_name: str) -> str | None:
+    """The key of the rule both tools apply to ``module_name`` (the first that matches)."""
+    return next((p for p in dynamic if re.match(_regex(p), module_name)), None)
+
+
 def resolve(config: Mapping[str, Any], module_name: str) -> dict[str, Any] | None:
     """Settings GPTQModel/vLLM give ``module_name``: base merged with the first matching rule.
 
     Returns None where a ``-:`` rule excludes the module.
     """
     base = {k: config[k] for k in ("bits", "group_size", "sym") if k in config}
-    for pattern, overrides in (config.get("dynamic") or {}).items():
-        if pattern.startswith("-:"):
-            if re.match(pattern.removeprefix("-:"), module_name):
-                return None
-        elif re.match(pattern.removeprefix("+:"), module_name):
-            return {**base, **overrides}
-    return base
+    dynamic = config.get("dynamic") or {}
+    pattern = _first_rule(dynamic, module_name)
+    if pattern is None:
+        return base
+    return None if pattern.startswith("-:") else {**base, **dynamic[pattern]}
 
 
 def import_(config: Mapping[str, Any], *, model: nn.Module | None = None,
@@ -124,18 +132,29 @@ def import_(config: Mapping[str, Any], *, model: nn.Module | None = None,
     only rules naming one module exactly (as :func:`export` writes) are read.
 
     Raises:
-        ValueError: no model and a rule is a general regex; or invalid bits.
-    """
-    from mpsearch.bitmap import LayerEntry
+        TypeError: the config, ``dynamic`` or a rule's overrides are not dicts; bits or a
+            group size that are not numbers.
+        ValueError: no model and a rule is a general regex; a rule that is not a regex; a
+            quantized layer without bits (no base ``bits``, none in its rule); bits,
+            group size or ``sym`` mpsearch does not take.
 
-    if not isinstance(config, Mapping):
-        raise TypeError(f"gptqmodel: expected a quantize config dict, got "
-                         f"{type(config).__name__}")
+    Warns:
+        ExportWarning: with ``model``, rules that decide no layer of it (they match none,
+            or only layers an earlier rule decides).
+    """
+    config = expect_dict(FORMAT, config, "the quantize config")
+    dynamic = expect_dict(FORMAT, config.get("dynamic") or {}, "'dynamic'")
+    for pattern, overrides in dynamic.items():
+        expect_dict(FORMAT, overrides, f"the overrides of rule {pattern!r}")
+        try:
+            re.compile(_regex(pattern))
+        except re.error as exc:
+            raise ValueError(f"gptqmodel: rule {pattern!r} is not a regex: {exc}") from None
     names = model_layer_names(model)
     if names is None:
         names = []
-        for pattern in config.get("dynamic") or {}:
-            name = literal_of(pattern.removeprefix("-:").removeprefix("+:"))
+        for pattern in dynamic:
+            name = literal_of(_regex(pattern))
             if name is None:
                 raise ValueError(f"gptqmodel: rule {pattern!r} is a general regex; pass "
                                  "model= to resolve it against the model's layers")
@@ -143,13 +162,16 @@ def import_(config: Mapping[str, Any], *, model: nn.Module | None = None,
     settings: dict[str, LayerEntry] = {}
     for name in names:
         got = resolve(config, name)
-        if got is None or "bits" not in got or (name == "lm_head"
-                                                and not config.get("lm_head", False)):
-            settings[name] = LayerEntry(w_bits=32)
+        if got is None or (name == "lm_head" and not config.get("lm_head", False)):
+            settings[name] = imported_entry(FORMAT, repr(name), 32)
             continue
-        gs = got.get("group_size", -1)
-        settings[name] = LayerEntry(
-            w_bits=int(got["bits"]),
-            qconfig=qconfig_for("group" if gs and gs > 0 else "channel", gs,
-                                bool(got.get("sym", True))))
+        if "bits" not in got:
+            raise ValueError(f"gptqmodel: no bits for {name!r}: the config has no base 'bits' "
+                             "and no rule giving it some; expected e.g. {'bits': 4, …}")
+        settings[name] = imported_entry(FORMAT, repr(name), got["bits"], granularity="group",
+                                        group_size=got.get("group_size", -1),
+                                        symmetric=got.get("sym", True))
+    used = {_first_rule(dynamic, n) for n in names}
+    warn(FORMAT, [p for p in dynamic if p not in used], "ignored (decides no layer: matches "
+         "none, or only layers an earlier rule decides)", unit="rule(s)")
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)

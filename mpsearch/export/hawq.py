@@ -16,10 +16,17 @@ float are written with 32 bits (a 32-bit grid loses nothing a float32 model can 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mpsearch.export._common import build_bitmap, warn
+from mpsearch.export._common import (
+    build_bitmap,
+    expect_dict,
+    imported_entry,
+    model_layer_names,
+    warn,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,6 +34,8 @@ if TYPE_CHECKING:
     from mpsearch.bitmap import BitMap, LayerEntry
 
 FORMAT = "hawq"
+#: HAWQ's ``QuantAct`` keys: ``quant_input``, ``quant_act_int32``, ``stage1.unit1.quant_act``
+_ACT_KEY = re.compile(r"(?:^|\.)quant_(?:input|act\w*)$")
 
 
 def export(bitmap: BitMap, *, names: Mapping[str, str] | None = None,
@@ -70,9 +79,9 @@ def import_(bit_config: Mapping[str, Any], *, model: nn.Module | None = None,
     """A bit map from a HAWQ ``bit_config``.
 
     Values may be ``bits`` or ``(bits, act_range_momentum)`` as in HAWQ. With ``model``,
-    keys that are not quantizable layers of it (HAWQ's ``quant_act…`` activation
-    quantizers) are skipped and layers the config does not name take ``default_bits``;
-    without it, every key becomes a layer.
+    HAWQ's activation quantizer keys (``quant_input``, ``…quant_act…``) are skipped, other
+    keys that are not quantizable layers of it are skipped with a warning, and layers the
+    config does not name take ``default_bits``; without it, every key becomes a layer.
 
     Args:
         bit_config: the dict.
@@ -81,27 +90,31 @@ def import_(bit_config: Mapping[str, Any], *, model: nn.Module | None = None,
         default_bits: bits of model layers the config does not name (None: error).
 
     Raises:
-        ValueError: a value is not an integer bit-width (or a tuple starting with one).
-    """
-    from mpsearch.bitmap import LayerEntry
-    from mpsearch.export._common import model_layer_names
+        TypeError: not a dict of names, or a value is not an integer bit-width (or a tuple
+            starting with one).
+        ValueError: bits :class:`~mpsearch.bitmap.LayerEntry` does not take (4.5, 9), or no
+            key names a layer.
 
-    if not isinstance(bit_config, Mapping):
-        raise TypeError(f"hawq: bit_config must be a dict of name -> bits, got "
-                         f"{type(bit_config).__name__}")
+    Warns:
+        ExportWarning: with ``model``, keys that are neither layers of it (after ``names``)
+            nor activation quantizers: those layers keep ``default_bits``.
+    """
+    bit_config = expect_dict(FORMAT, bit_config, "bit_config")
     rename = dict(names or {})
     known = model_layer_names(model)
     settings: dict[str, LayerEntry] = {}
+    unknown: list[str] = []
     for key, value in bit_config.items():
         bits = value[0] if isinstance(value, (tuple, list)) and value else value
-        if isinstance(bits, bool) or not isinstance(bits, int):
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)):
             raise TypeError(f"hawq: {key!r} has {value!r}; expected bits (an int) or a "
-                             "(bits, act_range_momentum) tuple")
+                            "(bits, act_range_momentum) tuple")
         fqn = rename.get(key, key)
         if known is not None and fqn not in known:
+            if not _ACT_KEY.search(key):
+                unknown.append(key if fqn == key else f"{key} (as {fqn})")
             continue
-        try:
-            settings[fqn] = LayerEntry(w_bits=bits)
-        except ValueError as exc:
-            raise ValueError(f"hawq: {key!r}: {exc}") from None
+        settings[fqn] = imported_entry(FORMAT, repr(key), bits)
+    warn(FORMAT, unknown, f"skipped (not a layer of {type(model).__name__} nor a HAWQ "
+         "activation quantizer; map HAWQ names to ours with names=)", unit="key(s)")
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)

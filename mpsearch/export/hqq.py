@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from mpsearch.export._common import (
     build_bitmap,
+    expect_dict,
+    expect_names,
+    imported_entry,
     is_float,
     model_layer_names,
-    qconfig_for,
     warn,
     widen,
 )
@@ -99,28 +101,48 @@ def import_(config: Mapping[str, Any], *, model: nn.Module | None = None,
     """A bit map from an HQQ ``dynamic_config`` (or ``{"dynamic_config": …}``).
 
     Tags stand for every layer sharing them, so the layer names come from ``model`` (or
-    ``layer_names``); layers whose tag is absent or skipped are float.
+    ``layer_names``); layers whose tag is absent or skipped are float. Each tag's setting
+    is ``{"nbits", "group_size"}`` or ``{"weight_quant_params": {…}}`` (as HQQ stores it).
 
     Raises:
-        ValueError: neither ``model`` nor ``layer_names`` given.
-    """
-    from mpsearch.bitmap import LayerEntry
+        ValueError: neither ``model`` nor ``layer_names`` given; a setting without
+            ``nbits``, or with bits or a group size mpsearch does not take; HqqConfig
+            arguments without ``dynamic_config``.
+        TypeError: the config, ``dynamic_config``, a setting or ``skip_modules`` of the
+            wrong type.
 
-    dynamic = config.get("dynamic_config", config)
-    skip = set(config.get("skip_modules") or []) if "dynamic_config" in config else set()
+    Warns:
+        ExportWarning: tags that no layer has (their settings are ignored).
+    """
+    config = expect_dict(FORMAT, config, "the config")
+    if "dynamic_config" in config:
+        dynamic = expect_dict(FORMAT, config["dynamic_config"], "dynamic_config")
+        skip = set(expect_names(FORMAT, config.get("skip_modules") or [], "skip_modules"))
+    elif "nbits" in config:
+        raise ValueError("hqq: HqqConfig arguments without dynamic_config (one setting for "
+                         "every layer); mpsearch imports a dynamic_config (tag -> setting)")
+    else:
+        dynamic, skip = config, set()
     names = model_layer_names(model) or layer_names
     if names is None:
         raise ValueError("hqq: tags stand for many layers; pass model= or layer_names=")
+    names = expect_names(FORMAT, names, "layer_names")
+    by_tag: dict[str, LayerEntry] = {}
+    for tag, cfg in dynamic.items():
+        where = f"dynamic_config[{tag!r}]"
+        wq = expect_dict(FORMAT, expect_dict(FORMAT, cfg, where).get("weight_quant_params", cfg),
+                         f"{where}['weight_quant_params']")
+        if "nbits" not in wq:
+            raise ValueError(f"hqq: {where} has no 'nbits'; expected e.g. "
+                             f"{{'nbits': 4, 'group_size': 64}}, got {cfg!r}")
+        by_tag[tag] = imported_entry(FORMAT, where, wq["nbits"], granularity="group",
+                                     group_size=wq.get("group_size"))
     settings: dict[str, LayerEntry] = {}
     for name in names:
         tag = linear_tag(name)
-        cfg = dynamic.get(tag)
-        if cfg is None or tag in skip:
-            settings[name] = LayerEntry(w_bits=32)
-            continue
-        wq = cfg.get("weight_quant_params", cfg)
-        group = wq.get("group_size")
-        settings[name] = LayerEntry(w_bits=int(wq["nbits"]),
-                                    qconfig=qconfig_for("group" if group else "channel",
-                                                        group, False))
+        entry = by_tag.get(tag) if tag not in skip else None
+        settings[name] = entry or imported_entry(FORMAT, repr(name), 32)
+    tags = {linear_tag(n) for n in names}
+    warn(FORMAT, sorted(set(by_tag) - tags), "ignored (no layer has the tag; HQQ's tag of "
+         "'model.layers.0.self_attn.q_proj' is 'self_attn.q_proj')", unit="tag(s)")
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)

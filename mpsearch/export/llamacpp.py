@@ -32,7 +32,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from mpsearch.export._common import build_bitmap, exact_pattern, in_features, literal_of, warn
+from mpsearch.export._common import (
+    build_bitmap,
+    exact_pattern,
+    expect_names,
+    in_features,
+    literal_of,
+    warn,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,11 +194,12 @@ def import_(lines: str | Sequence[str], *, arch: str = "llama",
     Raises:
         ValueError: a malformed line, an unknown ggml type, or a pattern that is a regex
             over several tensors.
+        TypeError: ``lines`` is not text or a list of strings.
     """
     from mpsearch.bitmap import LayerEntry
 
-    if isinstance(lines, str):
-        lines = lines.split()
+    lines = expect_names(FORMAT, lines.split() if isinstance(lines, str) else lines, "lines",
+                         "'PATTERN=TYPE' strings")
     if arch not in _REVERSE:
         raise ValueError(f"llamacpp: arch must be one of {sorted(_REVERSE)}, got {arch!r}")
     rename = dict(names or {})

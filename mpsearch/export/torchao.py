@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mpsearch.export._common import build_bitmap, is_float, qconfig_for, warn
+from mpsearch.export._common import build_bitmap, expect_dict, imported_entry, is_float, warn
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,29 +139,48 @@ def export(bitmap: BitMap, *, as_dict: bool | None = None) -> Any:
             "_data": {"fqn_to_config": configs, "module_fqn_to_config": configs}}
 
 
-def _entry_from_dict(key: str, cfg: Mapping[str, Any]) -> LayerEntry:
-    from mpsearch.bitmap import LayerEntry
+#: config type → its fields of weight dtype, granularity and mapping, its activation bits
+#: and its granularity by default (torchao 0.18; both default to int8, SYMMETRIC)
+_READ: dict[str, tuple[tuple[str, str, str], int | None, dict[str, Any]]] = {
+    "IntxWeightOnlyConfig": (("weight_dtype", "granularity", "mapping_type"), None,
+                             {"_type": "PerAxis", "_data": {"axis": 0}}),
+    "Int8DynamicActivationIntxWeightConfig": (
+        ("weight_dtype", "weight_granularity", "weight_mapping_type"), 8,
+        {"_type": "PerGroup", "_data": {"group_size": 32}}),
+}
+_GRANULARITY = {"PerAxis": "channel", "PerRow": "channel", "PerGroup": "group",
+                "PerTensor": "tensor"}
 
-    kind = cfg.get("_type")
-    data = cfg.get("_data") or {}
-    if kind == "IntxWeightOnlyConfig":
-        dtype, gran, mapping, a_bits = (data.get("weight_dtype"), data.get("granularity"),
-                                        data.get("mapping_type"), None)
-    elif kind == "Int8DynamicActivationIntxWeightConfig":
-        dtype, gran, mapping, a_bits = (data.get("weight_dtype"),
-                                        data.get("weight_granularity"),
-                                        data.get("weight_mapping_type"), 8)
-    else:
+
+def _entry_from_dict(key: str, cfg: Any) -> LayerEntry:
+    where = f"the config of {key!r}"
+    kind = expect_dict(FORMAT, cfg, where).get("_type")
+    if not isinstance(kind, str) or kind not in _READ:
         raise ValueError(f"torchao: {key!r} has a {kind!r} config; mpsearch reads "
-                         "IntxWeightOnlyConfig and Int8DynamicActivationIntxWeightConfig")
-    name = (dtype or {}).get("_data", "")
-    if not (isinstance(name, str) and name.startswith("int") and name[3:].isdigit()):
+                         f"{' and '.join(_READ)}")
+    (f_dtype, f_gran, f_map), a_bits, default_gran = _READ[kind]
+    data = expect_dict(FORMAT, cfg.get("_data") or {}, f"'_data' of {where}")
+
+    def field(name: str, default: dict[str, Any]) -> tuple[Any, Any]:
+        value = expect_dict(FORMAT, data.get(name) or default, f"{name} of {key!r}")
+        return value.get("_type"), value.get("_data")
+
+    _, dtype = field(f_dtype, {"_data": "int8"})
+    if not (isinstance(dtype, str) and dtype.startswith("int") and dtype[3:].isdigit()):
         raise ValueError(f"torchao: {key!r} has weight_dtype {dtype!r}; expected torch.intN")
-    gran = gran or {}
-    group = gran.get("_data", {}).get("group_size") if gran.get("_type") == "PerGroup" else None
-    symmetric = (mapping or {}).get("_data", "SYMMETRIC") != "ASYMMETRIC"
-    return LayerEntry(w_bits=int(name[3:]), a_bits=a_bits,
-                      qconfig=qconfig_for("group" if group else "channel", group, symmetric))
+    gran, params = field(f_gran, default_gran)
+    params = expect_dict(FORMAT, params or {}, f"{f_gran} of {key!r}")
+    granularity = _GRANULARITY.get(gran) if isinstance(gran, str) else None
+    if granularity is None or (gran == "PerAxis" and params.get("axis", 0) != 0):
+        raise ValueError(f"torchao: {key!r} has {f_gran} {gran}({params}); mpsearch reads "
+                         "PerAxis(0), PerRow, PerGroup and PerTensor")
+    _, mapping = field(f_map, {"_data": "SYMMETRIC"})
+    if mapping not in ("SYMMETRIC", "SYMMETRIC_NO_CLIPPING_ERR", "ASYMMETRIC"):
+        raise ValueError(f"torchao: {key!r} has {f_map} {mapping!r}; expected SYMMETRIC or "
+                         "ASYMMETRIC")
+    return imported_entry(FORMAT, repr(key), int(dtype[3:]), a_bits,
+                          granularity=granularity, group_size=params.get("group_size"),
+                          symmetric=mapping != "ASYMMETRIC")
 
 
 def import_(config: Any, *, model: nn.Module | None = None,
@@ -169,24 +188,35 @@ def import_(config: Any, *, model: nn.Module | None = None,
     """A bit map from an ``FqnToConfig`` (object or its ``config_to_dict`` form).
 
     Keys must be module FQNs (``re:`` patterns and ``_default`` are not resolved); a
-    ``None`` config means float. With ``model``, layers not named take ``default_bits``.
+    ``None`` config means float. Fields a config dict leaves out take torchao's defaults.
+    With ``model``, layers not named take ``default_bits``.
 
     Raises:
-        ValueError: a key is a pattern, or a config is not one of the two Intx configs.
+        ValueError: not an FqnToConfig, a key is a pattern, a config is not one of the two
+            Intx configs, or has settings mpsearch does not take.
+        TypeError: a part of the wrong type (not a torchao config, a config not a dict).
     """
     if not isinstance(config, Mapping):
-        from torchao.core.config import config_to_dict
+        from torchao.core.config import AOBaseConfig, config_to_dict
 
+        if not isinstance(config, AOBaseConfig):
+            raise TypeError(f"torchao: expected an FqnToConfig (or its config_to_dict form), "
+                            f"got {type(config).__name__}")
         config = config_to_dict(config)
-    data = config.get("_data", config) if isinstance(config, Mapping) else {}
-    table = data.get("fqn_to_config") or data.get("module_fqn_to_config") or {}
-    if not isinstance(table, Mapping):
-        raise TypeError(f"torchao: expected an FqnToConfig, got {type(config).__name__}")
-    from mpsearch.bitmap import LayerEntry
-
+    config = expect_dict(FORMAT, config, "the FqnToConfig")
+    form = "{'_type': 'FqnToConfig', '_data': {'fqn_to_config': {fqn: config}}}"
+    if config.get("_type", "FqnToConfig") not in ("FqnToConfig", "ModuleFqnToConfig"):
+        raise ValueError(f"torchao: expected an FqnToConfig, got a {config['_type']!r} "
+                         f"(the dict form is {form})")
+    data = expect_dict(FORMAT, config.get("_data", config), "'_data' of the FqnToConfig")
+    if not {"fqn_to_config", "module_fqn_to_config"} & set(data):
+        raise ValueError(f"torchao: no 'fqn_to_config' in {sorted(data)[:5]}; expected {form}")
+    table = expect_dict(FORMAT, data.get("fqn_to_config") or data.get("module_fqn_to_config")
+                        or {}, "fqn_to_config")
     settings: dict[str, LayerEntry] = {}
     for key, cfg in table.items():
         if key.startswith("re:") or key == "_default":
             raise ValueError(f"torchao: key {key!r} is a pattern; mpsearch imports FQN keys")
-        settings[key] = LayerEntry(w_bits=32) if cfg is None else _entry_from_dict(key, cfg)
+        settings[key] = (imported_entry(FORMAT, repr(key), 32) if cfg is None
+                         else _entry_from_dict(key, cfg))
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)
