@@ -153,7 +153,7 @@ def test_the_deployed_output_error_counts_real_tokens_only(tmp_path) -> None:  #
             self.proj = torch.nn.Linear(16, 16)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.proj(self.embed(input_ids)) + attention_mask.unsqueeze(-1).float()
+            return self.proj(self.embed(input_ids)) + 10 * attention_mask.unsqueeze(-1).float()
 
     torch.manual_seed(0)
     model = Tokens().eval()
