@@ -61,7 +61,7 @@ BAR = 4.0
 def estimator(name: str, model: str) -> Any:
     """The estimator object, Hutchinson capped as in the fidelity benchmark."""
     if name == "hutchinson":
-        return Hutchinson(max_probes=HUTCHINSON_CAP.get(model, 200))
+        return Hutchinson(max_probes=HUTCHINSON_CAP.get(model, 200), max_time_s=None)
     return QError() if name == "qerror" else Fisher()
 
 

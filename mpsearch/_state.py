@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -76,6 +79,39 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
                 with torch.no_grad():
                     t.copy_(copied)
         torch.set_rng_state(rng)
+
+
+@contextmanager
+def backward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Suspend the backward hooks of ``model``'s modules and torch's global module
+    backward hooks within the block (put back after, in their order).
+
+    Sensitivities are gradients of the loss itself; a user's backward hook (gradient
+    clipping, scaling, logging that zeroes) would change them: one that zeroed a layer's
+    input gradients made every layer before it look free to quantize to 2 bits. Forward
+    hooks stay: they are part of the function the model computes.
+    """
+    from torch.nn.modules import module as torch_module
+
+    dicts = [getattr(m, attr) for m in model.modules()
+             for attr in ("_backward_hooks", "_backward_pre_hooks") if hasattr(m, attr)]
+    dicts += [getattr(torch_module, attr, {}) for attr in ("_global_backward_hooks",
+                                                           "_global_backward_pre_hooks")]
+    saved = [(d, dict(d)) for d in dicts if d]
+    if saved:
+        log.info("the model's backward hooks do not run during the search (%d hook "
+                 "dictionaries suspended): sensitivities are gradients of the loss itself",
+                 len(saved))
+    for d, _ in saved:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            added = dict(d)
+            d.clear()
+            d.update(items)
+            d.update(added)
 
 
 def outside_inference_mode(fn: Callable[_P, _R]) -> Callable[_P, _R]:

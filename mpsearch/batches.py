@@ -156,6 +156,13 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
     if not batches:
         raise ValueError(f"{what} is empty: give at least one batch")
     kinds = {_kind(b) for b in batches}
+    if (isinstance(data, tuple) and len(batches) == 2 and kinds == {"a tensor"}
+            and (batches[0].dim() != batches[1].dim()
+                 or batches[0].dtype != batches[1].dtype)):
+        raise ValueError(
+            f"{what} is a tuple of two unlike tensors ({_describe(batches[0])} and "
+            f"{_describe(batches[1])}): if it is one (inputs, targets) batch, wrap it in a "
+            "list, [(inputs, targets)]; batches of one model are alike")
     if isinstance(data, tuple) and len(kinds) > 1:  # a list may mix x and (x,) batches
         raise ValueError(
             f"{what} must be a list of batches, got a tuple of "
@@ -163,10 +170,17 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
             "wrap it in a list, [batch]")
     for i, b in enumerate(batches):
         try:
-            split_batch(b)
+            split = split_batch(b)
         except TypeError as exc:
             raise TypeError(f"{what}[{i}]: {exc}") from None
+        if split.batch_size == 0:
+            raise ValueError(f"{what}[{i}] holds no sample (its inputs have 0 rows): drop "
+                             "empty batches")
     return batches
+
+
+def _describe(t: Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
 
 
 def _kind(batch: Any) -> str:

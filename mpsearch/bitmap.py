@@ -311,6 +311,11 @@ class BitMap(Mapping[str, LayerEntry]):
         for key in ("budget", "predicted", "provenance"):
             if not isinstance(doc.get(key, {}), Mapping):
                 raise BitMapError(f"'{key}' must be an object")
+        for key in ("budget", "predicted"):
+            bad = {k: v for k, v in (doc.get(key) or {}).items() if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)))}
+            if bad:
+                raise BitMapError(f"'{key}' must map names to numbers, got {bad}")
         slices = None
         if doc.get("slices") is not None:
             try:

@@ -320,8 +320,26 @@ def weight_key(model: nn.Module, name: str) -> str:
 
 
 def layer_weight(module: nn.Module) -> Tensor:
-    """The weight tensor of a quantizable module."""
-    w = getattr(module, weight_attr(module), None)
+    """The weight tensor of a quantizable module.
+
+    A parametrized weight is computed with its parametrizations in eval mode: reading it
+    must not advance their state (a train-mode ``spectral_norm`` steps its power iteration
+    on every access).
+    """
+    from torch.nn.utils import parametrize
+
+    attr = weight_attr(module)
+    if parametrize.is_parametrized(module, attr):
+        plist: Any = module.parametrizations
+        modes = [(m, m.training) for m in plist[attr].modules()]
+        plist[attr].eval()
+        try:
+            w = getattr(module, attr, None)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    else:
+        w = getattr(module, attr, None)
     if not isinstance(w, Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return w

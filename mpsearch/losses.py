@@ -61,6 +61,8 @@ def compared_output(output: Any) -> Tensor:
     ``(N,)`` as ``(N, 1)``: the last dimension is what a position's divergence sums over,
     and the samples stay the leading one."""
     first: Tensor = first_output(output)
+    if first.dim() == 0:
+        return first.reshape(1)  # one number for the whole batch (no rows to keep)
     return first[:, None] if first.dim() == 1 else first
 
 
@@ -150,7 +152,17 @@ def effective_samples(increase: np.ndarray, weights: np.ndarray) -> float | None
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy over the last dimension of ``logits``; ``-100`` targets are ignored."""
+    """Cross-entropy over the last dimension of ``logits``; ``-100`` targets are ignored.
+
+    Raises:
+        ValueError: there is not one target per prediction.
+    """
+    if logits.dim() == 0 or logits.numel() // max(logits.shape[-1], 1) != targets.numel():
+        raise ValueError(
+            f"loss_fn='task': the model predicts {tuple(logits.shape)} (one row of class "
+            f"scores per target over the last dimension) but the batch's targets are "
+            f"{tuple(targets.shape)}: give one class index per prediction, or use the "
+            "default divergence loss (no targets needed)")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=-100)
 
@@ -200,6 +212,8 @@ class Objective:
                                      "((inputs, targets) pairs or a 'labels' key)")
                 loss = getattr(out, "loss", None)
                 self.kind = "hf_loss" if isinstance(loss, Tensor) else "cross_entropy"
+                if self.kind == "cross_entropy":
+                    self._check_targets(out, split)
             else:
                 regression = split.targets is not None and split.targets.is_floating_point()
                 self.kind = ("kl" if output_kind(out) == "logits" and not regression
@@ -226,6 +240,19 @@ class Objective:
                     raise ValueError(f"the float model's output on batch {i} of the data is "
                                      "non-finite (NaN/inf): check the inputs and the weights")
                 self._refs.append(ref)
+
+    def _check_targets(self, out: Any, split: Any) -> None:
+        """One target per prediction on batch 0 (the full error here, not a piece's
+        later); on every batch, as many target rows as input rows where batch 0 has."""
+        cross_entropy(first_output(out), split.targets)
+        if split.targets.dim() == 0 or split.targets.shape[0] != split.batch_size:
+            return
+        for i, batch in enumerate(self.batches):
+            one = split_batch(batch)
+            if one.targets is not None and (one.targets.dim() == 0
+                                            or one.targets.shape[0] != one.batch_size):
+                raise ValueError(f"loss_fn='task': batch {i} has {one.batch_size} samples "
+                                 f"but targets of shape {tuple(one.targets.shape)}")
 
     def loss(self, model: nn.Module, i: int, device: torch.device) -> Tensor:
         """Loss of ``model`` on batch ``i`` (a scalar tensor, differentiable)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from mpsearch._io import batch_tensors, tensor_digest
 from mpsearch._report import some
-from mpsearch._state import outside_inference_mode, preserved
+from mpsearch._state import backward_hooks_off, outside_inference_mode, preserved
 from mpsearch.batches import Batch, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
@@ -184,8 +184,10 @@ def _resolve_estimator(sensitivity: str | Estimator) -> Estimator:
                              "object with .estimate(...)") from None
     if isinstance(sensitivity, Estimator):
         return sensitivity
+    hint = (" (a search result's .table is its summary; pass its .sensitivity)"
+            if type(sensitivity).__name__ == "DataFrame" else "")
     raise TypeError(f"sensitivity must be a name, an estimator or a SensitivityTable, got "
-                    f"{type(sensitivity).__name__}")
+                    f"{type(sensitivity).__name__}{hint}")
 
 
 def _resolve_pins(pin: Mapping[str, int] | None, names: Sequence[str],
@@ -309,6 +311,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
+    _check_arguments(model, seed=seed, include=include, exclude=exclude, pin=pin,
+                     a_bits=a_bits, qconfig=qconfig)
     _warn_unmatched(model, include=include, exclude=exclude)
     if any(m.training for m in model.modules()):
         log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
@@ -337,7 +341,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     batches = materialize(data, "data")
     device = model_device(model)
     model = plain_weights(model)  # a copy if weights are parametrized (weight_norm)
-    with preserved(model):
+    with preserved(model), backward_hooks_off(model):
         model.eval()
         t = time.perf_counter()
         layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
@@ -511,7 +515,7 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     qconfig = qconfig or QuantConfig()
     device = model_device(model)
     model = plain_weights(model)
-    with preserved(model):
+    with preserved(model), backward_hooks_off(model):
         model.eval()
         layers = discover(model, batches[0], include=include, exclude=exclude, warn=False)
         modules = quantizable_modules(model, include, exclude)
@@ -527,6 +531,10 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
             _warn_uncut(layers, cut)
         sliced = None
         stored = _stored_plan(rest["sensitivity"])
+        if stored is None and isinstance(rest["sensitivity"], SensitivityTable):
+            raise ValueError("the sensitivity table is of a per-layer search (its rows are "
+                             "whole layers, not slices): pass slices=None to search it "
+                             "again, or recompute the table for a sliced search")
         if stored is not None:  # a sliced search's table: its own slices, not new ones
             count, plan, why = _check_stored_plan(stored, n_slices, pinned), stored, None
             try:
@@ -673,6 +681,34 @@ def _widest_uniform(problem: AllocationProblem) -> int | None:
                 and problem.is_feasible(choice)):
             return int(problem.bits[o])
     return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_arguments(model: object, *, seed: object, include: object, exclude: object,
+                     pin: object, a_bits: object, qconfig: object) -> None:
+    """A clear TypeError for an argument of the wrong type, before any work."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    for option, given in (("include", include), ("exclude", exclude)):
+        if given is not None and not isinstance(given, str) and not (
+                isinstance(given, (list, tuple, set, frozenset))
+                and all(isinstance(g, str) for g in given)):
+            raise TypeError(f"{option} must be a glob pattern (str) or a list of them, "
+                            f"got {given!r}")
+    if pin is not None and not (isinstance(pin, Mapping) and all(
+            isinstance(k, str) and _is_int(v) for k, v in pin.items())):
+        raise TypeError(f"pin must map layer names (or globs) to int bits, e.g. "
+                        f"{{'features.0': 8}}, got {pin!r}")
+    if a_bits is not None and not _is_int(a_bits):
+        raise TypeError(f"a_bits must be an int or None, got {a_bits!r}")
+    if qconfig is not None and not isinstance(qconfig, QuantConfig):
+        hint = ": build one, QuantConfig(**...)" if isinstance(qconfig, Mapping) else ""
+        raise TypeError(f"qconfig must be a QuantConfig, got {type(qconfig).__name__}{hint}")
 
 
 def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:

@@ -25,7 +25,7 @@ from mpsearch.batches import (
 )
 from mpsearch.bitmap import BitMap
 from mpsearch.costs import sliced_weight_bytes
-from mpsearch.layers import discover, quantizable_modules
+from mpsearch.layers import discover, layer_weight, quantizable_modules
 from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
 from mpsearch.slices import for_deployment, needs_slicing, slice_model
@@ -228,7 +228,12 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     n = len(batches)
     infos = discover(model)
     size_f = sum(info.params * 4.0 for info in infos)
-    size_q = sliced_weight_bytes(infos, quantizable_modules(model),
+    modules = quantizable_modules(model)
+    # from the model's shapes: the map fits it (quantize checked), and a map imported
+    # without model= has none of its own
+    numel = {n: layer_weight(modules[n]).numel() for n in bitmap}
+    avg_bits = sum(numel[n] * bitmap[n].w_bits for n in bitmap) / max(sum(numel.values()), 1)
+    size_q = sliced_weight_bytes(infos, modules,
                                  {i.name: bitmap[i.name].w_bits for i in infos},
                                  {i.name: bitmap[i.name].qconfig for i in infos})
     predicted = bitmap.predicted.get("loss_increase")
@@ -255,7 +260,7 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         accuracy_float=sums["acc_f"] / n_acc if n_acc else None,
         accuracy_quantized=sums["acc_q"] / n_acc if n_acc else None,
         agreement=sums["agree"] / n_agree if n_agree else None,
-        avg_bits=bitmap.avg_bits(), size_bytes_float=size_f, size_bytes_quantized=size_q,
+        avg_bits=avg_bits, size_bytes_float=size_f, size_bytes_quantized=size_q,
         n_batches=n, n_samples=n_samples, predicted=dict(bitmap.predicted),
         outputs_not_compared=others, **deployed,
     )

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mpsearch
 from mpsearch.sensitivity import Hutchinson, hutchinson_traces
 
 
@@ -190,3 +191,33 @@ def test_tensor_without_influence_does_not_block_convergence() -> None:
                             w, 1, tol=0.01, min_probes=4, max_probes=100)
     assert est.converged and est.n_probes == 4
     assert est.mean["unused"] == 0.0 and est.stderr["unused"] == 0.0
+
+
+def test_a_time_limit_stops_after_a_whole_round_past_min_probes(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A tolerance it cannot reach and a tiny time limit: it stops at the first whole
+    round past min_probes (3 batches: 6 probes), not at max_probes, and says why."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=gen)
+    hess = a @ a.T
+    w = torch.randn(5, generator=gen)
+
+    def loss(_i: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * p["w"] @ hess @ p["w"]
+
+    est = hutchinson_traces(loss, {"w": w}, 3, tol=1e-6, min_probes=5, max_probes=300,
+                            max_time_s=1e-9)
+    assert est.n_probes == 6 and not est.converged
+    untimed = hutchinson_traces(loss, {"w": w}, 3, tol=1e-6, min_probes=5, max_probes=30)
+    assert untimed.n_probes == 30
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(8, 4, generator=gen)
+    with caplog.at_level("WARNING"):
+        res = mpsearch.search(model, 4.0, data=[x, x * 2], slices=None, refine=False,
+                              sensitivity=Hutchinson(tol=1e-6, max_time_s=1e-9),
+                              progress=False)
+    diag = res.sensitivity.diagnostics
+    assert diag["stopped_by"] == "max_time_s" and diag["probes"] == 8  # min_probes
+    assert "its max_time_s=1e-09 s" in caplog.text and "raise Hutchinson(max_time_s=)" in caplog.text
+    with pytest.raises(ValueError, match="max_time_s must be > 0 or None"):
+        Hutchinson(max_time_s=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,14 @@ class SensitivityTable:
     data_fingerprint: str = ""
 
     def __post_init__(self) -> None:
+        for what, values in (("layers", self.layers), ("bits", self.bits)):
+            repeated = sorted(str(v) for v, k in Counter(values).items() if k > 1)
+            if repeated:
+                raise ValueError(f"{what} must be distinct; repeated: {repeated[:10]}")
+        qconfig = self.settings.get("qconfig")
+        if qconfig is not None and not isinstance(qconfig, Mapping):
+            raise ValueError(f"settings['qconfig'] must be an object of the quantizer's "
+                             f"fields, got {qconfig!r}")
         shape = (len(self.layers), len(self.bits))
         for name in ("omega", "omega_stderr"):
             arr = np.asarray(getattr(self, name), dtype=np.float64)

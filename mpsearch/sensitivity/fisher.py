@@ -163,8 +163,19 @@ class Fisher:
         rows_per_piece = rows if self.micro_batch == 1 else self.micro_batch
         out = []
         n_batches = len(objective.batches)
+        whole = [i for i in range(n_batches) if not _rows_lead(objective, i)]
+        if whole:
+            log.warning("%d calibration batch(es) do not split into samples along their "
+                        "leading dimension (a 0-dim output, or sequence-first modules): one "
+                        "gradient per batch there, not per sample (%s)", len(whole),
+                        "noisier" if objective.is_divergence else
+                        "the empirical Fisher becomes the square of the batch gradient: "
+                        "pass batches of one sample to keep it per sample")
         for i, batch in enumerate(objective.batches):
             rows = batch_rows(batch)
+            if i in whole:
+                out.append((i, (0, rows, batch), 1.0 / n_batches))
+                continue
             for s0 in range(0, rows, rows_per_piece):
                 s1 = min(s0 + rows_per_piece, rows)
                 piece = batch if (s0, s1) == (0, rows) else slice_batch(batch, s0, s1)
@@ -178,7 +189,7 @@ class Fisher:
         s0, s1, batch = piece
         probe = _Probe(objective, i, s0, s1, gen)
         split = to_device(split_batch(batch), device)
-        if self.micro_batch > 1:
+        if self.micro_batch > 1 or not _rows_lead(objective, i):
             return {n: g[None] for n, g in _grad(model, weights, split, probe, batch).items()}
         if objective.kind not in ("custom", "hf_loss") and s1 - s0 > 1:
             try:
@@ -196,6 +207,18 @@ _VMAP_ROWS = 32
 #: at most this many bytes of float32 per-sample gradients at once: fewer samples a call
 #: for models above 33 M searched weights (VGG-16's 138 M: 7 a call, 3.9 GB, not 18 GB)
 _VMAP_BYTES = 4 << 30
+
+
+def _rows_lead(objective: Objective, i: int) -> bool:
+    """Whether batch ``i`` splits into samples along its leading dimension, inputs and
+    compared output alike (so that per-sample pieces can slice it); a 0-dim output does
+    not, nor does a model with sequence-first (``batch_first=False``) modules."""
+    if not objective.batch_first:
+        return False
+    if objective.kind not in ("kl", "mse"):
+        return True
+    ref = objective._refs[i]
+    return ref.dim() >= 2 and ref.shape[0] == batch_rows(objective.batches[i])
 
 
 class _Probe:
@@ -218,8 +241,9 @@ class _Probe:
             ref = objective._refs[i]
             positions = _positions(full.attention_mask, tuple(ref.shape))
             self.total = float(positions.sum().clamp_min(1.0))
-            self.mask = positions[s0:s1]
-            self.ref = ref[s0:s1]
+            per_sample = _rows_lead(objective, i)
+            self.mask = positions[s0:s1] if per_sample else positions
+            self.ref = ref[s0:s1] if per_sample else ref
             if gen is not None and self.kind == "kl":
                 probs = F.softmax(self.ref.float(), dim=-1).reshape(-1, ref.shape[-1]).cpu()
                 self.aux = torch.multinomial(probs, 1, generator=gen).reshape(

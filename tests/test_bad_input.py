@@ -1,0 +1,204 @@
+"""Bad input to the verbs gets a clear error up front (not a raw TypeError from deep
+inside), and unusual but legitimate input (a 0-dim output, a parametrized weight read in
+train mode) works without changing the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+import mpsearch
+from mpsearch import BitMap, BitMapError, QuantConfig, SensitivityTable
+
+FAST = {"progress": False, "refine": False}
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 4)).eval()
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    return [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("qconfig", {"symmetric": True}, r"qconfig must be a QuantConfig, got dict: build one"),
+    ("seed", "x", r"seed must be an int, got 'x'"),
+    ("seed", True, r"seed must be an int"),
+    ("include", 5, r"include must be a glob pattern \(str\) or a list of them, got 5"),
+    ("exclude", [0], r"exclude must be a glob pattern"),
+    ("pin", ["0"], r"pin must map layer names \(or globs\) to int bits"),
+    ("pin", {"0": "8"}, r"pin must map .* got \{'0': '8'\}"),
+    ("a_bits", 8.5, r"a_bits must be an int or None"),
+])
+def test_an_argument_of_the_wrong_type_is_named(option: str, value: object,
+                                                message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        mpsearch.search(_mlp(), 4.0, data=_data(), **{option: value}, **FAST)  # type: ignore[arg-type]
+
+
+def test_a_model_that_is_not_a_module_is_refused() -> None:
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        mpsearch.search({"w": torch.ones(2)}, 4.0, data=_data(), **FAST)  # type: ignore[arg-type]
+
+
+def test_one_unwrapped_inputs_targets_pair_is_told_to_be_wrapped() -> None:
+    """``data=(x, y)`` iterated as two batches fed the labels to the model: torch said
+    'mat1 and mat2 must have the same dtype'."""
+    x, y = _data()[0]
+    with pytest.raises(ValueError, match=r"tuple of two unlike tensors \(float32 \[16, 8\] "
+                                         r"and int64 \[16\]\).*\[\(inputs, targets\)\]"):
+        mpsearch.search(_mlp(), 4.0, data=(x, y), **FAST)
+    # two alike batches in a tuple are two batches
+    res = mpsearch.search(_mlp(), 4.0, data=(x, x[:8]), slices=None, **FAST)
+    assert res.bitmap.avg_bits() <= 4.0
+
+
+def test_an_empty_batch_is_refused() -> None:
+    x, y = _data()[0]
+    with pytest.raises(ValueError, match=r"data\[1\] holds no sample"):
+        mpsearch.search(_mlp(), 4.0, data=[(x, y), (x[:0], y[:0])], **FAST)
+
+
+def test_task_loss_with_too_few_targets_says_so() -> None:
+    x, y = _data()[0]
+    with pytest.raises(ValueError, match=r"predicts \(16, 4\) .* targets are \(10,\)"):
+        mpsearch.search(_mlp(), 4.0, data=[(x, y[:10])], loss_fn="task", **FAST)
+    with pytest.raises(ValueError, match=r"batch 1 has 16 samples but targets of shape "
+                                         r"\(15,\)"):
+        mpsearch.search(_mlp(), 4.0, data=[(x, y), (x, y[:15])], loss_fn="task", **FAST)
+
+
+def test_a_result_summary_passed_as_sensitivity_points_at_the_table() -> None:
+    model, data = _mlp(), _data()
+    res = mpsearch.search(model, 4.0, data=data, slices=None, **FAST)
+    with pytest.raises(TypeError, match=r"got DataFrame \(a search result's .table is its "
+                                        r"summary; pass its .sensitivity\)"):
+        mpsearch.search(model, 4.0, data=data, sensitivity=res.table, **FAST)  # type: ignore[arg-type]
+
+
+def test_a_per_layer_table_with_explicit_slices_is_told_apart() -> None:
+    """It used to say the table 'was measured on other weights' (the sliced copy's)."""
+    model, data = _mlp(), _data()
+    res = mpsearch.search(model, 4.0, data=data, slices=None, **FAST)
+    with pytest.raises(ValueError, match=r"table is of a per-layer search .* pass "
+                                         r"slices=None"):
+        mpsearch.search(model, 4.0, data=data, sensitivity=res.sensitivity, slices=4, **FAST)
+
+
+def test_a_table_with_repeated_bits_or_layers_or_a_bad_qconfig_is_refused() -> None:
+    good = {"layers": ("a", "b"), "bits": (2, 4), "omega": [[1.0, 0.1], [2.0, 0.2]],
+            "omega_stderr": [[0.0, 0.0], [0.0, 0.0]]}
+    SensitivityTable(**good)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"bits must be distinct; repeated: \['4'\]"):
+        SensitivityTable(**{**good, "bits": (4, 4)})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"layers must be distinct; repeated: \['a'\]"):
+        SensitivityTable(**{**good, "layers": ("a", "a")})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"settings\['qconfig'\] must be an object"):
+        SensitivityTable(**good, settings={"qconfig": "per-channel"})  # type: ignore[arg-type]
+
+
+class _Summed(nn.Module):
+    """Returns one number for the whole batch (a 0-dim output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).sum()
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "fisher_block"])
+def test_a_zero_dim_output_gets_one_fisher_gradient_per_batch(sensitivity: str) -> None:
+    """Per-sample pieces sliced the 0-dim reference output (IndexError); now each batch
+    is one gradient, as the warning says, and the Fisher is that of the batches."""
+    model, data = _Summed().eval(), [x for x, _ in _data()]
+    est = mpsearch.Fisher(block=sensitivity == "fisher_block")
+    res = mpsearch.search(model, 4.0, data=data, sensitivity=est, slices=None, **FAST)
+    table = res.sensitivity
+    assert table.diagnostics["gradients"] == 2  # one per batch
+    assert (table.omega[:, 0] > table.omega[:, -1]).all()  # 2 bits cost more than 8
+    # the default search (ranks channels with block Fisher to slice them) also runs
+    assert mpsearch.search(model, 4.0, data=data, **FAST).bitmap.avg_bits() <= 4.0
+
+
+def test_reading_a_train_mode_spectral_norm_weight_does_not_step_it() -> None:
+    """A train-mode spectral_norm takes a power-iteration step on every access of its
+    weight: BitMap.uniform, check_model, quantize and validate each advanced it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+    model.train()
+    plist = model[0].parametrizations.weight  # type: ignore[union-attr]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bitmap = BitMap.uniform(model, 4)
+    bitmap.check_model(model)
+    mpsearch.quantize(model, bitmap)
+    mpsearch.validate(model, bitmap, data=_data(), progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and plist.training  # modes as they were
+
+
+def test_validate_takes_shapes_from_the_model_for_a_map_without_them() -> None:
+    """A map imported without model= has no shapes; validate raised 'avg_bits needs
+    shapes' after all its measuring."""
+    model = _mlp()
+    doc = json.loads(BitMap.from_bits(model, {"0": 8, "2": 2, "4": 4}).to_json())
+    for entry in doc["layers"].values():
+        entry.pop("shape")
+    report = mpsearch.validate(model, BitMap.from_dict(doc), data=_data(), progress=False)
+    assert report.avg_bits == pytest.approx((8 * 512 + 2 * 4096 + 4 * 256) / (512 + 4096 + 256))
+
+
+@pytest.mark.parametrize("key", ["predicted", "budget"])
+def test_a_non_numeric_prediction_or_budget_is_a_bitmap_error(key: str) -> None:
+    doc = json.loads(BitMap.uniform(_mlp(), 4).to_json())
+    doc[key] = {"loss_increase": "abc"}
+    with pytest.raises(BitMapError, match=f"'{key}' must map names to numbers"):
+        BitMap.from_json(json.dumps(doc))
+
+
+def test_qconfig_check_accepts_a_quantconfig() -> None:
+    res = mpsearch.search(_mlp(), 4.0, data=_data(), qconfig=QuantConfig(), slices=None,
+                          seed=3, include=["0", "2"], exclude="4", pin={"0": 8}, **FAST)
+    assert res.bitmap["0"].w_bits == 8 and res.bitmap["4"].w_bits == 32
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "hutchinson"])
+def test_the_users_backward_hooks_neither_skew_gradients_nor_get_lost(
+        sensitivity: str) -> None:
+    """A backward hook that zeroed a layer's input gradients rated the layers before it
+    Ω = 0 (free to quantize to 2 bits). They are suspended during the search and put
+    back, in order, after it."""
+    data = [x for x, _ in _data()]
+    plain = mpsearch.search(_mlp(), 4.0, data=data, sensitivity=sensitivity, slices=None,
+                            **FAST).sensitivity.omega
+    model = _mlp()
+    calls: list[str] = []
+
+    def zero_inputs(_m: nn.Module, grad_in: tuple, _out: tuple) -> tuple:  # type: ignore[type-arg]
+        calls.append("zero")
+        return tuple(None if g is None else g * 0 for g in grad_in)
+
+    def scale_outputs(_m: nn.Module, grad_out: tuple) -> tuple:  # type: ignore[type-arg]
+        calls.append("scale")
+        return tuple(g * 10 for g in grad_out)
+
+    model[2].register_full_backward_hook(zero_inputs)
+    model[0].register_full_backward_pre_hook(scale_outputs)
+    hooked = mpsearch.search(model, 4.0, data=data, sensitivity=sensitivity, slices=None,
+                             **FAST).sensitivity.omega
+    assert hooked == pytest.approx(plain, rel=1e-5)
+    assert not calls
+    model(data[0].requires_grad_()).sum().backward()
+    assert calls == ["zero", "scale"]  # both back, and they run
