@@ -9,11 +9,12 @@ profiled kernel is the deployed kernel.
 - ``fp32``: ``MatMul`` + ``Add`` (Linear), ``Conv``.
 - ``w8a8``: ``DynamicQuantizeLinear`` (per-tensor asymmetric uint8, as
   :func:`~mpsearch.quant.fake_quantize_activation` with 8 bits), then ``MatMulInteger``
-  with int8 weights and the float scale (exact), or ``QLinearConv`` whose uint8 output
+  with uint8 weights and the float scale (exact), or ``QLinearConv`` whose uint8 output
   takes a static scale from the output range seen on calibration data (static
   quantization: one more 8-bit rounding; ``ConvInteger`` would avoid it but ran 4× slower
-  than ``QLinearConv`` here and takes no per-channel zero point). Our asymmetric uint8
-  weights are stored shifted by −128 (int8, exact).
+  than ``QLinearConv`` here and takes no per-channel zero point). Weights are uint8
+  (symmetric int8 grids shifted by +128, exact): ONNX Runtime's uint8 × int8 kernels
+  saturate on x86 CPUs without VNNI (:func:`_uint8_weights`).
 - ``w{b}b{block}``: ``com.microsoft.MatMulNBits`` (``bits`` 2, 4, 8; ``accuracy_level=4``),
   weight-only with float activations; per-channel scales are repeated in every block.
 """
@@ -157,13 +158,19 @@ def _per_row(t: torch.Tensor, rows: int) -> np.ndarray:
                            (rows,)).copy()
 
 
-def _int8_weights(qt: QuantizedTensor, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 values (rows, K), int8 zero point per row, float32 scale per row."""
+def _uint8_weights(qt: QuantizedTensor, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 values (rows, K), uint8 zero point per row, float32 scale per row.
+
+    Unsigned, not int8: ONNX Runtime's uint8 × int8 kernels on x86 CPUs without VNNI
+    (AVX2's ``vpmaddubsw``) saturate pairs of products at int16, an output error of
+    5–10 % on full-range weights (seen on an AVX2-only AMD EPYC); uint8 × uint8 is exact
+    on every CPU. A symmetric int8 grid is shifted by +128 (zero point 128), exactly.
+    """
     q = qt.int_values.reshape(rows, -1).to(torch.int16)
     zp = torch.as_tensor(_per_row(qt.zero_point, rows)).to(torch.int16)
-    if not qt.cfg.symmetric:  # uint8 grid [0, 255] → int8 by an exact shift of −128
-        q, zp = q - 128, zp - 128
-    return (q.to(torch.int8).numpy(), zp.to(torch.int8).numpy(),
+    if qt.cfg.symmetric:  # int8 grid [-128, 127] → uint8 by an exact shift of +128
+        q, zp = q + 128, zp + 128
+    return (q.to(torch.uint8).numpy(), zp.to(torch.uint8).numpy(),
             _per_row(qt.scale.float(), rows).astype(np.float32))
 
 
@@ -235,7 +242,7 @@ def _w8a8(b: _Nodes, spec: LayerSpec, x: str, y: str, weight: torch.Tensor,
     w = weight.detach().float()
     qt = (quantized(8) if quantized is not None else
           quantize_tensor(w.t().contiguous() if spec.kind == "Conv1D" else w, 8, cfg))
-    q, zp, scale = _int8_weights(qt, n_out)
+    q, zp, scale = _uint8_weights(qt, n_out)
     xq, xs, xz = b.name("xq"), b.name("xs"), b.name("xz")
     b.node("DynamicQuantizeLinear", [x], [xq, xs, xz])
     acc = b.name("acc")
