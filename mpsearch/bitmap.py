@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from mpsearch._io import write_text_atomic
@@ -60,13 +61,18 @@ class LayerEntry:
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):  # 4.0 (JSON from elsewhere) is 4; shifts need ints
             value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                object.__setattr__(self, name, int(value))
+            if (isinstance(value, (float, np.floating, np.integer))
+                    and float(value).is_integer()):
+                object.__setattr__(self, name, int(value))  # and JSON writes plain ints
         if isinstance(self.w_bits, bool) or self.w_bits not in SUPPORTED_BITS:
             raise ValueError(f"w_bits must be one of {SUPPORTED_BITS}, got {self.w_bits!r}")
         if self.a_bits is not None and (isinstance(self.a_bits, bool)
                                         or self.a_bits not in SUPPORTED_BITS):
             raise ValueError(f"a_bits must be None or one of {SUPPORTED_BITS}, got {self.a_bits!r}")
+        if not isinstance(self.qconfig, QuantConfig):
+            hint = ": build one, QuantConfig(**...)" if isinstance(self.qconfig, Mapping) else ""
+            raise TypeError(f"qconfig must be a QuantConfig, got "
+                            f"{type(self.qconfig).__name__}{hint}")
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
@@ -173,6 +179,8 @@ class BitMap(Mapping[str, LayerEntry]):
             ValueError: a name is not a quantizable layer, or a layer has no bits and no
                 default is given.
         """
+        if not isinstance(bits, Mapping):
+            raise TypeError(f"bits must map layer names to bits, got {type(bits).__name__}")
         modules = quantizable_modules(model)
         selected = quantizable_modules(model, include, exclude)
         unknown = [n for n in bits if n not in selected]
@@ -186,7 +194,8 @@ class BitMap(Mapping[str, LayerEntry]):
         qc = qconfig or QuantConfig()
         entries = {}
         for n, m in modules.items():
-            w_bits = int(bits.get(n, default)) if n in selected else 32  # type: ignore[arg-type]
+            # default is not None where a layer misses (checked); LayerEntry checks values
+            w_bits: Any = bits.get(n, default) if n in selected else 32
             entries[n] = LayerEntry(w_bits=w_bits, a_bits=a_bits if w_bits < 32 else None,
                                     qconfig=qc, kind=layer_kind(m), shape=tuple(layer_weight(m).shape))
         shapes = {n: tuple(layer_weight(m).shape) for n, m in modules.items()}
@@ -368,6 +377,18 @@ class BitMap(Mapping[str, LayerEntry]):
             return cls.from_json(text)
         except BitMapError as exc:
             raise BitMapError(f"{path}: {exc}") from None
+
+
+def require_bitmap(bitmap: object) -> BitMap:
+    """``bitmap``, checked to be a :class:`BitMap` (a TypeError saying how to get one)."""
+    if isinstance(bitmap, BitMap):
+        return bitmap
+    hint = ("pass the search result's .bitmap" if hasattr(bitmap, "bitmap")
+            else "read it with BitMap.load(path)" if isinstance(bitmap, (str, os.PathLike))
+            else "build it with BitMap.from_dict(...) or BitMap.from_bits(model, ...)"
+            if isinstance(bitmap, Mapping) else "")
+    raise TypeError(f"bitmap must be a BitMap, got {type(bitmap).__name__}"
+                    + (f": {hint}" if hint else ""))
 
 
 def _provenance(**fields: Any) -> dict[str, Any]:

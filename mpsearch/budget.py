@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 
 @dataclass(frozen=True, kw_only=True)
 class Budget:
@@ -37,9 +39,11 @@ class Budget:
             raise ValueError(f"give latency_us={self.latency_us!r} or latency_ratio="
                              f"{self.latency_ratio!r}, not both")
         for name, value in limits.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            if isinstance(value, np.number):  # as a plain float (JSON, repr)
+                object.__setattr__(self, name, float(value))
 
     def _set(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -75,7 +79,7 @@ class Budget:
         """A Budget from a Budget, or from a number meaning average weight bits."""
         if isinstance(budget, Budget):
             return budget
-        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if isinstance(budget, (int, float, np.number)) and not isinstance(budget, bool):
             return cls(avg_bits=float(budget))
         raise TypeError(f"budget must be a number (average bits) or a Budget, "
                         f"got {type(budget).__name__}")

@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,10 +363,20 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _as_patterns(p: Patterns) -> list[str] | None:
+def as_patterns(p: object, option: str = "include / exclude") -> list[str] | None:
+    """Glob patterns as a list (one string is one pattern; a generator is read here).
+
+    Raises:
+        TypeError: neither a string nor an iterable of strings.
+    """
     if p is None:
         return None
-    return [p] if isinstance(p, str) else list(p)
+    if isinstance(p, str):
+        return [p]
+    values = list(p) if isinstance(p, Iterable) else None
+    if values is None or not all(isinstance(g, str) for g in values):
+        raise TypeError(f"{option} must be a glob pattern (str) or a list of them, got {p!r}")
+    return values
 
 
 def quantizable_modules(model: nn.Module, include: Patterns = None,
@@ -382,7 +392,7 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
     Raises:
         ValueError: no quantizable layer is left, saying what was found and filtered.
     """
-    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    inc, exc = as_patterns(include, "include"), as_patterns(exclude, "exclude")
     found: dict[str, nn.Module] = {}
     seen_params: dict[int, str] = {}
     n_all = 0
@@ -450,7 +460,10 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
 
 def require_values(model: nn.Module) -> None:
     """Raise ValueError where the model's weights have no values (the meta device), or
-    where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles)."""
+    where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles); a
+    TypeError where it is no module at all."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise ValueError(  # noqa: TRY004 (the model is unusable as given, as below)
             "the model is torch.compile's wrapper: pass the module it wraps "

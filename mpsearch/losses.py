@@ -44,6 +44,7 @@ from mpsearch.batches import (
     first_output,
     ignored_outputs,
     output_kind,
+    slice_batch,
     split_batch,
     to_device,
 )
@@ -151,6 +152,25 @@ def effective_samples(increase: np.ndarray, weights: np.ndarray) -> float | None
     return float(c.sum()) ** 2 / square
 
 
+def _rows_independent(model: nn.Module, batch: Batch, out: Any,
+                      device: torch.device) -> bool | None:
+    """Whether the last row of ``batch`` alone gives the last row of its output ``out``:
+    the leading dimension is then the samples (a model that transposes to sequence-first
+    modules inside included), and not where time leads (the last time step alone sees
+    none of the others). None where it cannot tell (one row, or an output whose leading
+    dimension is not the batch's)."""
+    n = split_batch(batch).batch_size
+    full = first_output(out)
+    if n < 2 or not isinstance(full, Tensor) or full.dim() == 0 or full.shape[0] != n:
+        return None
+    last = first_output(call(model, to_device(split_batch(slice_batch(batch, n - 1, n)),
+                                              device)))
+    if not isinstance(last, Tensor) or last.shape != full[n - 1:].shape:
+        return False
+    ref = full[n - 1:].float()
+    return bool((last.float() - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-6)
+
+
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy over the last dimension of ``logits``; ``-100`` targets are ignored.
 
@@ -188,8 +208,8 @@ class Objective:
         self.loss_fn = loss_fn
         self.kind = "custom" if callable(loss_fn) else ""
         self._refs: list[Tensor] = []
-        #: False for a model with sequence-first modules: their leading dimension is time,
-        #: not the samples, and :meth:`sample_losses` does not split
+        #: False where the leading dimension is not the samples (a model fed sequence-first,
+        #: time leading): :meth:`sample_losses` and Fisher's per-sample pieces do not split
         self.batch_first = True
 
     @property
@@ -206,6 +226,9 @@ class Objective:
         if not callable(self.loss_fn):
             split = to_device(split_batch(self.batches[0]), device)
             out = call(model, split)
+            measured = _rows_independent(model, self.batches[0], out, device)
+            if measured is not None:  # the data say it, not the modules' flags
+                self.batch_first = measured
             if self.loss_fn == "task":
                 if split.targets is None:
                     raise ValueError("loss_fn='task' needs targets in the batches "
@@ -243,16 +266,28 @@ class Objective:
 
     def _check_targets(self, out: Any, split: Any) -> None:
         """One target per prediction on batch 0 (the full error here, not a piece's
-        later); on every batch, as many target rows as input rows where batch 0 has."""
-        cross_entropy(first_output(out), split.targets)
-        if split.targets.dim() == 0 or split.targets.shape[0] != split.batch_size:
-            return
+        later); on every batch, class indices within the output's classes (or -100), and
+        as many target rows as input rows where batch 0 has."""
+        logits = first_output(out)
+        classes = int(logits.shape[-1]) if logits.dim() else 1
+        rows = split.targets.dim() > 0 and split.targets.shape[0] == split.batch_size
         for i, batch in enumerate(self.batches):
             one = split_batch(batch)
-            if one.targets is not None and (one.targets.dim() == 0
-                                            or one.targets.shape[0] != one.batch_size):
+            t = one.targets
+            if t is None:
+                continue
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"loss_fn='task': batch {i}'s targets are {t.dtype}; "
+                                 "cross-entropy takes class indices (integers)")
+            bad = t[(t != -100) & ((t < 0) | (t >= classes))]
+            if bad.numel():
+                raise ValueError(f"loss_fn='task': batch {i} has targets "
+                                 f"{sorted(set(bad.tolist()))[:5]} outside the model's "
+                                 f"{classes} classes (0–{classes - 1}, or -100 to ignore)")
+            if rows and (t.dim() == 0 or t.shape[0] != one.batch_size):
                 raise ValueError(f"loss_fn='task': batch {i} has {one.batch_size} samples "
-                                 f"but targets of shape {tuple(one.targets.shape)}")
+                                 f"but targets of shape {tuple(t.shape)}")
+        cross_entropy(logits, split.targets)
 
     def loss(self, model: nn.Module, i: int, device: torch.device) -> Tensor:
         """Loss of ``model`` on batch ``i`` (a scalar tensor, differentiable)."""

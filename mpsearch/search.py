@@ -26,6 +26,7 @@ from mpsearch.layers import (
     RNN_KINDS,
     LayerInfo,
     Patterns,
+    as_patterns,
     discover,
     fingerprint,
     idle_layers,
@@ -163,6 +164,8 @@ class SearchResult:
 
 
 def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+        raise TypeError(f"bits must be a list of bit-widths, e.g. (2, 4, 8), got {bits!r}")
     given = tuple(bits)  # a numpy array or any iterable of whole numbers
     if not all(isinstance(b, (int, np.integer, float, np.floating)) and not isinstance(b, bool)
                and float(b).is_integer() for b in given):
@@ -215,6 +218,9 @@ def _resolve_ties(tie: Ties, layers: Sequence[LayerInfo]) -> list[list[str]]:
     if isinstance(tie, str):  # a string other than "fused": a bad value, not a bad type
         raise ValueError(f"tie must be 'fused', None or a list of lists of layer names, "  # noqa: TRY004
                          f"got {tie!r}")
+    if not isinstance(tie, Iterable):
+        raise TypeError(f"tie must be 'fused', None or a list of lists of layer names, "
+                        f"got {tie!r}")
     groups_given = list(tie)
     flat = [g for g in groups_given if isinstance(g, str)]
     if flat:  # ["a", "b"] would read as the groups ["a"] and ["b"] (or letters): no tie
@@ -311,8 +317,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             achievable value).
         ValueError: bad input (empty data, no quantizable layer, NaN weights or gradients…).
     """
-    _check_arguments(model, seed=seed, include=include, exclude=exclude, pin=pin,
-                     a_bits=a_bits, qconfig=qconfig)
+    seed, include, exclude, pin, a_bits = _check_arguments(
+        model, seed=seed, include=include, exclude=exclude, pin=pin, a_bits=a_bits,
+        qconfig=qconfig, profile=profile)
     _warn_unmatched(model, include=include, exclude=exclude)
     if any(m.training for m in model.modules()):
         log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
@@ -531,10 +538,6 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
             _warn_uncut(layers, cut)
         sliced = None
         stored = _stored_plan(rest["sensitivity"])
-        if stored is None and isinstance(rest["sensitivity"], SensitivityTable):
-            raise ValueError("the sensitivity table is of a per-layer search (its rows are "
-                             "whole layers, not slices): pass slices=None to search it "
-                             "again, or recompute the table for a sliced search")
         if stored is not None:  # a sliced search's table: its own slices, not new ones
             count, plan, why = _check_stored_plan(stored, n_slices, pinned), stored, None
             try:
@@ -561,6 +564,10 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                         qconfig, device=device, seed=seed, progress=progress,
                         inputs=qconfig.granularity != "group")  # slices cut groups
                 plan = plan_slices(scores, count, input_scores=columns, bits=candidates)
+            if plan.layers and isinstance(rest["sensitivity"], SensitivityTable):
+                raise ValueError("the sensitivity table is of a per-layer search (its rows "
+                                 "are whole layers, not slices): pass slices=None to search "
+                                 "it again, or recompute the table for a sliced search")
             if not plan.layers:
                 log.warning("slices=%d: no layer could be sliced (plain Linear and ungrouped "
                             "or depthwise Conv layers with at least 8 output channels, not "
@@ -683,32 +690,36 @@ def _widest_uniform(problem: AllocationProblem) -> int | None:
     return None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def _whole(value: object, what: str, example: str) -> int:
+    """``value`` as a plain int: ints (NumPy's too) and whole-number floats (``4.0``)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, bool) and float(value).is_integer():
+        return int(value)
+    raise TypeError(f"{what} must be a whole number{example}, got {value!r}")
 
 
 def _check_arguments(model: object, *, seed: object, include: object, exclude: object,
-                     pin: object, a_bits: object, qconfig: object) -> None:
-    """A clear TypeError for an argument of the wrong type, before any work."""
+                     pin: object, a_bits: object, qconfig: object, profile: object
+                     ) -> tuple[int, Patterns, Patterns, dict[str, int] | None, int | None]:
+    """A clear TypeError for an argument of the wrong type, before any work; the values
+    as plain Python (seed, include, exclude, pin, a_bits)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not _is_int(seed):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    for option, given in (("include", include), ("exclude", exclude)):
-        if given is not None and not isinstance(given, str) and not (
-                isinstance(given, (list, tuple, set, frozenset))
-                and all(isinstance(g, str) for g in given)):
-            raise TypeError(f"{option} must be a glob pattern (str) or a list of them, "
-                            f"got {given!r}")
-    if pin is not None and not (isinstance(pin, Mapping) and all(
-            isinstance(k, str) and _is_int(v) for k, v in pin.items())):
-        raise TypeError(f"pin must map layer names (or globs) to int bits, e.g. "
-                        f"{{'features.0': 8}}, got {pin!r}")
-    if a_bits is not None and not _is_int(a_bits):
-        raise TypeError(f"a_bits must be an int or None, got {a_bits!r}")
     if qconfig is not None and not isinstance(qconfig, QuantConfig):
         hint = ": build one, QuantConfig(**...)" if isinstance(qconfig, Mapping) else ""
         raise TypeError(f"qconfig must be a QuantConfig, got {type(qconfig).__name__}{hint}")
+    from mpsearch.hw.profile_data import require_profile
+
+    require_profile(profile)
+    if pin is not None and not (isinstance(pin, Mapping)
+                                and all(isinstance(k, str) for k in pin)):
+        raise TypeError(f"pin must map layer names (or globs) to bits, e.g. "
+                        f"{{'features.0': 8}}, got {pin!r}")
+    return (_whole(seed, "seed", ""), as_patterns(include, "include"),
+            as_patterns(exclude, "exclude"),
+            None if pin is None else {k: _whole(v, f"pin[{k!r}]", " of bits")
+                                      for k, v in pin.items()},
+            None if a_bits is None else _whole(a_bits, "a_bits", " of bits or None"))
 
 
 def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:

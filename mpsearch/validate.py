@@ -23,9 +23,9 @@ from mpsearch.batches import (
     split_batch,
     to_device,
 )
-from mpsearch.bitmap import BitMap
+from mpsearch.bitmap import BitMap, require_bitmap
 from mpsearch.costs import sliced_weight_bytes
-from mpsearch.layers import discover, layer_weight, quantizable_modules
+from mpsearch.layers import discover, layer_weight, quantizable_modules, require_values
 from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
 from mpsearch.quant.apply import quantize
 from mpsearch.slices import for_deployment, needs_slicing, slice_model
@@ -181,6 +181,11 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
         BitMapError: the bit map does not fit the model.
         ValueError: empty data.
     """
+    from mpsearch.hw.profile_data import require_profile
+
+    require_values(model)
+    bitmap = require_bitmap(bitmap)
+    require_profile(profile)
     batches = materialize(data, "data")
     original = model
     if needs_slicing(model, bitmap):  # the float model the bit map's slices belong to

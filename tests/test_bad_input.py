@@ -31,18 +31,34 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("qconfig", {"symmetric": True}, r"qconfig must be a QuantConfig, got dict: build one"),
-    ("seed", "x", r"seed must be an int, got 'x'"),
-    ("seed", True, r"seed must be an int"),
+    ("seed", "x", r"seed must be a whole number, got 'x'"),
+    ("seed", True, r"seed must be a whole number"),
     ("include", 5, r"include must be a glob pattern \(str\) or a list of them, got 5"),
     ("exclude", [0], r"exclude must be a glob pattern"),
-    ("pin", ["0"], r"pin must map layer names \(or globs\) to int bits"),
-    ("pin", {"0": "8"}, r"pin must map .* got \{'0': '8'\}"),
-    ("a_bits", 8.5, r"a_bits must be an int or None"),
+    ("pin", ["0"], r"pin must map layer names \(or globs\) to bits"),
+    ("pin", {"0": "8"}, r"pin\['0'\] must be a whole number of bits, got '8'"),
+    ("pin", {"0": 4.5}, r"pin\['0'\] must be a whole number of bits, got 4.5"),
+    ("a_bits", 8.5, r"a_bits must be a whole number of bits or None"),
 ])
 def test_an_argument_of_the_wrong_type_is_named(option: str, value: object,
                                                 message: str) -> None:
     with pytest.raises(TypeError, match=message):
         mpsearch.search(_mlp(), 4.0, data=_data(), **{option: value}, **FAST)  # type: ignore[arg-type]
+
+
+def test_whole_floats_numpy_ints_and_any_iterable_of_globs_are_taken() -> None:
+    """What worked before the checks still works, as plain Python values (a NumPy seed
+    crashed torch.Generator; NumPy a_bits made a bit map json could not write)."""
+    import collections
+
+    import numpy as np
+
+    res = mpsearch.search(_mlp(), 4.0, data=_data(), slices=None, seed=np.int64(3),
+                          pin={"0": 8.0}, a_bits=np.int64(8),
+                          include=(n for n in ["0", "2", "4"]),
+                          exclude=collections.deque(["4"]), **FAST)
+    assert res.bitmap["0"].w_bits == 8 and res.bitmap["4"].w_bits == 32
+    assert json.loads(res.bitmap.to_json())["layers"]["2"]["a_bits"] == 8
 
 
 def test_a_model_that_is_not_a_module_is_refused() -> None:
@@ -202,3 +218,112 @@ def test_the_users_backward_hooks_neither_skew_gradients_nor_get_lost(
     assert not calls
     model(data[0].requires_grad_()).sum().backward()
     assert calls == ["zero", "scale"]  # both back, and they run
+
+
+def test_a_table_from_a_search_that_could_slice_nothing_is_reused_with_slices() -> None:
+    """slices=4 on layers too small to cut gives a per-layer table; handing it back with
+    the same slices=4 searches again (no slice plan to disagree with)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    first = mpsearch.search(model, 4.0, data=_data(), slices=4, **FAST)
+    again = mpsearch.search(model, 4.0, data=_data(), slices=4,
+                            sensitivity=first.sensitivity, **FAST)
+    assert again.bitmap.bits() == first.bitmap.bits()
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (torch.full((16,), 9), r"batch 1 has targets \[9\] outside the model's 4 classes"),
+    (torch.full((16,), -1), r"batch 1 has targets \[-1\] outside"),
+    (torch.rand(16), r"batch 1's targets are torch.float32; cross-entropy takes class"),
+])
+def test_task_targets_that_are_no_class_index_name_their_batch(targets: torch.Tensor,
+                                                               message: str) -> None:
+    (x, y), _ = _data()
+    with pytest.raises(ValueError, match=message):
+        mpsearch.search(_mlp(), 4.0, data=[(x, y), (x, targets)], loss_fn="task", **FAST)
+
+
+@pytest.mark.parametrize("verb", ["quantize", "quantize_", "validate", "export_onnx"])
+def test_the_verbs_name_what_a_bitmap_argument_should_be(verb: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, data = _mlp(), _data()
+    res = mpsearch.search(model, 4.0, data=data, slices=None, **FAST)
+    call = {"quantize": lambda b: mpsearch.quantize(model, b),
+            "quantize_": lambda b: mpsearch.quantize_(model, b),
+            "validate": lambda b: mpsearch.validate(model, b, data=data, progress=False),
+            "export_onnx": lambda b: mpsearch.export_onnx(model, b, tmp_path / "m.onnx",
+                                                          sample_batch=data[0])}[verb]
+    with pytest.raises(TypeError, match="got SearchResult: pass the search result's .bitmap"):
+        call(res)
+    with pytest.raises(TypeError, match="got str: read it with BitMap.load"):
+        call("map.json")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+        {"quantize": mpsearch.quantize, "quantize_": mpsearch.quantize_}.get(
+            verb, lambda m, b: mpsearch.validate(m, b, data=data))(None, res.bitmap)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("solver", 3, r"solver must be a name \(\['greedy', 'ilp', 'nsga2'\]\) or an object"),
+    ("bits", 4, r"bits must be a list of bit-widths, e.g. \(2, 4, 8\), got 4"),
+    ("tie", 3, r"tie must be 'fused', None or a list of lists"),
+    ("profile", "cpu", r"profile must be a HardwareProfile .* got str"),
+])
+def test_more_search_arguments_of_the_wrong_type(option: str, value: object,
+                                                 message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        mpsearch.search(_mlp(), 4.0, data=_data(), slices=None, **{option: value}, **FAST)  # type: ignore[arg-type]
+
+
+def test_bitmap_constructors_refuse_fractional_bits_and_a_dict_qconfig() -> None:
+    model = _mlp()
+    with pytest.raises(ValueError, match="w_bits must be one of .* got 4.5"):
+        BitMap.uniform(model, 4.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="qconfig must be a QuantConfig, got dict"):
+        BitMap.uniform(model, 4, qconfig={"granularity": "tensor"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bits must map layer names to bits, got NoneType"):
+        BitMap.from_bits(model, None, default=4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="include must be a glob pattern"):
+        BitMap.uniform(model, 4, include=3)  # type: ignore[arg-type]
+    import numpy as np
+
+    assert json.loads(BitMap.uniform(model, np.int64(4)).to_json())["layers"]["0"]["w_bits"] == 4  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"columns": [1, 2]}, r"'columns' must be an object, got list"),
+    ({"layers": "024"}, r"'layers' must be a list, got str"),
+    ({"bits": [2, 4.5]}, r"'layers' must be names and 'bits' integers"),
+])
+def test_a_malformed_table_file_is_named(change: dict, message: str, tmp_path) -> None:  # type: ignore[no-untyped-def, type-arg]
+    table = mpsearch.search(_mlp(), 4.0, data=_data(), slices=None, **FAST).sensitivity
+    path = table.save(tmp_path / "t.json")
+    doc = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message):
+        SensitivityTable.load(path)
+
+
+def test_numpy_budgets_and_a_text_time_limit() -> None:
+    import numpy as np
+
+    assert mpsearch.Budget(size_bytes=np.int64(1000)).size_bytes == 1000.0
+    assert mpsearch.Budget.coerce(np.float32(4)).avg_bits == 4.0
+    assert type(mpsearch.Budget(avg_bits=np.float64(3)).avg_bits) is float
+    with pytest.raises(ValueError, match=r"max_time_s must be a number > 0 or None, got '10'"):
+        mpsearch.Hutchinson(max_time_s="10")  # type: ignore[arg-type]
+
+
+def test_export_onnx_says_which_activation_bits_its_kernels_do_not_apply(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mpsearch.export import ExportWarning
+
+    model, batch = _mlp(), _data()[0][0]
+    with pytest.warns(ExportWarning, match=r"activation bits the kernels do not apply .* "
+                                           r"for 3 layer\(s\): 0 \(a_bits=2; its w4b32 kernel "
+                                           r"takes float input\)"):
+        mpsearch.export_onnx(model, BitMap.uniform(model, 4, a_bits=2), tmp_path / "a.onnx",
+                             sample_batch=batch)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportWarning)  # W8A8 does quantize inputs to 8 bits
+        mpsearch.export_onnx(model, BitMap.uniform(model, 8, a_bits=8), tmp_path / "b.onnx",
+                             sample_batch=batch)

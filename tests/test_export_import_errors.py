@@ -67,7 +67,7 @@ MALFORMED = [
     ("hawq", {"lm_head": "4"}, True, TypeError, "hawq: 'lm_head' has '4'; expected bits"),
     ("hawq", {"lm_head": 4.5}, True, ValueError, r"hawq: 'lm_head': w_bits must be one of"),
     ("hawq", {"lm_head": 9}, False, ValueError, r"hawq: 'lm_head': w_bits .* got 9"),
-    ("hawq", {}, True, ValueError, "hawq: no layer found in the input"),
+    ("hawq", {}, False, ValueError, "hawq: no layer found in the input"),
     ("hqq", 5, True, TypeError, "hqq: the config must be a dict, got int"),
     ("hqq", {"dynamic_config": [1]}, True, TypeError, "hqq: dynamic_config must be a dict"),
     ("hqq", {"self_attn.q_proj": 4}, True, TypeError,
@@ -146,7 +146,7 @@ MALFORMED = [
     ("llamacpp", 5, False, TypeError, "llamacpp: lines must be a list of 'PATTERN=TYPE'"),
     ("llamacpp", ["blk.0.attn_q.weight=q4_K", None], False, TypeError,
      "llamacpp: lines must be a list of 'PATTERN=TYPE' strings"),
-    ("llamacpp", [], True, ValueError, "llamacpp: no layer found in the input"),
+    ("llamacpp", [], False, ValueError, "llamacpp: no layer found in the input"),
 ]
 
 
@@ -221,3 +221,14 @@ def test_loads_names_the_format_of_text_that_is_not_json():
         loads("gptqmodel", "{'bits': 4}")
     with pytest.raises(TypeError, match="hawq: loads takes the text of a file, got dict"):
         loads("hawq", {"a": 4})  # type: ignore[arg-type]
+    assert loads("hawq", b'{"a": 4}') == {"a": 4}  # a file read as bytes
+
+
+@pytest.mark.parametrize(("fmt", "obj"), [("hawq", {}), ("hawq", {"quant_input": 8}),
+                                          ("llamacpp", [])])
+def test_input_naming_no_layer_of_the_model_gives_the_default_map_with_a_warning(
+        fmt, obj, tiny):
+    with pytest.warns(ExportWarning, match=f"{fmt}: the input names no layer of Tiny: every "
+                                           "layer takes default_bits=4"):
+        back = BitMap.from_format(fmt, obj, model=tiny, default_bits=4)
+    assert set(back.bits().values()) == {4}

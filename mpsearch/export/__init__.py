@@ -179,6 +179,8 @@ def loads(fmt: str, text: str) -> Any:
         TypeError: ``text`` is not a string.
     """
     text_format = _format(fmt).text
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
     if not isinstance(text, str):
         raise TypeError(f"{fmt}: loads takes the text of a file, got {type(text).__name__}")
     if text_format:

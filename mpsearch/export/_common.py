@@ -31,13 +31,17 @@ def warn(fmt: str, problems: Sequence[str], what: str, unit: str = "layer(s)") -
         return
     shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6
                                        else "")
-    # point at the caller's line, not at mpsearch's own frames
-    level, frame = 1, sys._getframe(0)
+    warnings.warn(f"{fmt}: {what} for {len(problems)} {unit}: {shown}", ExportWarning,
+                  stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the caller's line, outside mpsearch's own frames."""
+    level, frame = 1, sys._getframe(1)
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
             "mpsearch."):
         frame, level = frame.f_back, level + 1
-    warnings.warn(f"{fmt}: {what} for {len(problems)} {unit}: {shown}", ExportWarning,
-                  stacklevel=level)
+    return level
 
 
 def widen(bits: int, offered: Iterable[int]) -> int:
@@ -97,8 +101,8 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
     without kinds or shapes.
 
     Raises:
-        ValueError: no settings, a name is not a quantizable layer of ``model``, or a layer
-            has no bits and ``default_bits`` is None.
+        ValueError: no settings without ``model``, a name is not a quantizable layer of
+            ``model``, or a layer has no bits and ``default_bits`` is None.
     """
     from dataclasses import replace
 
@@ -106,10 +110,14 @@ def build_bitmap(settings: Mapping[str, LayerEntry], *, source: str,
     from mpsearch.layers import fingerprint, layer_kind, layer_weight, quantizable_modules
 
     prov = {"solver": "imported", "imported_from": source, **(extra_provenance or {})}
-    if not settings:  # with a model, every layer would silently take default_bits
-        raise ValueError(f"{source}: no layer found in the input")
     if model is None:
+        if not settings:
+            raise ValueError(f"{source}: no layer found in the input")
         return BitMap(dict(settings), provenance=_provenance(**prov))
+    if not settings:
+        warnings.warn(f"{source}: the input names no layer of {type(model).__name__}: "
+                      f"every layer takes default_bits={default_bits}", ExportWarning,
+                      stacklevel=_caller_level())
     modules = quantizable_modules(model)
     unknown = sorted(set(settings) - set(modules))
     if unknown:

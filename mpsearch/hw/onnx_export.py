@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from mpsearch._state import outside_inference_mode, unfused_attention
 from mpsearch.batches import Batch, first_output, split_batch
-from mpsearch.bitmap import BitMap
+from mpsearch.bitmap import BitMap, require_bitmap
+from mpsearch.export._common import warn
 from mpsearch.hw.formats import format_for
 from mpsearch.hw.kernels_ort import OPSET, build_layer
 from mpsearch.hw.specs import batch_from_spec, fused_stay_float, model_inputs, model_specs
@@ -205,6 +206,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
     seen: dict[str, int] = {}
+    other_acts: list[str] = []
     for node in graph.node:
         if node.domain != _MARKER_DOMAIN:
             new_nodes.append(node)
@@ -216,6 +218,11 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
         if choice.name is None:
             raise ValueError(f"layer {fqn!r} ({spec.kind}) at {entry.w_bits} bits: "
                              f"{choice.reason}; use 32, 8 or (Linear) 4/2 bits")
+        if entry.a_bits is not None and (choice.name, entry.a_bits) != ("w8a8", 8) \
+                and fqn not in seen:
+            other_acts.append(f"{fqn} (a_bits={entry.a_bits}; its {choice.name} kernel "
+                              + ("quantizes its input to 8 bits)" if choice.name == "w8a8"
+                                 else "takes float input)"))
         module = modules[fqn]
         seen[fqn] = seen.get(fqn, 0) + 1
         prefix = fqn if seen[fqn] == 1 else f"{fqn}#{seen[fqn]}"
@@ -228,6 +235,8 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
                                    entry.qconfig, prefix, ranges.get(fqn), quantized)
         new_nodes.extend(nodes)
         new_inits.extend(inits)
+    warn("export_onnx", other_acts, "activation bits the kernels do not apply (the graph "
+         "computes other values than quantize() simulates)")
     used = {i for n in new_nodes for i in n.input}
     kept = [_tied(i, modules, bitmap, seen) for i in graph.initializer if i.name in used]
     del graph.node[:]
@@ -308,8 +317,12 @@ def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], 
         ValueError: no sample batch and no profile record of the model, or a layer's bits
             have no real kernel.
     """
+    from mpsearch.hw.profile_data import require_profile
     from mpsearch.slices import for_deployment
 
+    require_values(model)
+    bitmap = require_bitmap(bitmap)
+    require_profile(profile)
     model, bitmap = for_deployment(model, bitmap)
     if sample_batch is None:
         fp = fingerprint(model_shapes(model))

@@ -208,3 +208,10 @@ class HardwareProfile:
     def load(cls, path: str | os.PathLike[str]) -> HardwareProfile:
         """Read a profile saved by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def require_profile(profile: object) -> None:
+    """A TypeError unless ``profile`` is None or a :class:`HardwareProfile`."""
+    if profile is not None and not isinstance(profile, HardwareProfile):
+        raise TypeError(f"profile must be a HardwareProfile (mpsearch.profile(...) or "
+                        f"HardwareProfile.load(path)), got {type(profile).__name__}")

@@ -116,9 +116,11 @@ def quantize_(model: nn.Module, bitmap: BitMap) -> nn.Module:
             slices of one layer different activation widths (apply it to the sliced model,
             :func:`mpsearch.slice_model`, instead).
     """
+    from mpsearch.bitmap import require_bitmap
     from mpsearch.slices import needs_slicing
 
     require_values(model)
+    bitmap = require_bitmap(bitmap)
     if needs_slicing(model, bitmap):
         return _quantize_sliced_(model, bitmap)
     bitmap.check_model(model)
@@ -224,9 +226,11 @@ def quantize(model: nn.Module, bitmap: BitMap) -> nn.Module:
         BitMapError: the bit map does not fit the model (naming the layers).
         ValueError: the model's weights are on the meta device (no values).
     """
+    from mpsearch.bitmap import require_bitmap
     from mpsearch.slices import needs_slicing, slice_model
 
     require_values(model)
+    bitmap = require_bitmap(bitmap)
     if needs_slicing(model, bitmap):
         return quantize_(slice_model(model, bitmap), bitmap)
     bitmap.check_model(model)

@@ -146,9 +146,20 @@ class SensitivityTable:
             raise ValueError(f"unknown sensitivity table format_version "
                              f"{doc.get('format_version')!r}; this mpsearch reads "
                              f"{TABLE_FORMAT_VERSION}")
+        for key, kind in (("layers", list), ("bits", list), ("columns", Mapping),
+                          ("settings", Mapping), ("diagnostics", Mapping)):
+            if key in doc and not isinstance(doc[key], kind):
+                raise ValueError(f"malformed sensitivity table: {key!r} must be "
+                                 f"{'a list' if kind is list else 'an object'}, got "
+                                 f"{type(doc[key]).__name__}")
+        layers, bits = doc.get("layers", []), doc.get("bits", [])
+        if not all(isinstance(n, str) for n in layers) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in bits):
+            raise ValueError("malformed sensitivity table: 'layers' must be names and 'bits' "
+                             f"integers, got {layers[:5]} and {bits}")
         try:
             return cls(
-                tuple(str(n) for n in doc["layers"]), tuple(int(b) for b in doc["bits"]),
+                tuple(doc["layers"]), tuple(doc["bits"]),
                 _from_json_numbers(doc["omega"]), _from_json_numbers(doc["omega_stderr"]),
                 {str(k): _from_json_numbers(v) for k, v in doc.get("columns", {}).items()},
                 str(doc.get("estimator", "")), dict(doc.get("settings", {})),

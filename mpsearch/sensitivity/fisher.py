@@ -166,7 +166,7 @@ class Fisher:
         whole = [i for i in range(n_batches) if not _rows_lead(objective, i)]
         if whole:
             log.warning("%d calibration batch(es) do not split into samples along their "
-                        "leading dimension (a 0-dim output, or sequence-first modules): one "
+                        "leading dimension (a 0-dim output, or time leading): one "
                         "gradient per batch there, not per sample (%s)", len(whole),
                         "noisier" if objective.is_divergence else
                         "the empirical Fisher becomes the square of the batch gradient: "
@@ -212,7 +212,7 @@ _VMAP_BYTES = 4 << 30
 def _rows_lead(objective: Objective, i: int) -> bool:
     """Whether batch ``i`` splits into samples along its leading dimension, inputs and
     compared output alike (so that per-sample pieces can slice it); a 0-dim output does
-    not, nor does a model with sequence-first (``batch_first=False``) modules."""
+    not, nor does a model fed sequence-first (:attr:`Objective.batch_first`)."""
     if not objective.batch_first:
         return False
     if objective.kind not in ("kl", "mse"):

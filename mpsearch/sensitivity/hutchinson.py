@@ -268,8 +268,9 @@ class Hutchinson:
             raise ValueError(f"tol must be in (0, 1), got {self.tol}")
         if self.min_probes < 2:
             raise ValueError(f"min_probes must be >= 2, got {self.min_probes}")
-        if self.max_time_s is not None and not self.max_time_s > 0:
-            raise ValueError(f"max_time_s must be > 0 or None, got {self.max_time_s}")
+        if self.max_time_s is not None and (isinstance(self.max_time_s, bool) or not isinstance(
+                self.max_time_s, (int, float)) or not self.max_time_s > 0):
+            raise ValueError(f"max_time_s must be a number > 0 or None, got {self.max_time_s!r}")
         if self.max_probes < self.min_probes:
             raise ValueError(f"max_probes ({self.max_probes}) must be >= min_probes "
                              f"({self.min_probes})")

@@ -63,6 +63,9 @@ def solve(
         except TypeError as error:
             raise ValueError(f"bad options {options} for solver {solver!r}: {error}") from error
     else:
+        if not callable(getattr(solver, "solve", None)):
+            raise TypeError(f"solver must be a name ({sorted(SOLVERS)}) or an object with "
+                            f".solve(problem, seed=), got {solver!r}")
         if options:
             raise ValueError(
                 f"options {sorted(options)} only go with a solver name; set them on the "
