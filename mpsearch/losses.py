@@ -157,14 +157,17 @@ def _rows_independent(model: nn.Module, batch: Batch, out: Any,
     """Whether the last row of ``batch`` alone gives the last row of its output ``out``:
     the leading dimension is then the samples (a model that transposes to sequence-first
     modules inside included), and not where time leads (the last time step alone sees
-    none of the others). None where it cannot tell (one row, or an output whose leading
-    dimension is not the batch's)."""
+    none of the others). None where it cannot tell (one row, an output whose leading
+    dimension is not the batch's, or a model that fails on one row)."""
     n = split_batch(batch).batch_size
     full = first_output(out)
     if n < 2 or not isinstance(full, Tensor) or full.dim() == 0 or full.shape[0] != n:
         return None
-    last = first_output(call(model, to_device(split_batch(slice_batch(batch, n - 1, n)),
-                                              device)))
+    try:
+        last = first_output(call(model, to_device(split_batch(slice_batch(batch, n - 1, n)),
+                                                  device)))
+    except Exception:  # noqa: BLE001 (a model built for its batch size, say: cannot tell)
+        return None
     if not isinstance(last, Tensor) or last.shape != full[n - 1:].shape:
         return False
     ref = full[n - 1:].float()

@@ -50,6 +50,10 @@ SPLIT_SIZES: dict[str, int] = {"train": 3500, "calib": 500, "eval": 1000}
 
 #: Bump when architectures or training recipes change, so stale caches are not reused.
 ZOO_VERSION = 1
+#: seed-0 weights of both archs, trained once by :func:`train_mnist` and shipped: CPUs
+#: round differently (an AVX2-only EPYC trained other last bits than the machine before
+#: it, and searches on them chose other maps), so results reproduce only on one file
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
 
 Arch = Literal["cnn", "dwsep"]
 
@@ -380,7 +384,9 @@ def pretrained_mnist(
     state_dict in ``cache_dir``, else ``$MPSEARCH_CACHE``, else
     ``~/.cache/mpsearch``, under ``mnist-{arch}-seed{seed}-v{ZOO_VERSION}.pt``,
     and a cached file is trusted whatever machine trained it (thread counts can
-    change the last bits of trained weights).
+    change the last bits of trained weights). Seed 0 of both archs is not trained but
+    read from the weights shipped with mpsearch (:data:`SHIPPED_WEIGHTS`), which every
+    result of ``results/`` and every test uses, whatever CPU runs them.
 
     Args:
         arch: ``"cnn"`` (:class:`MnistCNN`) or ``"dwsep"`` (:class:`MnistDWSep`).
@@ -406,10 +412,18 @@ def pretrained_mnist(
         # A truncated, foreign or stale file: retrain and overwrite it.
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
             logger.warning("could not load cached %s (%s); retraining", path, exc)
-    recipe = _RECIPES[arch]
-    t0 = time.perf_counter()
-    model = train_mnist(_build(arch, seed), epochs=recipe.epochs, seed=seed, lr=recipe.lr)
-    logger.info("trained mnist %s (seed %d) in %.1f s", arch, seed, time.perf_counter() - t0)
+    shipped = SHIPPED_WEIGHTS / path.name
+    if shipped.exists():
+        model = _build(arch, seed)
+        model.load_state_dict(torch.load(shipped, map_location="cpu", weights_only=True))
+        model.eval()
+        logger.info("loaded the shipped mnist %s (seed %d) weights", arch, seed)
+    else:
+        recipe = _RECIPES[arch]
+        t0 = time.perf_counter()
+        model = train_mnist(_build(arch, seed), epochs=recipe.epochs, seed=seed, lr=recipe.lr)
+        logger.info("trained mnist %s (seed %d) in %.1f s", arch, seed,
+                    time.perf_counter() - t0)
     _atomic_save(model.state_dict(), path)
     logger.info("cached weights at %s", path)
     return model
