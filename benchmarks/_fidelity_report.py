@@ -286,9 +286,10 @@ def _speed_parts(speed: pd.DataFrame) -> list[str]:
 
 def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Path, stem: str,
           *, command: str, total_s: float, threads: int, reused: bool,
-          load_before: tuple[float, ...] = ()) -> list[Path]:
+          load_before: tuple[float, ...] = (), merged: str = "") -> list[Path]:
     """Write ``<stem>.md`` and ``<stem>.csv``, and where there are fidelity rows
-    ``<stem>_points.csv`` and ``<stem>.png``."""
+    ``<stem>_points.csv`` and ``<stem>.png``. ``merged``: a sentence saying which rows
+    a previous report measured (the times above are this invocation's)."""
     single, maps = frames["single"], frames["maps"]
     quality, speed = quality_ratios(frames["quality"]), frames["speed"]
     summ = summary(single, maps, quality) if not single.empty else pd.DataFrame()
@@ -305,7 +306,8 @@ def write(frames: Mapping[str, pd.DataFrame], cases: Mapping[str, str], out: Pat
         + (f"{load_before[0]:.1f} at the start, " if load_before else "")
         + f"{load[0]:.1f} at the end (above the CPU count, timings are inflated by other "
           "work)." + (" Sensitivity tables reused from the cache where present: their "
-                      "times are those of the run that made them." if reused else ""),
+                      "times are those of the run that made them." if reused else "")
+        + (" " + merged if merged else ""),
         "",
     ]
     if not single.empty:

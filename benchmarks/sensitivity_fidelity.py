@@ -93,6 +93,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+#: what each model is, for the report (also for the rows a --merge keeps)
+DESCRIPTIONS = {
+    "mnist_cnn": "MNIST CNN (500 calib / 1,000 eval digits, KL to float; labels only for "
+                 "accuracy and the ablation)",
+    "mnist_dwsep": "MNIST DWSEP (500 calib / 1,000 eval digits, KL to float; labels only "
+                   "for accuracy and the ablation)",
+    "minilm": "all-MiniLM-L6-v2 (32 calib / 64 eval sentences, MSE of hidden states)",
+    "mobilenet_v2": "ImageNet MobileNetV2 (32 calib / 64 eval 224² photo crops, KL to float)",
+    "ocr_crnn": "EasyOCR's English recognizer, a CRNN with two BiLSTMs (their 8 weight "
+                "matrices, 63 % of the weights, are layers too; 32 calib / 64 eval rendered "
+                "text lines, KL of the per-column character logits)",
+    "ocr_craft": "EasyOCR's text detector CRAFT, a VGG16-BN U-net whose stages rewrite their "
+                 "skip tensors in place (32 calib / 64 eval 96² photos with a rendered "
+                 "phrase, MSE of the region and affinity score maps)",
+    "mtcnn_onet": "MTCNN's ONet face classifier (facenet-pytorch's weights; 64 calib / 136 "
+                  "eval LFW faces and non-faces at 48², KL to float; labels only for accuracy "
+                  "and the ablation)",
+}
+
+
 @dataclass
 class Case:
     """A model with its calibration and held-out evaluation batches."""
@@ -113,46 +133,34 @@ def load_case(name: str) -> Case:
 
         arch = name.split("_")[1]
         return Case(name, pretrained_mnist(arch), mnist_batches("calib", batch_size=100),  # type: ignore[arg-type]
-                    mnist_batches("eval", batch_size=250),
-                    f"MNIST {arch.upper()} (500 calib / 1,000 eval digits, KL to float; "
-                    "labels only for accuracy and the ablation)", labelled=True)
+                    mnist_batches("eval", batch_size=250), DESCRIPTIONS[name], labelled=True)
     if name == "minilm":
         from mpsearch.zoo.minilm import load_minilm, text_batches
 
         model, tok = load_minilm()
         return Case(name, model, text_batches(tok, "calib", n_batches=4, batch_size=8),
-                    text_batches(tok, "eval", n_batches=4, batch_size=16),
-                    "all-MiniLM-L6-v2 (32 calib / 64 eval sentences, MSE of hidden states)")
+                    text_batches(tok, "eval", n_batches=4, batch_size=16), DESCRIPTIONS[name])
     if name == "mobilenet_v2":
         from mpsearch.zoo.imagenet import imagenet_batches, load_mobilenet_v2
 
         return Case(name, load_mobilenet_v2(), imagenet_batches("calib", batch_size=8),
-                    imagenet_batches("eval", batch_size=8),
-                    "ImageNet MobileNetV2 (32 calib / 64 eval 224² photo crops, KL to float)",
+                    imagenet_batches("eval", batch_size=8), DESCRIPTIONS[name],
                     speed_calib=imagenet_batches("calib", batch_size=32))
     if name == "ocr_crnn":
         from mpsearch.zoo.ocr import load_crnn, ocr_batches
 
         return Case(name, load_crnn(), ocr_batches("calib", n_batches=4, batch_size=8),
-                    ocr_batches("eval", n_batches=8, batch_size=8),
-                    "EasyOCR's English recognizer, a CRNN with two BiLSTMs (their 8 weight "
-                    "matrices, 63 % of the weights, are layers too; 32 calib / 64 eval "
-                    "rendered text lines, KL of the per-column character logits)")
+                    ocr_batches("eval", n_batches=8, batch_size=8), DESCRIPTIONS[name])
     if name == "ocr_craft":
         from mpsearch.zoo.craft import load_craft, scene_batches
 
         return Case(name, load_craft(), scene_batches("calib", 4, 8, size=96),
-                    scene_batches("eval", 8, 8, size=96),
-                    "EasyOCR's text detector CRAFT, a VGG16-BN U-net whose stages rewrite "
-                    "their skip tensors in place (32 calib / 64 eval 96² photos with a "
-                    "rendered phrase, MSE of the region and affinity score maps)")
+                    scene_batches("eval", 8, 8, size=96), DESCRIPTIONS[name])
     if name == "mtcnn_onet":
         from mpsearch.zoo.faces import face_batches, load_onet
 
         return Case(name, load_onet(), face_batches("calib", 16), face_batches("eval", 34),
-                    "MTCNN's ONet face classifier (facenet-pytorch's weights; 64 calib / 136 "
-                    "eval LFW faces and non-faces at 48², KL to float; labels only for "
-                    "accuracy and the ablation)", labelled=True)
+                    DESCRIPTIONS[name], labelled=True)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
@@ -438,6 +446,51 @@ class Runner:
                 "extrapolated": probes != n_all, "per_probe_s": seconds / probes})
 
 
+#: the per-model sections of the report's long CSV (the others are recomputed from them)
+SECTIONS = ("single", "maps", "quality", "ablation", "speed")
+
+
+def merge_previous(rows: dict[str, list[dict[str, Any]]], ran: Sequence[str],
+                   previous: Path) -> tuple[dict[str, pd.DataFrame], list[str], str]:
+    """This run's rows, and a previous report's rows of the models it did not run.
+
+    ``previous``: a report's long CSV (``sensitivity_fidelity.csv``), its ``_points.csv``
+    and ``.md`` beside it. Returns the frames, every model in them (in :data:`MODELS`
+    order) and the previous report's header line, to say where the kept rows come from.
+    """
+    points = previous.with_name(previous.stem + "_points.csv")
+    if not previous.exists() or not points.exists():
+        raise SystemExit(f"--merge: {previous} and {points} must both exist")
+    old = pd.read_csv(previous)
+    if "section" not in old.columns or "model" not in old.columns:
+        raise SystemExit(f"--merge: {previous} is not a sensitivity_fidelity.py report CSV")
+
+    def section(k: str, rows: pd.Series) -> pd.DataFrame:
+        # a section's own columns, with their own types (the long CSV mixes them)
+        return old[(old["section"] == k) & rows].drop(columns="section").dropna(
+            axis=1, how="all").infer_objects()
+
+    kept = {k: section(k, ~old["model"].isin(ran)) for k in SECTIONS}
+    # the speed rows are MobileNetV2's and carry no model name
+    kept["speed"] = section("speed", old["model"].isna() & ("mobilenet_v2" not in ran))
+    old_points = pd.read_csv(points)
+    kept["points"] = old_points[~old_points["model"].isin(ran)]
+    order = {m: i for i, m in enumerate(MODELS)}
+    frames = {}
+    for k in (*SECTIONS, "points"):
+        parts = [f for f in (kept[k], pd.DataFrame(rows.get(k, []))) if not f.empty]
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if "model" in frame.columns:  # stable: each model's rows keep their order
+            frame = frame.sort_values("model", key=lambda c: c.map(order), kind="stable",
+                                      ignore_index=True)
+        frames[k] = frame
+    models = sorted(set(frames["single"].get("model", [])) | set(ran), key=order.__getitem__)
+    md = previous.with_suffix(".md")
+    header = next((line for line in md.read_text(encoding="utf-8").splitlines()
+                   if line.startswith("`python")), "") if md.exists() else ""
+    return frames, models, header
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,6 +509,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--cache", type=Path, default=Path("results/fidelity_cache"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--merge", type=Path, default=None, metavar="CSV",
+                        help="keep a previous report's rows (its sensitivity_fidelity.csv, "
+                             "with _points.csv beside it) of the models not run now, and "
+                             "write one report of all: to re-measure some models only")
     args = parser.parse_args(argv)
     if args.random is None:
         args.random = 4 if args.quick else 8
@@ -476,12 +533,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.setdefault(k, []).extend(v)
         log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     frames = {k: pd.DataFrame(v) for k, v in rows.items()}
+    merged = ""
+    if args.merge is not None:
+        frames, names, header = merge_previous(rows, models, args.merge)
+        kept = [m for m in names if m not in models]
+        cases = {m: cases.get(m, DESCRIPTIONS[m]) for m in names}
+        merged = (f"The rows of {', '.join(f'`{m}`' for m in kept)} are kept from "
+                  f"`{args.merge}`" + (f", measured by {header}" if header else "") + "; "
+                  f"this invocation measured {', '.join(f'`{m}`' for m in models)}."
+                  if kept else "")
     stem = ("qerror_speed" if args.speed_only else "sensitivity_fidelity") + (
         "_quick" if args.quick else "")
     paths = report.write(frames, cases, args.out, stem, command=" ".join(
         ["python", "benchmarks/sensitivity_fidelity.py", *(argv or sys.argv[1:])]),
         total_s=time.perf_counter() - start, threads=args.threads, reused=args.reuse,
-        load_before=load_before)
+        load_before=load_before, merged=merged)
     for p in paths:
         log(f"wrote {p}")
 
