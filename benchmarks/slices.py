@@ -124,8 +124,9 @@ def _fmt(x: float) -> str:
 
 
 def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float,
-           threads: int) -> list[Path]:
-    """Write the Markdown tables, the CSV and the plot."""
+           threads: int, published: Sequence[str] = ()) -> list[Path]:
+    """Write the Markdown tables, the CSV and the plot. ``published``: models whose rows
+    were kept from the published CSV (neither run now nor in the cache)."""
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(model=pd.Categorical(frame.model, [m for m in MODELS
                                                             if m in set(frame.model)],
@@ -144,7 +145,10 @@ def report(frame: pd.DataFrame, out: Path, *, command: str, total_s: float,
         (f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {total_s / 60:.1f} min "
         f"(this invocation; models reused from the cache keep their own times); torch "
         f"{torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {threads} torch "
-        "threads."),
+        "threads."
+         + (f" The rows of {', '.join(f'`{m}`' for m in published)} are kept from the "
+            f"published `{out / 'slices.csv'}`, measured by earlier runs (the library may "
+            "have changed since: re-run them with `--models`)." if published else "")),
         "",
         ("`search` with the library defaults (ILP, bits 2/3/4/5/6/8, divergence loss, measured "
         "refinement on), per layer and with `slices=4` / `slices=8` / `slices=16` (16 only "
@@ -260,13 +264,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = [m for m in MODELS if (args.cache / f"{m}.csv").exists()]
     frames = [pd.read_csv(args.cache / f"{m}.csv") for m in names]
     published = args.out / "slices.csv"
+    from_published: list[str] = []
     if published.exists():  # models not in the cache: the published rows
         old = pd.read_csv(published)
-        frames += [old[old.model == m] for m in MODELS if m not in names and m in set(old.model)]
+        from_published = [m for m in MODELS if m not in names and m in set(old.model)]
+        frames += [old[old.model == m] for m in from_published]
     frame = pd.concat(frames)
     for p in report(frame, args.out, command=" ".join(
             ["python", "benchmarks/slices.py", *(argv or sys.argv[1:])]),
-            total_s=time.perf_counter() - start, threads=args.threads):
+            total_s=time.perf_counter() - start, threads=args.threads,
+            published=from_published):
         log(f"wrote {p}")
 
 
