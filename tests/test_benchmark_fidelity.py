@@ -86,6 +86,26 @@ def test_verdict_prefers_quality_then_speed() -> None:
     assert "default should be **fisher**" in text
 
 
+def test_verdict_refuses_a_faster_estimator_that_loses_badly_on_one_model() -> None:
+    summ = _summary([2.0, 5.5, 6.0], [10.0, 9.0, 30.0])
+
+    def quality(fisher_on_b: float) -> pd.DataFrame:
+        rows = []
+        for model, fisher, qerror in (("a", 0.10, 0.10), ("b", fisher_on_b, 0.20)):
+            rows += [{"model": model, "budget": 4.0, "method": "uniform", "divergence": 1.0},
+                     {"model": model, "budget": 4.0, "method": "fisher", "divergence": fisher},
+                     {"model": model, "budget": 4.0, "method": "qerror", "divergence": qerror}]
+        return pd.DataFrame(rows)
+    # on model b fisher's map is 2.0× worse than qerror's: 0.50 of its ratio
+    text = report.verdict(summ, quality(0.40))
+    assert "default should be **qerror**" in text
+    assert "on b at 4 bits only 0.50 of qerror's ratio" in text
+    # 0.8 of qerror's ratio there: within WORST_SHARE, the faster one wins
+    text = report.verdict(summ, quality(0.25))
+    assert "default should be **fisher**" in text
+    assert "at least 0.75 of its ratio" in text
+
+
 def test_ceilings_and_bar_verdict_known_answers() -> None:
     rows = []
     for model, uniform, oracle, plain, refined in (("easy", 1.0, 0.05, (0.2, 0.1), (0.06, 0.05)),
