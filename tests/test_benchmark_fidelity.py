@@ -133,3 +133,40 @@ def test_ceilings_and_bar_verdict_known_answers() -> None:
     short = ceil.loc[["easy"]].reset_index().assign(estimators_min=3.4)
     assert ("there the estimator + ILP alone falls short of it on `easy`, and with the "
             "measured refinement every estimator meets it") in report.bar_verdict(short)
+
+
+def test_merge_keeps_the_other_models_rows_and_replaces_the_rerun_ones(tmp_path: Path) -> None:
+    published = Path(__file__).resolve().parents[1] / "results" / "sensitivity_fidelity.csv"
+    if not published.exists():
+        pytest.skip("no published fidelity report")
+    old = pd.read_csv(published)
+    points = pd.read_csv(published.with_name("sensitivity_fidelity_points.csv"))
+    # a "re-run" of the MNIST CNN: its published rows with every divergence halved
+    ran = ["mnist_cnn"]
+    rows = {}
+    for k in fidelity.SECTIONS:
+        f = old[(old["section"] == k) & (old["model"] == "mnist_cnn")].drop(columns="section")
+        f = f.dropna(axis=1, how="all").infer_objects()
+        if "divergence" in f:
+            f = f.assign(divergence=f["divergence"] / 2)
+        rows[k] = f.to_dict("records")
+    rows["points"] = points[points["model"] == "mnist_cnn"].to_dict("records")
+    frames, models, header = fidelity.merge_previous(rows, ran, published)
+    assert models[0] == "mnist_cnn" and set(models) == set(old["model"].dropna())
+    assert header.startswith("`python benchmarks/sensitivity_fidelity.py")
+    q = frames["quality"]
+    new = q[q["model"] == "mnist_cnn"]["divergence"].to_numpy()
+    was = old[(old["section"] == "quality") & (old["model"] == "mnist_cnn")]["divergence"]
+    assert np.allclose(new, was.to_numpy() / 2)  # the re-run's rows, not the published
+    others = q[q["model"] == "minilm"]["divergence"].to_numpy()
+    assert np.allclose(others, old[(old["section"] == "quality")
+                                   & (old["model"] == "minilm")]["divergence"].to_numpy())
+    assert list(dict.fromkeys(q["model"])) == models  # in MODELS order
+    assert len(frames["speed"]) == (old["section"] == "speed").sum()  # MobileNetV2 not re-run
+    assert len(frames["points"]) == len(points)
+    paths = report.write(frames, {m: fidelity.DESCRIPTIONS[m] for m in models}, tmp_path,
+                         "sensitivity_fidelity", command="test", total_s=1.0, threads=1,
+                         reused=False, merged="MERGED")
+    assert "MERGED" in paths[0].read_text(encoding="utf-8")
+    with pytest.raises(SystemExit, match="must both exist"):
+        fidelity.merge_previous(rows, ran, tmp_path / "missing.csv")
