@@ -539,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         kept = [m for m in names if m not in models]
         cases = {m: cases.get(m, DESCRIPTIONS[m]) for m in names}
         merged = (f"The rows of {', '.join(f'`{m}`' for m in kept)} are kept from "
-                  f"`{args.merge}`" + (f", measured by {header}" if header else "") + "; "
+                  f"`{args.merge}`" + (f", measured by {header.rstrip('.')}" if header else "") + "; "
                   f"this invocation measured {', '.join(f'`{m}`' for m in models)}."
                   if kept else "")
     stem = ("qerror_speed" if args.speed_only else "sensitivity_fidelity") + (
