@@ -92,8 +92,9 @@ layer holds them all, L for L equal layers), and the sliceable layers hold at le
 of them: per-layer allocation then has little to trade. Over the seven models of
 ``results/slices.md`` (the MNIST models on the weights an earlier machine trained; on the
 shipped ones 16 slices give the MNIST CNN 11-14× and the dwsep CNN 4.2-5.0×): the MNIST
-CNN (1.06), ONet (1.65) and the depthwise-separable CNN (4.39) gained from 16 slices (4.0 bits: 1.0-1.1× → 6.9-8.8×, 11.6× → 48-56×, 3.0-3.3× →
-6.5-7.2× below uniform INT4); MobileNetV2 (5.88) lost a little at 4 bits with 8 slices
+CNN (1.06), ONet (1.65) and the depthwise-separable CNN (4.39) gained from 16 slices
+(4.0 bits: 1.0-1.1× → 6.9-8.8×, 11.6× → 48-56×, 3.0-3.3× → 6.5-7.2× below uniform INT4);
+MobileNetV2 (5.88) lost a little at 4 bits with 8 slices
 (17-20× → 16-18×) for 9× the qerror time; CRAFT (8.6), the CRNN (12.7) and MiniLM (24.6)
 stay per layer."""
 
