@@ -102,7 +102,9 @@ def test_auto_limits_grow_with_the_units_searched() -> None:
 
 def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None:  # type: ignore[no-untyped-def]
     """The pass budget, not the clock, ends the refinement: two runs give the same map,
-    and it stops at the budget (overshooting by at most one measured map)."""
+    and it stops at the budget, overshooting by at most two partial passes: the candidate
+    measured when the budget ran out and, where a candidate was taken, the pass that
+    records the new map (each a pass or less: it recomputes from the first changed layer)."""
     calib = [x for x, _ in mnist_calib[:2]]
     table = mpsearch.search(mnist_dwsep, 3.0, data=calib, sensitivity="fisher", refine=False,
                             progress=False, slices=None).sensitivity
@@ -112,7 +114,7 @@ def test_refine_work_budget_is_deterministic(mnist_dwsep, mnist_calib) -> None: 
     first, second = (r.refinement for r in runs)
     assert first is not None and second is not None
     assert first.stopped_by == "max_passes"
-    assert 12 <= first.passes <= 13 + 1e-9
+    assert 12 <= first.passes <= 14 + 1e-9
     assert runs[0].bitmap.bits() == runs[1].bitmap.bits()
     assert (first.passes, first.evaluations, first.measured_after) == (
         second.passes, second.evaluations, second.measured_after)
