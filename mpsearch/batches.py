@@ -157,12 +157,15 @@ def materialize(data: Iterable[Batch] | None, what: str = "data") -> list[Batch]
         raise ValueError(f"{what} is empty: give at least one batch")
     kinds = {_kind(b) for b in batches}
     if (isinstance(data, tuple) and len(batches) == 2 and kinds == {"a tensor"}
-            and (batches[0].dim() != batches[1].dim()
-                 or batches[0].dtype != batches[1].dtype)):
+            and (batches[0].dtype != batches[1].dtype
+                 or batches[0].shape[1:] != batches[1].shape[1:])):
+        # batches of one model differ at most in their number of samples; float targets
+        # of another width (a regressor's (N, 1)) are not a second batch
         raise ValueError(
             f"{what} is a tuple of two unlike tensors ({_describe(batches[0])} and "
             f"{_describe(batches[1])}): if it is one (inputs, targets) batch, wrap it in a "
-            "list, [(inputs, targets)]; batches of one model are alike")
+            "list, [(inputs, targets)]; batches of one model are alike (two batches of "
+            "another length each go in a list)")
     if isinstance(data, tuple) and len(kinds) > 1:  # a list may mix x and (x,) batches
         raise ValueError(
             f"{what} must be a list of batches, got a tuple of "

@@ -73,6 +73,10 @@ def test_one_unwrapped_inputs_targets_pair_is_told_to_be_wrapped() -> None:
     with pytest.raises(ValueError, match=r"tuple of two unlike tensors \(float32 \[16, 8\] "
                                          r"and int64 \[16\]\).*\[\(inputs, targets\)\]"):
         mpsearch.search(_mlp(), 4.0, data=(x, y), **FAST)
+    # float targets of another width (a regressor's) are not a second batch either
+    with pytest.raises(ValueError, match=r"tuple of two unlike tensors \(float32 \[16, 8\] "
+                                         r"and float32 \[16, 1\]\)"):
+        mpsearch.search(_mlp(), 4.0, data=(x, x[:, :1]), **FAST)
     # two alike batches in a tuple are two batches
     res = mpsearch.search(_mlp(), 4.0, data=(x, x[:8]), slices=None, **FAST)
     assert res.bitmap.avg_bits() <= 4.0
