@@ -67,6 +67,45 @@ def compared_output(output: Any) -> Tensor:
     return first[:, None] if first.dim() == 1 else first
 
 
+#: probabilities below this are compared as this (log 0 would be -inf, and 0 · -inf NaN)
+_TINY_PROB = 1e-12
+
+
+def is_distribution(t: Tensor | None, classes: int) -> bool:
+    """True where every row of ``t`` (its last dimension, of ``classes`` entries) is a
+    probability distribution: non-negative, summing to 1 (one-hot or smoothed labels, a
+    softmax output)."""
+    if (t is None or not t.is_floating_point() or t.dim() < 1 or t.numel() == 0
+            or classes < 2 or t.shape[-1] != classes):
+        return False
+    v = t.detach().float()
+    return bool((v >= 0).all() and ((v.sum(-1) - 1).abs() <= 1e-3).all())
+
+
+def divergence_kind(output: Any, targets: Tensor | None) -> tuple[Literal["kl", "mse"], bool]:
+    """How an output is compared with the float model's: ``("kl", probabilities)`` for
+    class scores, ``("mse", False)`` for anything else.
+
+    KL for logits (:func:`mpsearch.batches.output_kind`) — unless the batch's targets are
+    real numbers that are not class distributions (a regressor with several outputs), which
+    take MSE; one-hot or smoothed float labels are classes. ``probabilities``: the output's
+    rows are probability distributions already (a model ending in softmax), compared through
+    their logarithms (a softmax of probabilities would flatten them)."""
+    if output_kind(output) != "logits":
+        return "mse", False
+    first = compared_output(output)
+    classes = int(first.shape[-1]) if first.dim() else 1
+    if (targets is not None and targets.is_floating_point()
+            and not is_distribution(targets, classes)):
+        return "mse", False
+    return "kl", is_distribution(first, classes)
+
+
+def log_probabilities(probs: Tensor) -> Tensor:
+    """Logarithms of probabilities, as logits a KL compares (see :func:`divergence_kind`)."""
+    return probs.float().clamp_min(_TINY_PROB).log()
+
+
 def _masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over positions; ``mask`` (same leading shape, 1 = real token) weights them."""
     if mask is not None and tuple(mask.shape) == tuple(per_position.shape):
@@ -210,6 +249,8 @@ class Objective:
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.kind = "custom" if callable(loss_fn) else ""
+        #: the model outputs probabilities (it ends in softmax): a KL compares their logarithms
+        self.probabilities = False
         self._refs: list[Tensor] = []
         #: False where the leading dimension is not the samples (a model fed sequence-first,
         #: time leading): :meth:`sample_losses` and Fisher's per-sample pieces do not split
@@ -241,14 +282,15 @@ class Objective:
                 if self.kind == "cross_entropy":
                     self._check_targets(out, split)
             else:
-                regression = split.targets is not None and split.targets.is_floating_point()
-                self.kind = ("kl" if output_kind(out) == "logits" and not regression
-                             else "mse")
+                self.kind, self.probabilities = divergence_kind(out, split.targets)
                 first = first_output(out)
                 shape = tuple(first.shape) if isinstance(first, Tensor) else ()
+                regression = (self.kind == "mse" and output_kind(out) == "logits")
                 log.info("divergence loss: %s of the output %s to the float model's%s",
                          "KL over the last dimension" if self.kind == "kl" else "MSE", shape,
-                         " (float targets: a regression)" if regression else "")
+                         " (float targets that are not class distributions: a regression)"
+                         if regression else " (its rows are probabilities: compared as "
+                         "their logarithms)" if self.probabilities else "")
                 others = ignored_outputs(out)
                 if others:
                     log.warning("the model returns %d tensors and the divergence compares "
@@ -261,11 +303,17 @@ class Objective:
         if self.is_divergence:
             for i, batch in enumerate(self.batches):
                 out = call(model, to_device(split_batch(batch), device))
-                ref = compared_output(out).detach()
+                ref = self.compared(out).detach()
                 if not torch.isfinite(ref).all():
                     raise ValueError(f"the float model's output on batch {i} of the data is "
                                      "non-finite (NaN/inf): check the inputs and the weights")
                 self._refs.append(ref)
+
+    def compared(self, out: Any) -> Tensor:
+        """The tensor of ``out`` a divergence compares (:func:`compared_output`), as
+        log-probabilities where the model outputs probabilities."""
+        y = compared_output(out)
+        return log_probabilities(y) if self.probabilities else y
 
     def _check_targets(self, out: Any, split: Any) -> None:
         """One target per prediction on batch 0 (the full error here, not a piece's
@@ -321,8 +369,8 @@ class Objective:
             raise RuntimeError("Objective.prepare() must run before a divergence loss")
         ref = self._refs[i]
         if self.kind == "kl":
-            return kl_divergence(compared_output(out), ref, mask)
-        return mse_divergence(compared_output(out), ref, mask)
+            return kl_divergence(self.compared(out), ref, mask)
+        return mse_divergence(self.compared(out), ref, mask)
 
     @torch.no_grad()
     def sample_losses(self, out: Any, i: int, targets: Tensor | None, mask: Tensor | None,
@@ -339,7 +387,7 @@ class Objective:
             if not self._refs:
                 raise RuntimeError("Objective.prepare() must run before a divergence loss")
             per_position = (_kl_per_position if self.kind == "kl" else _mse_per_position)(
-                compared_output(out), self._refs[i])
+                self.compared(out), self._refs[i])
             return _per_sample(per_position, mask, rows)
         if self.kind == "cross_entropy" and targets is not None:
             logits = first_output(out)

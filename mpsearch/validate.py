@@ -19,14 +19,21 @@ from mpsearch.batches import (
     ignored_outputs,
     materialize,
     model_device,
-    output_kind,
     split_batch,
     to_device,
 )
 from mpsearch.bitmap import BitMap, require_bitmap
 from mpsearch.costs import sliced_weight_bytes
 from mpsearch.layers import discover, layer_weight, quantizable_modules, require_values
-from mpsearch.losses import LossSpec, Objective, kl_divergence, mse_divergence
+from mpsearch.losses import (
+    LossSpec,
+    Objective,
+    divergence_kind,
+    is_distribution,
+    kl_divergence,
+    log_probabilities,
+    mse_divergence,
+)
 from mpsearch.quant.apply import quantize
 from mpsearch.slices import for_deployment, needs_slicing, slice_model
 
@@ -195,7 +202,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     objective = Objective(batches, loss_fn)
     sums = {"lf": 0.0, "lq": 0.0, "div": 0.0, "acc_f": 0.0, "acc_q": 0.0, "agree": 0.0}
     n_acc = n_agree = n_samples = 0
-    div_kind = "kl"
+    div_kind: str = "kl"
+    probabilities = False
     with preserved(model), torch.no_grad():
         model.eval()
         qmodel.eval()
@@ -210,9 +218,11 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
             sums["lq"] += float(objective.loss_of_output(out_q, i, batch, split.targets,
                                                          split.attention_mask))
             yf, yq = first_output(out_f), first_output(out_q)
-            if i == 0:
+            if i == 0:  # decided on the first batch, as the objective's loss is
                 others = ignored_outputs(out_f)
-            div_kind = "kl" if output_kind(out_f) == "logits" else "mse"
+                div_kind, probabilities = divergence_kind(out_f, split.targets)
+            if probabilities:
+                yf, yq = log_probabilities(yf), log_probabilities(yq)
             div = kl_divergence if div_kind == "kl" else mse_divergence
             # KL >= 0; float32 rounding leaves about -1e-8 where the outputs barely differ
             sums["div"] += max(0.0, float(div(yq, yf, split.attention_mask)))
@@ -224,6 +234,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
                 if t is not None and _shifts_labels(model, batch) and t.dim() >= 2:
                     # a Hugging Face causal LM predicts labels[:, 1:] from logits[:, :-1]
                     pf, pq, t = pf[:, :-1], pq[:, :-1], t[:, 1:]
+                if t is not None and is_distribution(t, int(yf.shape[-1])):
+                    t = t.argmax(-1)  # one-hot or smoothed labels: their class
                 if t is not None and t.shape == pf.shape and not t.is_floating_point():
                     valid = t != -100
                     denom = max(int(valid.sum()), 1)

@@ -238,6 +238,68 @@ def test_default_loss_is_the_divergence_even_with_labels() -> None:
     assert regression.kind == "mse"
 
 
+def test_soft_labels_are_classes_not_a_regression() -> None:
+    """One-hot or smoothed float labels are class distributions: the default divergence
+    stays the KL, with the same ratings as no labels; other real-valued targets of the
+    output's width are a regression (MSE)."""
+    model = _softmax_linear()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=gen)
+    onehot = F.one_hot(torch.randint(0, 4, (16,), generator=gen), 4).float()
+    smoothed = onehot * 0.9 + 0.1 / 4
+    without = _estimate(model, [x], QError())
+    for targets in (onehot, smoothed):
+        objective = Objective([(x, targets)])
+        objective.prepare(model, CPU)
+        assert objective.kind == "kl" and not objective.probabilities
+        np.testing.assert_array_equal(_estimate(model, [(x, targets)], QError()).omega,
+                                      without.omega)
+    for targets in (torch.randn(16, 4, generator=gen), onehot * 2.0, torch.randn(16, 1)):
+        objective = Objective([(x, targets)])
+        objective.prepare(model, CPU)
+        assert objective.kind == "mse"
+
+
+@pytest.mark.parametrize("estimator", [QError(), Fisher()], ids=["qerror", "fisher"])
+def test_probability_outputs_are_compared_as_distributions(estimator) -> None:  # type: ignore[no-untyped-def]
+    """A model ending in softmax is rated as the same model without it: KL between its
+    output distributions, not between softmaxes of its probabilities (30× flatter)."""
+    logits_model = _softmax_linear()
+    probs_model = nn.Sequential(logits_model[0], nn.Softmax(-1)).eval()
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    objective = Objective([x])
+    objective.prepare(probs_model, CPU)
+    assert objective.kind == "kl" and objective.probabilities
+    from_logits = _estimate(logits_model, [x], estimator)
+    from_probs = _estimate(probs_model, [x], estimator)
+    assert from_logits.omega[0, 0] > 1e-3
+    np.testing.assert_allclose(from_probs.omega, from_logits.omega, rtol=1e-4, atol=1e-9)
+    # log-probabilities were right before: log_softmax is unchanged by a shift
+    log_model = nn.Sequential(logits_model[0], nn.LogSoftmax(-1)).eval()
+    np.testing.assert_allclose(_estimate(log_model, [x], estimator).omega, from_logits.omega,
+                               rtol=1e-4, atol=1e-9)
+
+
+def test_validate_compares_probabilities_and_reads_one_hot_labels() -> None:
+    """validate's output KL of a softmax model is its logits twin's, and one-hot float
+    labels give the same accuracy as class indices."""
+    logits_model = _softmax_linear()
+    probs_model = nn.Sequential(logits_model[0], nn.Softmax(-1)).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 6, generator=gen)
+    y = (x @ logits_model[0].weight.detach().T).argmax(-1)
+    y[:8] = (y[:8] + 1) % 4  # some wrong, so accuracy is not trivially 1
+    bitmap = mpsearch.BitMap.uniform(logits_model, 2)
+    ref = mpsearch.validate(logits_model, bitmap, data=[(x, y)], progress=False)
+    probs = mpsearch.validate(probs_model, bitmap, data=[(x, F.one_hot(y, 4).float())],
+                              progress=False)
+    assert ref.output_divergence > 1e-3
+    assert probs.output_divergence == pytest.approx(ref.output_divergence, rel=1e-4)
+    assert probs.divergence_kind == "kl"
+    assert probs.accuracy_float == ref.accuracy_float == pytest.approx(56 / 64)
+    assert probs.accuracy_quantized == ref.accuracy_quantized
+
+
 def test_loss_fn_names_are_checked() -> None:
     model = _softmax_linear()
     with pytest.raises(ValueError, match="'divergence' or 'task'"):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from mpsearch._report import some
 from mpsearch.batches import batch_rows, first_output, slice_batch, split_batch, to_device
 from mpsearch.layers import layer_weight, weight_key
-from mpsearch.losses import compared_output, cross_entropy
+from mpsearch.losses import cross_entropy
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -270,7 +270,7 @@ class _Probe:
         """The pseudo-loss of ``out``; ``rows``: samples it covers (default the probe's)."""
         aux = self.aux if aux is None else aux
         mask = self.mask if mask is None else mask
-        y = compared_output(out) if self.kind in ("kl", "mse") else first_output(out)
+        y = self.objective.compared(out) if self.kind in ("kl", "mse") else first_output(out)
         if self.kind == "kl":
             assert aux is not None and mask is not None
             per_pos = F.cross_entropy(y.float().reshape(-1, y.shape[-1]),
