@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
                 for key in [k for k in current if k not in saved]:
                     del current[key]
         for name, p in model.named_parameters():
-            if name in flags:
+            if name in flags and not is_lazy(p):  # a lazy module's has no flag to set
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
         for encoder in nested:

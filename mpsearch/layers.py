@@ -13,6 +13,7 @@ fully-qualified name (FQN) everywhere.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import itertools
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from mpsearch._report import some
 from mpsearch._state import preserved
@@ -408,8 +410,7 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
             continue
         wid = _weight_identity(module)
         if wid in seen_params:
-            log.warning("%s shares its weight with %s; it is quantized once, as %s",
-                        name, seen_params[wid], seen_params[wid])
+            _tell_shared(name, seen_params[wid])
             continue
         seen_params[wid] = name
         found[name] = module
@@ -458,7 +459,15 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
-def require_values(model: nn.Module) -> None:
+@functools.lru_cache(maxsize=256)
+def _tell_shared(name: str, owner: str) -> None:
+    """Say once per process that ``name`` shares its weight with ``owner`` (a search looks
+    the layers up many times; the warning came 42 times)."""
+    log.warning("%s shares its weight with %s; it is quantized once, as %s", name, owner,
+                owner)
+
+
+def require_values(model: object) -> None:
     """Raise ValueError where the model's weights have no values (the meta device), or
     where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles); a
     TypeError where it is no module at all."""
@@ -469,6 +478,12 @@ def require_values(model: nn.Module) -> None:
             "the model is torch.compile's wrapper: pass the module it wraps "
             "(model._orig_mod), and compile the quantized model afterwards; the search "
             "hooks and swaps weights on every pass, which would recompile it each time")
+    lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if is_lazy(t)]
+    if lazy:
+        raise ValueError(f"{len(lazy)} weight(s) of the {type(model).__name__} are not "
+                         f"initialized yet ({some(lazy)}: lazy modules such as nn.LazyLinear): "
+                         "run one forward pass on a sample batch first")
     meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if t.is_meta]
     if meta:

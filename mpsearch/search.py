@@ -34,6 +34,7 @@ from mpsearch.layers import (
     layer_weight,
     plain_weights,
     quantizable_modules,
+    require_values,
     unsearched_weights,
     weights_read,
 )
@@ -706,8 +707,7 @@ def _check_arguments(model: object, *, seed: object, include: object, exclude: o
                      ) -> tuple[int, Patterns, Patterns, dict[str, int] | None, int | None]:
     """A clear TypeError for an argument of the wrong type, before any work; the values
     as plain Python (seed, include, exclude, pin, a_bits)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require_values(model)  # a TypeError for no module; lazy, meta or compiled models named
     if qconfig is not None and not isinstance(qconfig, QuantConfig):
         hint = ": build one, QuantConfig(**...)" if isinstance(qconfig, Mapping) else ""
         raise TypeError(f"qconfig must be a QuantConfig, got {type(qconfig).__name__}{hint}")

@@ -590,6 +590,24 @@ def test_a_model_without_values_is_refused_clearly() -> None:
             call()
 
 
+def test_a_lazy_model_not_yet_run_is_refused_clearly() -> None:
+    """An nn.LazyLinear not yet run failed in the finite-weights check, and then again in
+    the clean-up that restores requires_grad, whose error the user saw."""
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    data = [torch.randn(4, 8)]
+    for call in (lambda: mpsearch.search(model, 4.0, data=data, progress=False),
+                 lambda: mpsearch.quantize(model, mpsearch.BitMap.uniform(nn.Linear(8, 16), 4)),
+                 lambda: mpsearch.validate(model, mpsearch.BitMap.uniform(nn.Linear(8, 16), 4),
+                                           data=data, progress=False)):
+        with pytest.raises(ValueError, match=r"not initialized yet \(0.weight, 0.bias.*"
+                                             "run one forward pass"):
+            call()
+    model(data[0])  # initialized: searched as any model
+    res = mpsearch.search(model, 4.0, data=data, progress=False, sensitivity="fisher",
+                          slices=None)
+    assert set(res.bitmap) == {"0", "2"}
+
+
 def test_buffers_the_forward_updates_are_restored() -> None:
     """A forward that counts what it has seen ran ~50 times in a search and came back
     with its buffers changed: the user's state_dict was not the one handed in."""
