@@ -86,3 +86,28 @@ def test_import_resolves_class_targets_with_the_model_only(minilm):
     back = BitMap.from_format("compressed-tensors", doc, model=model)
     assert back["pooler.dense"].w_bits == 32
     assert {b for n, b in back.bits().items() if n != "pooler.dense"} == {4}
+
+
+def test_a_recurrent_models_map_reads_back_with_the_model() -> None:
+    """An LSTM's matrices are layers named by their parameters (``rnn.weight_ih_l0``), not
+    modules: reading an export back with ``model=`` raised a bare KeyError on them."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Tagger()
+    config = ex.export(BitMap.uniform(model, 4))
+    assert sorted(config["ignore"]) == ["rnn.weight_hh_l0", "rnn.weight_ih_l0"]  # kept float
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportWarning)  # the matrices are no unmatched names
+        back = ex.import_(config, model=model)
+    assert back.bits() == {"rnn.weight_ih_l0": 32, "rnn.weight_hh_l0": 32, "head": 4}

@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError, OSError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mpsearch: error: {message}", file=sys.stderr)
+        if args.verbose:  # a bug of ours shows where, for the report
+            traceback.print_exc()
         return EXIT_ERROR
     except RuntimeError as exc:  # mostly the user's model failing on the data
         lines = str(exc).strip().splitlines()

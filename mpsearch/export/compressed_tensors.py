@@ -171,12 +171,15 @@ def _schemes_on(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Mappin
     apply_quantization_config(shadow, validated, show_progress=False)
     modules = dict(shadow.named_modules())
     wanted = [t for g in validated.config_groups.values() for t in g.targets]
+    # a recurrent matrix ("rnn.weight_ih_l0", as export writes it to 'ignore') is a layer
+    # of ours but no module of torch's: it stays float, and its name is not unmatched
     unmatched = [t for t in dict.fromkeys(wanted + list(validated.ignore or []))
-                 if t not in modules and not any(is_match(n, m, t) for n, m in modules.items())]
+                 if t not in modules and t not in names
+                 and not any(is_match(n, m, t) for n, m in modules.items())]
     warn(FORMAT, unmatched, f"ignored (matches no module of {type(model).__name__})",
          unit="target(s)")
     out: dict[str, Mapping[str, Any]] = {}
     for name in names:
-        scheme = getattr(modules[name], "quantization_scheme", None)
+        scheme = getattr(modules.get(name), "quantization_scheme", None)
         out[name] = scheme.model_dump() if scheme is not None else {}
     return out

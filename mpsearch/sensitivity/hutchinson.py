@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -91,11 +92,23 @@ LossOfParams = Callable[[int, Mapping[str, Tensor]], Tensor]
 HVP_METHODS = ("auto", "forward_over_reverse", "double_backward")
 
 
+def _quiet_jvp_setup() -> None:
+    """Load torch's forward-mode decompositions without their warnings: on first use they
+    compile themselves with ``torch.jit.script``, which newer torch releases warn is
+    deprecated, 18 times, about torch's own code (nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
+        with contextlib.suppress(ImportError):
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 def _hvp_forward_over_reverse(loss: LossOfParams, i: int, params: dict[str, Tensor],
                               v: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor],
                                                              dict[str, Tensor]]:
     """(loss, gradient, Hv) by forward-mode differentiation of the gradient."""
     from torch.func import grad_and_value, jvp
+
+    _quiet_jvp_setup()
 
     def grad_value(p: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         return grad_and_value(lambda q: loss(i, q))(p)
