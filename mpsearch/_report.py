@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,17 @@ def some(names: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` names, comma-separated, and how many more there are."""
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
+
+
+_SAID: set[tuple[str, str]] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` as a warning the first time this process says it: a search looks at
+    the model many times (each stage, each sliced copy), and one warning is enough."""
+    if (logger.name, message) not in _SAID:
+        _SAID.add((logger.name, message))
+        logger.warning("%s", message)
 
 
 def _fmt(value: object, floatfmt: str) -> str:

@@ -13,7 +13,6 @@ fully-qualified name (FQN) everywhere.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import itertools
 import logging
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from mpsearch._report import some
+from mpsearch._report import some, warn_once
 from mpsearch._state import preserved
 from mpsearch.batches import Batch, call, model_device, split_batch, to_device
 
@@ -410,7 +409,10 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
             continue
         wid = _weight_identity(module)
         if wid in seen_params:
-            _tell_shared(name, seen_params[wid])
+            # (said once: a search looks the layers up many times, and it came 42 times)
+            owner = seen_params[wid]
+            warn_once(log, f"{name} shares its weight with {owner}; it is quantized once, "
+                           f"as {owner}")
             continue
         seen_params[wid] = name
         found[name] = module
@@ -457,14 +459,6 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
     if kind == "Conv1D":
         return int(shape[1]), int(shape[0])
     return int(shape[0]), int(math.prod(shape[1:]))
-
-
-@functools.lru_cache(maxsize=256)
-def _tell_shared(name: str, owner: str) -> None:
-    """Say once per process that ``name`` shares its weight with ``owner`` (a search looks
-    the layers up many times; the warning came 42 times)."""
-    log.warning("%s shares its weight with %s; it is quantized once, as %s", name, owner,
-                owner)
 
 
 def require_values(model: object) -> None:

@@ -7,9 +7,12 @@ Decided once from the first batch and the model's first output:
    output from the *float* model's output on the same batch — KL over the last dimension
    for logits (``(N, C)``, ``(N, T, C)``), mean squared error for hidden states such as
    ``last_hidden_state``, for a value per sample (``(N,)``, ``(N, 1)``), for outputs of
-   four or more dimensions (images, score maps) and for outputs whose targets are real
-   numbers (regression) (:func:`mpsearch.batches.output_kind`) — masked by
-   ``attention_mask`` where there is one. Targets in the batch are not needed and not used;
+   four or more dimensions (images, score maps), for rows of length 1 (normalized
+   embeddings) and for outputs whose targets are real numbers that are not class
+   distributions (regression; one-hot or smoothed labels are classes)
+   (:func:`divergence_kind`) — masked by ``attention_mask`` where there is one. A model
+   whose outputs are probabilities (it ends in softmax) is compared through their
+   logarithms. Targets in the batch are not needed and not used otherwise;
 3. ``loss_fn="task"``: the task loss on the batch's targets — the output's own ``.loss``
    (Hugging Face models given ``labels``), else cross-entropy of the logits.
 
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpsearch._report import warn_once
 from mpsearch.batches import (
     Batch,
     call,
@@ -82,18 +86,29 @@ def is_distribution(t: Tensor | None, classes: int) -> bool:
     return bool((v >= 0).all() and ((v.sum(-1) - 1).abs() <= 1e-3).all())
 
 
+def unit_rows(t: Tensor) -> bool:
+    """True where every row of ``t`` (its last dimension) has length 1: normalized
+    embeddings (a sentence encoder's), not class scores."""
+    if not t.is_floating_point() or t.dim() < 2 or t.shape[-1] < 2 or t.numel() == 0:
+        return False
+    return bool(((t.detach().float().norm(dim=-1) - 1).abs() <= 1e-3).all())
+
+
 def divergence_kind(output: Any, targets: Tensor | None) -> tuple[Literal["kl", "mse"], bool]:
     """How an output is compared with the float model's: ``("kl", probabilities)`` for
     class scores, ``("mse", False)`` for anything else.
 
-    KL for logits (:func:`mpsearch.batches.output_kind`) — unless the batch's targets are
-    real numbers that are not class distributions (a regressor with several outputs), which
-    take MSE; one-hot or smoothed float labels are classes. ``probabilities``: the output's
+    KL for logits (:func:`mpsearch.batches.output_kind`) — unless the rows are unit vectors
+    (normalized embeddings, :func:`unit_rows`), or the batch's targets are real numbers
+    that are not class distributions (a regressor with several outputs): those take MSE;
+    one-hot or smoothed float labels are classes. ``probabilities``: the output's
     rows are probability distributions already (a model ending in softmax), compared through
     their logarithms (a softmax of probabilities would flatten them)."""
     if output_kind(output) != "logits":
         return "mse", False
     first = compared_output(output)
+    if unit_rows(first):
+        return "mse", False
     classes = int(first.shape[-1]) if first.dim() else 1
     if (targets is not None and targets.is_floating_point()
             and not is_distribution(targets, classes)):
@@ -285,20 +300,24 @@ class Objective:
                 self.kind, self.probabilities = divergence_kind(out, split.targets)
                 first = first_output(out)
                 shape = tuple(first.shape) if isinstance(first, Tensor) else ()
-                regression = (self.kind == "mse" and output_kind(out) == "logits")
+                why = ""
+                if self.kind == "mse" and output_kind(out) == "logits":
+                    why = (" (its rows are unit vectors: embeddings)"
+                           if unit_rows(compared_output(out)) else
+                           " (float targets that are not class distributions: a regression)")
+                elif self.probabilities:
+                    why = " (its rows are probabilities: compared as their logarithms)"
                 log.info("divergence loss: %s of the output %s to the float model's%s",
                          "KL over the last dimension" if self.kind == "kl" else "MSE", shape,
-                         " (float targets that are not class distributions: a regression)"
-                         if regression else " (its rows are probabilities: compared as "
-                         "their logarithms)" if self.probabilities else "")
+                         why)
                 others = ignored_outputs(out)
-                if others:
-                    log.warning("the model returns %d tensors and the divergence compares "
-                                "only %s with the float model's; a layer that feeds "
-                                "only the others (%s) goes unmeasured (a search rates it "
-                                "harmless and gives it the fewest bits). Pass loss_fn= "
-                                "to score them too", len(others) + 1, _compared(out),
-                                ", ".join(others[:4]) + (", ..." if len(others) > 4 else ""))
+                if others:  # said once: every stage of a search prepares an objective
+                    warn_once(log, f"the model returns {len(others) + 1} tensors and the "
+                              f"divergence compares only {_compared(out)} with the float "
+                              "model's; a layer that feeds only the others ("
+                              + ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+                              + ") goes unmeasured (a search rates it harmless and gives it "
+                              "the fewest bits). Pass loss_fn= to score them too")
         self._refs = []
         if self.is_divergence:
             for i, batch in enumerate(self.batches):

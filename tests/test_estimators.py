@@ -280,6 +280,49 @@ def test_probability_outputs_are_compared_as_distributions(estimator) -> None:  
                                rtol=1e-4, atol=1e-9)
 
 
+def test_normalized_embeddings_are_compared_by_mse() -> None:
+    """A sentence encoder's unit-length embeddings are no class scores: MSE, not KL over
+    a softmax of their dimensions."""
+    encoder = nn.Sequential(nn.Linear(6, 8, bias=False))
+
+    class Normalized(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(encoder(x), dim=-1)
+
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(4))
+    objective = Objective([x])
+    objective.prepare(Normalized(), CPU)
+    assert objective.kind == "mse"
+    raw = Objective([x])  # the same vectors, not normalized: scores of 8 classes
+    raw.prepare(encoder, CPU)
+    assert raw.kind == "kl"
+
+
+def test_the_multi_output_warning_is_said_once(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Every stage of a search prepares an objective: the warning came 3-4 times a call."""
+    import mpsearch._report
+
+    monkeypatch.setattr(mpsearch._report, "_SAID", set())
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(self.body(x))
+            return self.a(h), self.b(h)
+
+    model = TwoHeads().eval()
+    x = [torch.randn(32, 6, generator=torch.Generator().manual_seed(6))]
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            res = mpsearch.search(model, 4.0, data=x, progress=False, slices=None)
+            mpsearch.validate(model, res.bitmap, data=x, progress=False)
+    said = [r for r in caplog.records if "the model returns 2 tensors" in r.getMessage()]
+    assert len(said) == 1
+
+
 def test_validate_compares_probabilities_and_reads_one_hot_labels() -> None:
     """validate's output KL of a softmax model is its logits twin's, and one-hot float
     labels give the same accuracy as class indices."""
