@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ from torch import nn
 from mpsearch._io import batch_tensors, tensor_digest
 from mpsearch._report import some
 from mpsearch._state import backward_hooks_off, outside_inference_mode, preserved
-from mpsearch.batches import Batch, materialize, model_device
+from mpsearch.batches import Batch, batch_rows, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
 from mpsearch.budget import Budget
 from mpsearch.costs import cost_tables, latency_cost_table, shared_scales
@@ -98,6 +98,26 @@ CNN (1.06), ONet (1.65) and the depthwise-separable CNN (4.39) gained from 16 sl
 MobileNetV2 (5.88) lost a little at 4 bits with 8 slices
 (17-20× → 16-18×) for 9× the qerror time; CRAFT (8.6), the CRNN (12.7) and MiniLM (24.6)
 stay per layer."""
+
+
+AUTO_SLICE_GAIN = 4.0
+"""Where ``slices="auto"`` searches per layer (the weights spread over many layers) and
+the per-layer map measures less than this many times below the uniform map of the budget
+on the calibration data (per-layer allocation found little to trade), it also searches
+:data:`AUTO_SLICES` slices per layer, if that costs at most :data:`AUTO_SLICE_WORK_MACS`,
+and keeps whichever map measures less damage there. Spread weights do not mean equal
+sensitivities: a two-layer bidirectional LSTM (7.1 layers' worth) measured 1.21× below
+uniform INT4 per layer and 5.2-5.6× with 8 slices, a dilated causal CNN (6.7) 2.5× and
+4.7-5.8×, a small vision transformer (7.8) 1.6-1.9× and 1.7-2.0×; where per layer is
+already far ahead it stays (a ResNeXt, 5.1: 19.8× per layer, 10.1-10.4× sliced, 5× the
+qerror time)."""
+
+AUTO_SLICE_WORK_MACS = 1e12
+"""The most work ``slices="auto"`` spends trying slices on a model whose weights spread
+over many layers: units (slices and unsliced layers) × multiply-accumulates of the layers
+over the calibration data (the probes of ``qerror`` grow with the units). Small models
+pass (that LSTM 1.5e11, the CNN 3e10); MobileNetV2 (8e12), MiniLM (7e12) and the OCR
+models (1e13 and more), for which per-layer allocation is the rule, do not."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +333,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             ``tie``. ``"auto"`` (default): :data:`AUTO_SLICES` slices where the weights sit
             in fewer than :data:`AUTO_SLICE_LAYERS` layers' worth (one Linear holding
             most of them, as in small CNNs: the bit map's provenance says why), per layer
-            otherwise and always with a ``profile``, ``tie`` or a per-layer table;
+            otherwise — and then, where the per-layer map measures less than
+            :data:`AUTO_SLICE_GAIN` times below the budget's uniform map on the
+            calibration data and slicing costs at most :data:`AUTO_SLICE_WORK_MACS`,
+            :data:`AUTO_SLICES` slices too, keeping the map that measures less damage
+            there — and always per layer with a ``profile``, ``tie`` or a per-layer table;
             ``None``: always per layer.
 
     Raises:
@@ -584,11 +608,20 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                         include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
                         progress=progress, slices=None, **rest)  # type: ignore[arg-type]
         sizes = [info.params for info in layers]
+        spread = not _few_layers(layers, [i.name for i in layers])
         result.bitmap.provenance["slices_auto"] = (
             f"per layer: the weights sit in {sum(sizes) ** 2 / max(sum(p * p for p in sizes), 1):.2f} "
             f"layers' worth (slices below {AUTO_SLICE_LAYERS:g})"
-            if not _few_layers(layers, [i.name for i in layers]) else
-            "per layer: channel slices cannot cut most of the weights")
+            if spread else "per layer: channel slices cannot cut most of the weights")
+        if spread and stored is None and not isinstance(rest["sensitivity"], SensitivityTable):
+            work = (len(layers) + (AUTO_SLICES - 1) * len(cuttable)) * sum(
+                batch_rows(b) for b in batches) * sum(float(i.macs) for i in layers)
+            if (2 * sum(i.params for i in cuttable) >= sum(sizes)
+                    and work <= AUTO_SLICE_WORK_MACS):
+                return _or_slices(result, original, budget, batches=batches, loss_fn=loss_fn,
+                                  bits=bits, include=include, exclude=exclude, pin=pin,
+                                  qconfig=qconfig, seed=seed, progress=progress,
+                                  profile=profile, work=work, **rest)
         return result
     if why:
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
@@ -670,6 +703,49 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                 scales)
     return per_layer(f"{count} slices measured no better than uniform INT{widest} within "
                      f"this budget")
+
+
+def _or_slices(result: SearchResult, model: nn.Module, budget: Budget | float, *,
+               batches: list[Batch], loss_fn: LossSpec, qconfig: QuantConfig, work: float,
+               **options: Any) -> SearchResult:
+    """The per-layer ``result`` of ``slices="auto"`` on a model whose weights spread over
+    many layers, or a search of :data:`AUTO_SLICES` slices per layer where the per-layer
+    map measured less than :data:`AUTO_SLICE_GAIN` times below the budget's uniform map
+    on the calibration data and the sliced map measures less damage there."""
+    from mpsearch.validate import validate
+
+    def damage(bitmap: BitMap) -> float:
+        return validate(model, bitmap, data=batches, loss_fn=loss_fn,
+                        progress=False).loss_increase
+
+    widest = _widest_uniform(result.problem)
+    if widest is None:
+        return result
+    uniform = damage(BitMap.uniform(model, widest, qconfig=qconfig, a_bits=options["a_bits"],
+                                    include=options["include"], exclude=options["exclude"]))
+    per_layer = damage(result.bitmap)
+    if not uniform > 0 or uniform >= AUTO_SLICE_GAIN * per_layer:
+        return result
+    gain = uniform / per_layer if per_layer > 0 else float("inf")
+    log.info("slices='auto': the per-layer map measured only %.2fx below uniform INT%d on "
+             "the calibration data (under %g): searching %d channel slices per layer as "
+             "well (%.2g units x MACs)", gain, widest, AUTO_SLICE_GAIN, AUTO_SLICES, work)
+    try:
+        sliced = _sliced_search(model, budget, AUTO_SLICES, data=batches, loss_fn=loss_fn,
+                                qconfig=qconfig, tie=None, **options)
+    except InfeasibleBudget:  # the slices' own scales do not fit a size budget
+        return result
+    if sliced.sliced_model is None:  # it fell back to per layer itself
+        return result
+    mixed = damage(sliced.bitmap)
+    why = (f"per layer measured {gain:.2f}x below uniform INT{widest} on the calibration "
+           f"data (under {AUTO_SLICE_GAIN:g}); {AUTO_SLICES} slices measured "
+           f"{uniform / mixed if mixed > 0 else float('inf'):.2f}x")
+    if mixed < per_layer:
+        sliced.bitmap.provenance["slices_auto"] = why + ": sliced"
+        return sliced
+    result.bitmap.provenance["slices_auto"] = why + ": per layer"
+    return result
 
 
 def _budget_problem(model: nn.Module, layers: Sequence[LayerInfo], bits: Sequence[int],

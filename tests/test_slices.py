@@ -539,12 +539,10 @@ def test_auto_rule_counts_layers_by_weight() -> None:
 
 
 def test_auto_stays_per_layer_where_weights_are_spread(mnist_calib) -> None:  # type: ignore[no-untyped-def]
-    """Six layers of which five equal (effective count 5.3): "auto" is the per-layer
-    search, map for map."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.AvgPool1d(12, 12), nn.Linear(65, 64), nn.ReLU(),
-                          *[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())],
-                          nn.Linear(64, 10)).eval()
+    """Six layers of which five equal (effective count 5.3), and a per-layer map that
+    measures more than AUTO_SLICE_GAIN below uniform INT4 on the calibration data: "auto"
+    is the per-layer search, map for map."""
+    model = _spread_mlp()
     opts = {"data": mnist_calib[:2], "sensitivity": "fisher", "refine": False,
             "progress": False}
     auto = mpsearch.search(model, 4.0, **opts)
@@ -556,6 +554,47 @@ def test_auto_stays_per_layer_where_weights_are_spread(mnist_calib) -> None:  # 
     table = mpsearch.search(model, 3.0, **{**opts, "sensitivity": auto.sensitivity})
     assert table.bitmap.provenance["slices_auto"] == (
         "per layer: the sensitivity table is per layer")
+
+
+def _spread_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.AvgPool1d(12, 12), nn.Linear(65, 64), nn.ReLU(),
+                         *[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())],
+                         nn.Linear(64, 10)).eval()
+
+
+def test_auto_tries_slices_where_per_layer_gains_little(mnist_calib, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Weights spread over many layers, and the per-layer map measures little below the
+    uniform map on the calibration data: "auto" searches 16 slices per layer as well and
+    keeps whichever map measures less damage there, map for map."""
+    import importlib
+
+    search_module = importlib.import_module("mpsearch.search")  # (mpsearch.search is the verb)
+    model = _spread_mlp()
+    data = mnist_calib[:2]
+    opts = {"data": data, "sensitivity": "fisher", "refine": False, "progress": False}
+
+    def damage(bitmap: mpsearch.BitMap) -> float:
+        return mpsearch.validate(model, bitmap, data=data, progress=False).loss_increase
+
+    per_layer = mpsearch.search(model, 4.0, slices=None, **opts).bitmap
+    sliced = mpsearch.search(model, 4.0, slices=search_module.AUTO_SLICES, **opts).bitmap
+    uniform = damage(mpsearch.BitMap.uniform(model, 4))
+    assert damage(sliced) != damage(per_layer)
+    monkeypatch.setattr(search_module, "AUTO_SLICE_GAIN", float("inf"))  # always gains little
+    auto = mpsearch.search(model, 4.0, **opts).bitmap
+    best = min((per_layer, sliced), key=damage)
+    assert auto.bits() == best.bits() and (auto.slices is None) == (best.slices is None)
+    why = auto.provenance["slices_auto"]
+    assert why.startswith(f"per layer measured {uniform / damage(per_layer):.2f}x below "
+                          f"uniform INT4 on the calibration data (under inf); 16 slices "
+                          f"measured {uniform / damage(sliced):.2f}x: ")
+    assert why.endswith(": sliced" if best is sliced else ": per layer")
+    # more work than the cap allows: per layer, not tried
+    monkeypatch.setattr(search_module, "AUTO_SLICE_WORK_MACS", 0.0)
+    capped = mpsearch.search(model, 4.0, **opts).bitmap
+    assert capped.bits() == per_layer.bits() and capped.slices is None
+    assert capped.provenance["slices_auto"].startswith("per layer: the weights sit in")
 
 
 def test_quantize_in_place_refuses_slices_with_different_input_widths(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
