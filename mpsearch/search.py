@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from mpsearch._io import batch_tensors, tensor_digest
-from mpsearch._report import some
+from mpsearch._report import some, warn_once
 from mpsearch._state import backward_hooks_off, outside_inference_mode, preserved
 from mpsearch.batches import Batch, batch_rows, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
@@ -515,7 +515,8 @@ def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
             kinds[info.kind] = kinds.get(info.kind, 0) + info.params
     total = sum(i.params for i in layers)
     log.warning("slices='auto': %s, but channel slices cannot cut %.0f%% of them (%s; they "
-                "cut plain Linear and Conv layers and recurrent matrices that are not "
+                "cut plain Linear (and Hugging Face Conv1D) and Conv layers and recurrent "
+                "matrices that are not "
                 "pinned, tied or read by their parent): the search is per layer, where so few layers leave the "
                 "solver little to trade against uniform widths",
                 _few_layers(layers, [i.name for i in layers]), 100 * sum(kinds.values()) / total,
@@ -849,10 +850,11 @@ def _warn_unsearched(model: nn.Module, modules: Mapping[str, nn.Module]) -> None
         return
     searched = sum(layer_weight(m).numel() for m in modules.values())
     share = sum(other.values()) / (sum(other.values()) + searched)
-    log.warning("%s of the model's weights stay float, outside the search and its budget: "
-                "mpsearch does not quantize %s", f"{share:.0%}" if share >= 0.01 else "<1%",
-                ", ".join(f"{kind} ({n:,} weights)" for kind, n in
-                          sorted(other.items(), key=lambda kv: -kv[1])))
+    # once a process: a sliced search and its per-layer alternative both look
+    warn_once(log, f"{f'{share:.0%}' if share >= 0.01 else '<1%'} of the model's weights "
+                   "stay float, outside the search and its budget: mpsearch does not "
+                   "quantize " + ", ".join(f"{kind} ({n:,} weights)" for kind, n in
+                                           sorted(other.items(), key=lambda kv: -kv[1])))
 
 
 def _drop_idle(model: nn.Module, layers: list[LayerInfo], modules: dict[str, nn.Module],

@@ -330,8 +330,10 @@ def test_no_layer_running_is_an_error() -> None:
 
 
 def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpsearch.batches import ignored_outputs
+
+    monkeypatch.setattr("mpsearch._report._SAID", set())  # said once a process
 
     class TwoOut(nn.Module):
         def __init__(self) -> None:
@@ -362,7 +364,7 @@ def test_tuple_output_warns_that_the_divergence_reads_only_the_first(
 
 
 def test_weights_of_kinds_not_searched_are_named_with_their_share(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpsearch.layers import quantizable_modules, unsearched_weights
 
     class Mixed(nn.Module):
@@ -391,6 +393,7 @@ def test_weights_of_kinds_not_searched_are_named_with_their_share(
     assert unsearched_weights(untied, quantizable_modules(untied))["pos"] == 40
     del untied.pos
     torch.manual_seed(0)
+    monkeypatch.setattr("mpsearch._report._SAID", set())  # said once a process
     with caplog.at_level("WARNING", logger="mpsearch"):
         mpsearch.search(untied.eval(), 4.0, data=[torch.randint(0, 50, (2, 5))] * 2,
                         refine=False, progress=False, slices=None)

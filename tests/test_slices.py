@@ -1219,3 +1219,59 @@ def test_compiled_model_is_refused_with_the_module_to_pass() -> None:
     data = [(torch.randn(8, 16), torch.randint(0, 5, (8,)))]
     with pytest.raises(ValueError, match="_orig_mod"):
         mpsearch.search(torch.compile(model), 4.0, data=data, progress=False)
+
+
+def _tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=20,
+                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_hugging_face_conv1d_is_sliced_as_the_linear_it_is() -> None:
+    """GPT-2's Conv1D layers (weight stored (in, out)) are cut by their output features
+    into Linear slices: the same function, uniform INT4 the same values, mixed widths the
+    whole layer's rows at each slice's width, and merged back a Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(1))
+    rows = lambda n, k: tuple(tuple(range(i, n, k)) for i in range(k))
+    plan = SlicePlan({"transformer.h.0.attn.c_attn": rows(96, 3),
+                      "transformer.h.0.mlp.c_proj": rows(32, 2)})
+    sliced = slice_model(model, plan)
+    attn = sliced.transformer.h[0].attn.c_attn
+    assert isinstance(attn, ChannelSlices) and attn.nf == 96
+    assert all(type(p) is nn.Linear for p in attn.parts)
+    torch.testing.assert_close(sliced(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    q_whole = mpsearch.quantize(model, BitMap.uniform(model, 4))
+    q_sliced = mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))
+    torch.testing.assert_close(q_sliced(ids).logits, q_whole(ids).logits, rtol=1e-5, atol=1e-5)
+    widths = {"transformer.h.0.attn.c_attn.parts.0": 2, "transformer.h.0.attn.c_attn.parts.1": 8}
+    merged = merge_slices(mpsearch.quantize(sliced, BitMap.from_bits(sliced, widths, default=4)))
+    conv = merged.transformer.h[0].attn.c_attn
+    assert type(conv) is Conv1D and conv.weight.shape == (32, 96)
+    for k, bits in enumerate((2, 8, 4)):
+        whole = mpsearch.quantize(model, BitMap.uniform(model, bits)).transformer.h[0].attn
+        torch.testing.assert_close(conv.weight[:, list(plan.layers["transformer.h.0.attn.c_attn"][k])],
+                                   whole.c_attn.weight[:, list(rows(96, 3)[k])])
+
+
+def test_a_gpt2_search_slices_its_conv1d_layers() -> None:
+    """slices=4 on GPT-2 cuts its Conv1D layers (the LM head shares the embedding's
+    weight and stays whole); the map validates and its model is left as it was."""
+    model = _tiny_gpt2()
+    data = [torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    before = _state(model)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=4,
+                          refine=False, progress=False)
+    _assert_same(before, model)
+    assert res.bitmap.slices is not None
+    assert set(res.bitmap.slices.layers) == {f"transformer.h.0.{n}" for n in
+                                             ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                              "mlp.c_proj")}
+    report = mpsearch.validate(model, res.bitmap, data=data, progress=False)
+    assert report.output_divergence > 0 and abs(res.bitmap.avg_bits() - 4.0) < 0.05
