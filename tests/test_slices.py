@@ -1278,3 +1278,8 @@ def test_a_gpt2_search_slices_its_conv1d_layers() -> None:
                                               "mlp.c_proj")}
     report = mpsearch.validate(model, res.bitmap, data=data, progress=False)
     assert report.output_divergence > 0 and abs(res.bitmap.avg_bits() - 4.0) < 0.05
+    # in place: each Conv1D's columns at their slice's width, in GPT-2's own state_dict
+    merged = merge_slices(mpsearch.quantize(model, res.bitmap))
+    in_place = mpsearch.quantize_(copy.deepcopy(model), res.bitmap)
+    torch.testing.assert_close(in_place(data[0]).logits, merged(data[0]).logits)
+    assert in_place.state_dict().keys() == model.state_dict().keys()
