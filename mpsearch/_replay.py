@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mpsearch._state import functional_call
 from mpsearch.batches import split_batch, to_device
 from mpsearch.layers import weight_key
 from mpsearch.losses import Objective
@@ -105,7 +106,7 @@ class PrefixReplay:
 
     Use as a context manager; the model's submodules get a replaying ``forward`` inside it
     and their own back on exit. The model's parameters are never written: changed weights
-    are passed with :func:`torch.func.functional_call`.
+    are passed with :func:`torch.func.functional_call` (:func:`mpsearch._state.functional_call`).
 
     Args:
         model: the model (eval mode).
@@ -226,10 +227,9 @@ class PrefixReplay:
         split = self._splits[i]
         if not weights:
             return self.model(*split.args, **split.kwargs)
-        return torch.func.functional_call(
+        return functional_call(
             self.model, {self._keys.get(n) or weight_key(self.model, n): w
-                         for n, w in weights.items()}, split.args,
-            split.kwargs, strict=False)
+                         for n, w in weights.items()}, split.args, split.kwargs)
 
     def _loss(self, i: int, out: Any) -> float:
         split = self._splits[i]

@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -146,3 +146,30 @@ def unfused_attention() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
+
+
+def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: Any,
+                    kwargs: dict[str, Any] | None = None, *, strict: bool = False) -> Any:
+    """:func:`torch.func.functional_call` that leaves every parameter and buffer slot as it
+    found them.
+
+    torch's own restores a module reachable under two attribute names (``self.alias =
+    self.head``) through the second name's record of the swapped-in tensor, so the module
+    kept the substituted tensor (a quantized copy, or a functorch wrapper) in place of the
+    user's Parameter. The slots of such modules are put back here after the call.
+    """
+    seen: set[int] = set()
+    aliased: dict[int, nn.Module] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            aliased[id(m)] = m
+        seen.add(id(m))
+    saved = [(slots, dict(slots)) for m in aliased.values()
+             for slots in (m._parameters, m._buffers)]
+    try:
+        return torch.func.functional_call(module, tensors, args, kwargs, strict=strict)
+    finally:
+        for slots, before in saved:
+            for key, value in before.items():
+                if slots.get(key) is not value:
+                    slots[key] = value  # type: ignore[assignment]

@@ -149,6 +149,15 @@ def _recurrent_weights(name: str, module: nn.Module) -> list[tuple[str, Recurren
             if attr.startswith("weight_") and isinstance(getattr(module, attr, None), Tensor)]
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in ``old``'s place under every name ``old`` has in ``model``: a module
+    registered twice (``self.alias = self.head``) is called through either name."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, new)
+
+
 def weight_attr(module: nn.Module) -> str:
     """The attribute holding a quantizable module's weight (``in_proj_weight`` for
     ``nn.MultiheadAttention``, else ``weight``): ``f"{fqn}.{weight_attr(m)}"`` is its

@@ -71,7 +71,13 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch._state import outside_inference_mode
-from mpsearch.layers import RecurrentPart, RecurrentWeight, layer_kind, layer_weight
+from mpsearch.layers import (
+    RecurrentPart,
+    RecurrentWeight,
+    layer_kind,
+    layer_weight,
+    replace_module,
+)
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -636,7 +642,7 @@ def _slice_model(model: nn.Module, plan: SlicePlan) -> nn.Module:
             raise ValueError(f"slices of {name!r}: {exc}") from None
         replacement.train(layer.training)
         _carry_hooks(layer, replacement)
-        sliced.set_submodule(name, replacement)
+        replace_module(sliced, layer, replacement)
     return sliced
 
 
@@ -666,7 +672,7 @@ def merge_slices(model: nn.Module) -> nn.Module:
         if isinstance(module, ChannelSlices):
             merged = module.merged()
             _carry_hooks(module, merged)
-            model.set_submodule(name, merged)
+            replace_module(model, module, merged)
         elif isinstance(module, nn.RNNBase) and any(
                 isinstance(m, RecurrentSlices) for m in module.children()):
             _merge_recurrent(module)
@@ -805,10 +811,12 @@ def plan_slices(scores: Mapping[str, np.ndarray], n_slices: int, *,
 
 def sliceable_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[str]:
     """FQNs of the layers :class:`ChannelSlices` can split: plain Linear / Conv layers
-    whose weight no other module shares (slicing would untie it)."""
+    whose weight no other module shares (slicing would untie it). A module registered
+    under two names is one module: its slices replace it under both."""
     uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    for module in model.modules():  # each module once, whatever its names
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
     return [n for n, m in modules.items()
             if _sliceable(m) and uses.get(id(layer_weight(m)), 0) <= 1]
 

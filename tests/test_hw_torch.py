@@ -152,6 +152,30 @@ def test_torch_model_runs_the_deployed_formats(mnist_cnn: nn.Module,
         TorchModel(mnist_cnn, BitMap.uniform(mnist_cnn, 8), "cpu")
 
 
+def test_torch_model_replaces_a_layer_under_each_of_its_names() -> None:
+    """``self.alias = self.fc``, called as ``alias``: the kernel replaced ``fc`` only and
+    the deployment ran the float layer."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(64, 32), nn.Linear(32, 6)
+            self.alias = self.fc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.alias(x)))
+
+    torch.manual_seed(0)
+    model = Aliased().eval()
+    bm = BitMap.from_bits(model, {"fc": 4}, default=32)
+    dep = TorchModel(model, bm, "cpu")
+    assert dep.model.alias is dep.model.fc and dep.formats["fc"].startswith("w4")
+    x = torch.randn(8, 64)
+    ref = mpsearch.quantize(model, bm)(x).detach()
+    assert float((dep.run(x) - ref).norm() / ref.norm()) < 0.01
+    assert float((model(x) - ref).norm() / ref.norm()) > 0.01  # 4 bits differ from float
+
+
 def test_cuda_needs_a_gpu(mnist_cnn: nn.Module) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

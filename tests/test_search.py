@@ -611,6 +611,48 @@ def test_a_lazy_model_not_yet_run_is_refused_clearly() -> None:
     assert set(res.bitmap) == {"0", "2"}
 
 
+class _Aliased(nn.Module):
+    """fc2 registered twice and called through its second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(12, 32), nn.Linear(32, 32), nn.Linear(32, 6)
+        self.alias = self.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.alias(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("estimator", ["qerror", "fisher", "hutchinson"])
+def test_a_module_under_two_names_is_searched_and_left_as_it_was(estimator: str) -> None:
+    """``self.alias = self.fc2``: torch's functional_call put the swapped-in tensor back
+    through the second name, so the search crashed (``weight is not an nn.Parameter``)
+    and left fc2 holding a quantized plain tensor; slices replaced fc2 under one name only,
+    so the forward ran the float layer through the other."""
+    torch.manual_seed(0)
+    model = _Aliased().eval()
+    data = [torch.randn(64, 12) for _ in range(2)]
+    params = dict(model.named_parameters())
+    before = _state(model)
+    sens = FAST if estimator == "hutchinson" else estimator
+    for slices in (None, 4):
+        res = mpsearch.search(model, 3.0, data=data, progress=False, sensitivity=sens,
+                              slices=slices)
+        _assert_same(before, model)
+        assert dict(model.named_parameters()) == params  # the same Parameter objects
+        assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert res.bitmap.slices is not None and "fc2" in res.bitmap.slices.layers
+    sliced = mpsearch.slice_model(model, res.bitmap)
+    assert sliced.alias is sliced.fc2 and type(sliced.fc2).__name__ == "ChannelSlices"
+    x = data[0]
+    assert torch.allclose(sliced(x), model(x), atol=1e-5)
+    uniform = mpsearch.BitMap.uniform(sliced, 2)
+    with torch.no_grad():
+        # the sliced copy's fc2 runs quantized: its output is the unsliced model's at 2 bits
+        want = mpsearch.quantize(model, mpsearch.BitMap.uniform(model, 2))(x)
+        assert torch.allclose(mpsearch.quantize(sliced, uniform)(x), want, atol=1e-5)
+
+
 def test_buffers_the_forward_updates_are_restored() -> None:
     """A forward that counts what it has seen ran ~50 times in a search and came back
     with its buffers changed: the user's state_dict was not the one handed in."""

@@ -454,7 +454,7 @@ class TorchModel:
                  threads: int = 1) -> None:
         from mpsearch.hw.formats import format_for
         from mpsearch.hw.specs import fused_stay_float
-        from mpsearch.layers import layer_weight, quantizable_modules
+        from mpsearch.layers import layer_weight, quantizable_modules, replace_module
 
         self.device = torch.device(device)
         self.threads = threads
@@ -477,7 +477,7 @@ class TorchModel:
             kern = TorchKernel.from_weight(spec, choice.name, layer_weight(module),
                                            bias if isinstance(bias, Tensor) else None,
                                            entry.qconfig, self.device)
-            _set_submodule(self.model, name, kern)
+            replace_module(self.model, module, kern)
             self.formats[name] = choice.name
         self.model.to(self.device)
 
@@ -537,12 +537,6 @@ def _module_spec(module: nn.Module) -> LayerSpec:
         return layer_spec(module, (1, k))
     groups = int(getattr(module, "groups", 1))
     return layer_spec(module, (1, int(w.shape[1]) * groups, *([8] * (w.dim() - 2))))
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 __all__ = ["TorchKernel", "TorchModel", "gpu_fingerprint", "time_formats",

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mpsearch._report import some
+from mpsearch._state import functional_call
 from mpsearch.batches import batch_rows, first_output, slice_batch, split_batch, to_device
 from mpsearch.layers import layer_weight, weight_key
 from mpsearch.losses import cross_entropy
@@ -295,8 +296,8 @@ class _Probe:
 
 
 def _call(model: nn.Module, params: Mapping[str, Tensor], args: Any, kwargs: Any) -> Any:
-    return torch.func.functional_call(model, {weight_key(model, n): p for n, p in params.items()},
-                                      tuple(args), dict(kwargs), strict=False)
+    return functional_call(model, {weight_key(model, n): p for n, p in params.items()},
+                           tuple(args), dict(kwargs))
 
 
 def _check(grads: Mapping[str, Tensor], probe: _Probe) -> None:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mpsearch._report import some
+from mpsearch._state import functional_call
 from mpsearch.layers import layer_weight, weight_key
 from mpsearch.sensitivity.base import SensitivityTable
 
@@ -304,8 +305,7 @@ class Hutchinson:
         bound = _BoundLoss(model, objective, device)
 
         def loss(i: int, p: Mapping[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(
-                bound, {f"model.{keys[n]}": t for n, t in p.items()}, (i,))
+            return functional_call(bound, {f"model.{keys[n]}": t for n, t in p.items()}, (i,))
 
         n_batches = len(objective.batches)
         # Whole rounds over the batches keep every batch equally weighted.
