@@ -111,19 +111,29 @@ TWO_INPUTS_HINT = (
     "[batch]")
 
 
+LABELS_HINT = (
+    "mpsearch passes a dict batch's 'labels' entry to the model too, as Hugging Face "
+    "models take it; for a model that does not, give (dict_of_inputs, labels) batches")
+
+
 def call(model: nn.Module, split: SplitBatch) -> Any:
     """Call the model on a split batch (already on the right device).
 
     Raises:
         TypeError: the model's own, with :data:`TWO_INPUTS_HINT` where the model was
             called on one input and missed an argument (the batch's second item, taken
-            for targets, may have been meant as an input)."""
+            for targets, may have been meant as an input), or :data:`LABELS_HINT` where
+            it does not take a dict batch's ``labels``."""
     try:
         return model(*split.args, **split.kwargs)
     except TypeError as exc:
+        text = str(exc)
         if (len(split.args) == 1 and not split.kwargs and split.targets is not None
-                and "positional argument" in str(exc) and TWO_INPUTS_HINT not in str(exc)):
+                and "positional argument" in text and TWO_INPUTS_HINT not in text):
             raise TypeError(f"{exc} ({TWO_INPUTS_HINT})") from exc
+        if ("labels" in split.kwargs and "unexpected keyword argument 'labels'" in text
+                and LABELS_HINT not in text):
+            raise TypeError(f"{exc} ({LABELS_HINT})") from exc
         raise
 
 

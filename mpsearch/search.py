@@ -620,12 +620,17 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         if spread and stored is None and not isinstance(rest["sensitivity"], SensitivityTable):
             work = (len(layers) + (AUTO_SLICES - 1) * len(cuttable)) * sum(
                 batch_rows(b) for b in batches) * sum(float(i.macs) for i in layers)
-            if (2 * sum(i.params for i in cuttable) >= sum(sizes)
-                    and work <= AUTO_SLICE_WORK_MACS):
+            cut_share = sum(i.params for i in cuttable) / max(sum(sizes), 1)
+            if cut_share >= 0.5 and work <= AUTO_SLICE_WORK_MACS:
                 return _or_slices(result, original, budget, batches=batches, loss_fn=loss_fn,
                                   bits=bits, include=include, exclude=exclude, pin=pin,
                                   qconfig=qconfig, seed=seed, progress=progress,
                                   profile=profile, work=work, **rest)
+            result.bitmap.provenance["slices_auto"] += (
+                f"; slices not tried: they could cut only {cut_share:.0%} of the weights"
+                if cut_share < 0.5 else
+                f"; slices not tried: {work:.2g} units x MACs over the calibration data, "
+                f"over {AUTO_SLICE_WORK_MACS:g} (slices=16 searches them all the same)")
         return result
     if why:
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "

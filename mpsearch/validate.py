@@ -62,7 +62,8 @@ class ValidationReport:
         agreement: fraction of positions where both models predict the same class (logits).
         avg_bits: average weight bits of the bit map (:meth:`BitMap.avg_bits`: float
             layers count 32).
-        size_bytes_float: bytes of the quantizable layers' weights in fp32.
+        size_bytes_float: bytes of the quantizable layers' weights in fp32 (layers that stay
+            float by kind, such as embeddings, are not counted).
         size_bytes_quantized: the same quantized, scales included.
         n_batches: evaluation batches.
         n_samples: evaluation samples.
@@ -135,7 +136,7 @@ class ValidationReport:
         ratio = self.size_bytes_float / max(self.size_bytes_quantized, 1)
         sizes = (f"{self.size_bytes_float / 1e6:.3f} MB → "
                  f"{self.size_bytes_quantized / 1e6:.3f} MB ({ratio:.2f}×)")
-        rows.append(("weights", sizes))
+        rows.append(("quantizable weights", sizes))  # embeddings etc. not counted
         if self.latency_us_measured is not None:
             pred = (f", {self.latency_us_predicted:.0f} µs predicted ({self.latency_error:+.1%})"
                     if self.latency_us_predicted is not None and self.latency_error is not None

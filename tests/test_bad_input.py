@@ -331,3 +331,28 @@ def test_export_onnx_says_which_activation_bits_its_kernels_do_not_apply(tmp_pat
         warnings.simplefilter("error", ExportWarning)  # W8A8 does quantize inputs to 8 bits
         mpsearch.export_onnx(model, BitMap.uniform(model, 8, a_bits=8), tmp_path / "b.onnx",
                              sample_batch=batch)
+
+
+def test_a_model_that_takes_no_labels_keyword_is_told_how_to_give_them() -> None:
+    """A dict batch's ``labels`` go to the model too (Hugging Face models take them); a
+    model of keyword inputs that does not take them failed with its own TypeError only."""
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.fc(tokens * mask)
+
+    model = Keywords()
+    (x, y), _ = _data()
+    with_labels = [{"tokens": x, "mask": torch.ones_like(x), "labels": y}]
+    for call in (lambda: mpsearch.search(model, 4.0, data=with_labels, **FAST),
+                 lambda: mpsearch.validate(model, BitMap.uniform(model, 4), data=with_labels,
+                                           progress=False)):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument 'labels' \(.*"
+                                            r"give \(dict_of_inputs, labels\) batches"):
+            call()
+    apart = [({"tokens": x, "mask": torch.ones_like(x)}, y)]  # what the hint says works
+    assert set(mpsearch.search(model, 4.0, data=apart, **FAST).bitmap) == {"fc"}
