@@ -38,8 +38,9 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
     """sha256 of the shapes, dtypes and contents of tensors, in order."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        # flat: a channels_last (O, I, 1, 1) weight is "contiguous" with stride(-1) != 1
+        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 

@@ -205,6 +205,9 @@ def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
 
 
 def _resolve_estimator(sensitivity: str | Estimator) -> Estimator:
+    if isinstance(sensitivity, type):
+        raise TypeError(f"sensitivity={sensitivity.__name__} is a class: pass an instance, "
+                        f"e.g. sensitivity={sensitivity.__name__}()")
     if isinstance(sensitivity, str):
         try:
             return ESTIMATORS[sensitivity]()
@@ -218,6 +221,22 @@ def _resolve_estimator(sensitivity: str | Estimator) -> Estimator:
             if type(sensitivity).__name__ == "DataFrame" else "")
     raise TypeError(f"sensitivity must be a name, an estimator or a SensitivityTable, got "
                     f"{type(sensitivity).__name__}{hint}")
+
+
+def _own_order(table: object, estimator: Estimator, names: Sequence[str],
+               bits: Sequence[int]) -> SensitivityTable:
+    """An estimator's table with its rows and columns in the search's order, read by
+    their labels (a table in another order was read by position: a map of the wrong
+    layers' sensitivities)."""
+    who = getattr(estimator, "name", type(estimator).__name__)
+    if not isinstance(table, SensitivityTable):
+        raise TypeError(f"the estimator {who!r} returned a {type(table).__name__}; "
+                        "estimate(...) must return a mpsearch.SensitivityTable")
+    try:
+        return table.select(names, bits)
+    except ValueError as exc:
+        raise ValueError(f"the estimator {who!r} returned a table that does not cover the "
+                         f"search: {exc}") from None
 
 
 def _resolve_pins(pin: Mapping[str, int] | None, names: Sequence[str],
@@ -417,6 +436,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 estimator = _resolve_estimator(sensitivity)
                 table = estimator.estimate(model, modules, layers, objective, bits, qconfig,
                                            device=device, seed=seed, progress=progress)
+                table = _own_order(table, estimator, names, bits)
                 table = dataclasses.replace(
                     table, model_fingerprint=weights_id,
                     settings={**table.settings, "qconfig": dataclasses.asdict(qconfig)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -356,3 +357,60 @@ def test_a_model_that_takes_no_labels_keyword_is_told_how_to_give_them() -> None
             call()
     apart = [({"tokens": x, "mask": torch.ones_like(x)}, y)]  # what the hint says works
     assert set(mpsearch.search(model, 4.0, data=apart, **FAST).bitmap) == {"fc"}
+
+
+class _Reordered:
+    """A user's estimator: the diagonal Fisher's table, its rows and columns reversed
+    (labels and all), or something that is no table."""
+
+    name = "reordered"
+
+    def __init__(self, returns: str = "table") -> None:
+        self.returns = returns
+
+    def estimate(self, model, modules, layers, objective, bits, qconfig, **kw):  # type: ignore[no-untyped-def]
+        table = mpsearch.Fisher().estimate(model, modules, layers, objective, bits, qconfig,
+                                           **kw)
+        if self.returns == "dict":
+            return {"omega": table.omega}
+        if self.returns == "fewer":
+            return table.select(table.layers[1:], table.bits)
+        return table.select(table.layers[::-1], table.bits[::-1])
+
+
+def test_a_custom_estimators_table_is_read_by_its_labels() -> None:
+    """Rows and columns were read by position: the same table with its bits reversed put
+    every layer at 2 bits, silently."""
+    model, data = _mlp(), _data()
+    fisher = mpsearch.search(model, 3.0, data=data, sensitivity="fisher", **FAST)
+    mine = mpsearch.search(model, 3.0, data=data, sensitivity=_Reordered(), **FAST)
+    assert mine.bitmap.bits() == fisher.bitmap.bits()
+    assert len(set(fisher.bitmap.bits().values())) > 1  # a mixed map: the order matters
+    np.testing.assert_array_equal(mine.sensitivity.omega, fisher.sensitivity.omega)
+    with pytest.raises(TypeError, match="'reordered' returned a dict; estimate.* must "
+                                        "return a mpsearch.SensitivityTable"):
+        mpsearch.search(model, 3.0, data=data, sensitivity=_Reordered("dict"), **FAST)
+    with pytest.raises(ValueError, match=r"'reordered' returned a table that does not cover "
+                                         r"the search: .*no row for layer\(s\) \['0"):
+        mpsearch.search(model, 3.0, data=data, sensitivity=_Reordered("fewer"), **FAST)
+    with pytest.raises(TypeError, match=r"sensitivity=QError is a class: pass an instance, "
+                                        r"e.g. sensitivity=QError\(\)"):
+        mpsearch.search(model, 3.0, data=data, sensitivity=mpsearch.QError, **FAST)  # type: ignore[arg-type]
+
+
+def test_a_channels_last_model_is_searched_as_the_contiguous_one(mnist_dwsep,  # type: ignore[no-untyped-def]
+                                                                 mnist_calib) -> None:
+    """Its 1x1 convolutions' weights are "contiguous" with stride(-1) != 1, and the
+    weights' fingerprint failed to view them as bytes."""
+    import copy
+
+    from mpsearch._io import tensor_digest
+
+    last = copy.deepcopy(mnist_dwsep).to(memory_format=torch.channels_last)
+    weights = [p for p in last.parameters() if p.dim() == 4 and p.shape[-1] == 1]
+    assert weights and weights[0].stride(-1) != 1
+    assert (tensor_digest(last.state_dict().values())
+            == tensor_digest(mnist_dwsep.state_dict().values()))
+    opts = {"data": mnist_calib[:1], "sensitivity": "fisher", "slices": None, **FAST}
+    assert (mpsearch.search(last, 3.0, **opts).bitmap.bits()
+            == mpsearch.search(mnist_dwsep, 3.0, **opts).bitmap.bits())
