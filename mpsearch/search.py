@@ -322,6 +322,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         tie: groups of FQNs that must share bits, or ``"fused"`` for layers reading the
             same input (q/k/v, gate/up).
         a_bits: quantize every layer's input activations to this many bits (None: float).
+            The costs count them; the sensitivities, the predicted loss increase and the
+            refinement measure weight quantization only (activations float), so the
+            prediction understates the damage: ``validate`` measures both (the bit map's
+            provenance records ``prediction_activations: "float"``).
         qconfig: weight quantizer scheme (default :class:`QuantConfig()`).
         refine: after the solve, measure the chosen map and its neighbours on the
             calibration data and keep the best within the budget (interactions between
@@ -422,7 +426,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         weights_id = tensor_digest(layer_weight(modules[n]) for n in sorted(names))
         settings = _refine_settings(refine, a_bits)
         objective = None
-        if settings is not None or not isinstance(sensitivity, SensitivityTable):
+        # a reused table with a loss_fn of its own: checked, and compared with the table's
+        if (settings is not None or not isinstance(sensitivity, SensitivityTable)
+                or loss_fn is not None):
             objective = Objective(batches, loss_fn)
             objective.prepare(model, device)
         with weight_cache():
@@ -430,7 +436,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             if isinstance(sensitivity, SensitivityTable):
                 _check_table(sensitivity, weights_id, qconfig)
                 table = sensitivity.select(names, bits)
-                _warn_other_loss(table, objective)
+                _warn_other_loss(table, objective, settings is not None)
             else:
                 assert objective is not None
                 estimator = _resolve_estimator(sensitivity)
@@ -474,6 +480,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         bitmap.provenance["profile"] = f"{profile.device.get('name')} / {profile.backend}"
     if per_layer_why:
         bitmap.provenance["slices_auto"] = per_layer_why
+    if a_bits is not None:
+        bitmap.provenance["prediction_activations"] = "float"
     frame = _frame(layers, table, best)
     log.info("search: %s in %.2fs (%s)", bitmap, sum(timings.values()), front.status)
     return SearchResult(bitmap, frame, front, table, problem, tuple(layers), timings,
@@ -922,21 +930,26 @@ def _refine_settings(refine: bool | Refine | str, a_bits: int | None) -> Refine 
         settings = None
     else:
         raise ValueError(f"refine must be 'auto', True, False or a Refine, got {refine!r}")
-    if settings is not None and a_bits is not None:
-        log.info("refinement skipped: it measures weight quantization only (a_bits=%s)",
-                 a_bits)
+    if a_bits is not None:
+        warn_once(log, f"a_bits={a_bits}: the sensitivities and the predicted loss increase "
+                  "measure weight quantization only (activations float)"
+                  + (", and the measured refinement is skipped" if settings else "")
+                  + f"; the INT{a_bits} activations add damage they do not see: validate "
+                  "the map to measure both")
         return None
     return settings
 
 
-def _warn_other_loss(table: SensitivityTable, objective: Objective | None) -> None:
-    """A reused table rates another loss than the one this search's refinement measures."""
+def _warn_other_loss(table: SensitivityTable, objective: Objective | None,
+                     refining: bool) -> None:
+    """A reused table rates another loss than the one this search was given."""
     rated = table.diagnostics.get("loss")
     if objective is not None and rated and rated != objective.kind:
         log.warning("the sensitivity table rates the %r loss but this search measures %r "
-                    "(loss_fn=%r): the solver ranks by one and the refinement by the other; "
-                    "recompute the table with this loss_fn for one criterion throughout",
-                    rated, objective.kind, objective.loss_fn)
+                    "(loss_fn=%r): %s; recompute the table with this loss_fn for one "
+                    "criterion throughout", rated, objective.kind, objective.loss_fn,
+                    "the solver ranks by one and the refinement by the other" if refining
+                    else f"the solver ranks by {rated!r} (no refinement measures the other)")
 
 
 def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig) -> None:

@@ -414,3 +414,23 @@ def test_a_channels_last_model_is_searched_as_the_contiguous_one(mnist_dwsep,  #
     opts = {"data": mnist_calib[:1], "sensitivity": "fisher", "slices": None, **FAST}
     assert (mpsearch.search(last, 3.0, **opts).bitmap.bits()
             == mpsearch.search(mnist_dwsep, 3.0, **opts).bitmap.bits())
+
+
+def test_activation_bits_are_said_to_be_outside_the_prediction(caplog, monkeypatch,  # type: ignore[no-untyped-def]
+                                                               tmp_path) -> None:
+    """With a_bits the table, the prediction and the refinement measure weights only: a
+    reviewer's map predicted 0.056 and measured 18.7, with an INFO line the only word."""
+    from mpsearch import _report
+
+    monkeypatch.setattr(_report, "_SAID", set())
+    model, data = _mlp(), _data()
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(model, 4.0, data=data, a_bits=4, progress=False, slices=None)
+    assert ("a_bits=4: the sensitivities and the predicted loss increase measure weight "
+            "quantization only (activations float), and the measured refinement is "
+            "skipped") in caplog.text
+    assert res.refinement is None
+    res.bitmap.save(tmp_path / "map.json")
+    assert BitMap.load(tmp_path / "map.json").provenance["prediction_activations"] == "float"
+    assert "prediction_activations" not in mpsearch.search(
+        model, 4.0, data=data, slices=None, **FAST).bitmap.provenance

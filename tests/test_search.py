@@ -437,6 +437,18 @@ def test_a_reused_table_of_another_loss_says_so(mnist_cnn, mnist_calib, caplog) 
                for r in caplog.records)
     assert again.bitmap.provenance["loss"] == "cross_entropy"
     assert again.bitmap.provenance["table_loss"] == "kl"
+    # without the refinement too (the loss_fn went unread: no word, no check)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        bare = mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:2], slices=None,
+                               sensitivity=first.sensitivity, loss_fn="task", refine=False,
+                               progress=False)
+    assert "the solver ranks by 'kl' (no refinement measures the other)" in caplog.text
+    assert (bare.bitmap.provenance["loss"], bare.bitmap.provenance["table_loss"]) == (
+        "cross_entropy", "kl")
+    with pytest.raises(ValueError, match="loss_fn"):
+        mpsearch.search(mnist_cnn, 3.0, data=mnist_calib[:2], slices=None, refine=False,
+                        sensitivity=first.sensitivity, loss_fn="nonsense", progress=False)
 
 
 def test_a_glob_that_matches_no_layer_is_named(mnist_cnn, mnist_calib, caplog) -> None:  # type: ignore[no-untyped-def]
