@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-from torch import nn
+from torch import Tensor, nn
 
 from mpsearch._io import batch_tensors, tensor_digest
 from mpsearch._report import some, warn_once
@@ -423,7 +423,9 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
                           limits, ties=ties, pinned=pinned, allowed=allowed,
                           shared=shared).check_budgets()
-        weights_id = tensor_digest(layer_weight(modules[n]) for n in sorted(names))
+        # the whole model's state: biases and BatchNorm statistics change sensitivities too
+        weights_id = tensor_digest(t for _, t in sorted(model.state_dict().items())
+                                   if isinstance(t, Tensor))
         settings = _refine_settings(refine, a_bits)
         objective = None
         # a reused table with a loss_fn of its own: checked, and compared with the table's
@@ -435,7 +437,12 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             t = time.perf_counter()
             if isinstance(sensitivity, SensitivityTable):
                 _check_table(sensitivity, weights_id, qconfig)
-                table = sensitivity.select(names, bits)
+                try:
+                    table = sensitivity.select(names, bits)
+                except ValueError as exc:
+                    raise ValueError(f"{exc}: the table was measured on other layers or "
+                                     "bits (another include=/exclude=/bits=); search with "
+                                     "those, or recompute the table") from None
                 _warn_other_loss(table, objective, settings is not None)
             else:
                 assert objective is not None
@@ -965,7 +972,8 @@ def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig)
             "quantizer; pass the same qconfig= or recompute the table")
     if table.model_fingerprint and table.model_fingerprint != weights_id:
         raise ValueError(
-            "the sensitivity table was measured on other weights (its model_fingerprint "
+            "the sensitivity table was measured on another model state (weights, biases or "
+            "buffers such as BatchNorm statistics: its model_fingerprint "
             f"{table.model_fingerprint[:19]}... differs from this model's {weights_id[:19]}...); "
             "recompute it with sensitivity='hutchinson'|'fisher'|'qerror', or clear "
             "table.model_fingerprint to reuse it deliberately")

@@ -150,8 +150,25 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
     other = copy.deepcopy(mnist_cnn)
     with torch.no_grad():
         other.classifier[0].weight.mul_(1.01)
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(ValueError, match="another model state"):
         mpsearch.search(other, 4.0, data=calib, sensitivity=res.sensitivity, progress=False, slices=None)
+    # a bias and BatchNorm-like statistics change the function, and the table, too
+    biased = copy.deepcopy(mnist_cnn)
+    with torch.no_grad():
+        biased.classifier[0].bias.add_(0.5)
+    with pytest.raises(ValueError, match="another model state"):
+        mpsearch.search(biased, 4.0, data=calib, sensitivity=res.sensitivity, progress=False,
+                        slices=None)
+    # a table of some layers serves a search of those layers, and names what it lacks
+    part = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
+                           progress=False, slices=None, exclude=["classifier.2"])
+    assert set(mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=res.sensitivity,
+                               refine=False, progress=False, slices=None,
+                               exclude=["classifier.2"]).bitmap.bits()) == set(part.bitmap.bits())
+    with pytest.raises(ValueError, match=r"no row for layer\(s\) \['classifier.2'\]: the "
+                                         "table was measured on other layers or bits"):
+        mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=part.sensitivity,
+                        refine=False, progress=False, slices=None)
 
 
 def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]

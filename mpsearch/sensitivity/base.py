@@ -43,8 +43,9 @@ class SensitivityTable:
             quantizer's ``qconfig`` and, after a sliced search, the slice plan (``slices``,
             :meth:`mpsearch.SlicePlan.to_dict`), which a search given the table reuses.
         diagnostics: how the estimate went (probes used, convergence trace, time).
-        model_fingerprint: sha256 of the layers' names, shapes and weights it was measured on
-            (set by :func:`mpsearch.search`; a table is reused only on the same weights).
+        model_fingerprint: sha256 of the shapes and values of the model's state_dict it was
+            measured on — weights, biases, buffers such as BatchNorm statistics (set by
+            :func:`mpsearch.search`; a table is reused only on the same state).
         data_fingerprint: sha256 of the calibration batches and the loss kind.
     """
 
