@@ -57,7 +57,8 @@ class ValidationReport:
         output_divergence: mean divergence of the quantized output from the float output.
         outputs_not_compared: the model's other outputs, where it returns several tensors
             and the divergence compares one (``"[1] (8, 1)"``); empty otherwise.
-        accuracy_float: top-1 accuracy of the float model, where targets are class labels.
+        accuracy_float: top-1 accuracy of the float model, where targets are class labels
+            (None, with a warning, where a label lies outside the model's classes).
         accuracy_quantized: the same for the quantized model.
         agreement: fraction of positions where both models predict the same class (logits).
         avg_bits: average weight bits of the bit map (:meth:`BitMap.avg_bits`: float
@@ -203,6 +204,7 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     objective = Objective(batches, loss_fn)
     sums = {"lf": 0.0, "lq": 0.0, "div": 0.0, "acc_f": 0.0, "acc_q": 0.0, "agree": 0.0}
     n_acc = n_agree = n_samples = 0
+    unread: str | None = None  # class labels outside the model's classes
     div_kind: str = "kl"
     probabilities = False
     with preserved(model), torch.no_grad():
@@ -239,6 +241,11 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
                     t = t.argmax(-1)  # one-hot or smoothed labels: their class
                 if t is not None and t.shape == pf.shape and not t.is_floating_point():
                     valid = t != -100
+                    outside = t[valid & ((t < 0) | (t >= yf.shape[-1]))]
+                    if outside.numel() and unread is None:
+                        unread = (f"batch {i} has labels {sorted(set(outside.tolist()))[:5]} "
+                                  f"outside the model's {yf.shape[-1]} classes "
+                                  f"(0–{yf.shape[-1] - 1}, or -100 to ignore)")
                     denom = max(int(valid.sum()), 1)
                     sums["acc_f"] += float(((pf == t) & valid).sum()) / denom
                     sums["acc_q"] += float(((pq == t) & valid).sum()) / denom
@@ -254,6 +261,9 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     size_q = sliced_weight_bytes(infos, modules,
                                  {i.name: bitmap[i.name].w_bits for i in infos},
                                  {i.name: bitmap[i.name].qconfig for i in infos})
+    if unread is not None:
+        log.warning("validate: no accuracy: %s; the divergences do not read labels", unread)
+        n_acc = 0
     predicted = bitmap.predicted.get("loss_increase")
     searched = bitmap.provenance.get("loss")
     if predicted is not None and isinstance(searched, str) and searched != objective.kind:

@@ -434,3 +434,19 @@ def test_activation_bits_are_said_to_be_outside_the_prediction(caplog, monkeypat
     assert BitMap.load(tmp_path / "map.json").provenance["prediction_activations"] == "float"
     assert "prediction_activations" not in mpsearch.search(
         model, 4.0, data=data, slices=None, **FAST).bitmap.provenance
+
+
+def test_labels_outside_the_classes_give_no_accuracy_and_say_so(mnist_cnn, mnist_eval,  # type: ignore[no-untyped-def]
+                                                               caplog) -> None:
+    """1-based (or otherwise shifted) labels read as 0.0 accuracy, silently."""
+    bm = BitMap.uniform(mnist_cnn, 4)
+    data = mnist_eval[:1]
+    right = mpsearch.validate(mnist_cnn, bm, data=data, progress=False)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        shifted = mpsearch.validate(mnist_cnn, bm, data=[(x, y + 5) for x, y in data],
+                                    progress=False)
+    assert right.accuracy_float is not None and right.accuracy_float > 0.9
+    assert shifted.accuracy_float is None and shifted.accuracy_quantized is None
+    assert shifted.output_divergence == right.output_divergence
+    assert ("no accuracy: batch 0 has labels [10, 11, 12, 13, 14] outside the model's 10 "
+            "classes (0–9, or -100 to ignore)") in caplog.text

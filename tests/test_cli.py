@@ -59,6 +59,20 @@ def test_usage_errors_exit_2_and_errors_exit_1(capsys, tmp_path):
     assert code == 1 and "--to" in err
 
 
+def test_zoo_names_take_no_arguments_and_a_wrong_one_lists_the_zoo(capsys):
+    """--model-args/--data-args with a zoo: name were ignored, even malformed JSON, and
+    zoo:nope said "cannot import 'zoo'"."""
+    base = ["search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib", "--avg-bits", "3"]
+    code, _, err = run(capsys, *base, "--model-args", "{bad")
+    assert code == 1 and "--model-args is for a package.module:function --model; zoo:cnn " \
+        "takes no arguments" in err
+    code, _, err = run(capsys, *base, "--data-args", '{"n": 1}')
+    assert code == 1 and "zoo:mnist-calib takes no arguments" in err
+    code, _, err = run(capsys, "search", "--model", "zoo:nope", "--data", "zoo:mnist-calib",
+                       "--avg-bits", "3")
+    assert code == 1 and "--model zoo:nope: no such zoo entry; known: zoo:cnn, " in err
+
+
 def test_infeasible_budget_is_an_error_stating_the_minimum(capsys):
     code, _, err = run(capsys, "search", *MODEL, *CALIB, "--avg-bits", "1.5", "-q")
     assert code == 1

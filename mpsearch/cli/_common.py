@@ -139,12 +139,24 @@ def _saved_model(path: str) -> Any:
                          ) from None
 
 
+def _no_arguments(spec: str, what: str, kwargs: str | None, zoo: tuple[str, ...]) -> None:
+    """A ``zoo:`` name must be one of ``zoo``, and it (or a saved model) takes no
+    ``--…-args``: they were ignored, even malformed."""
+    if spec.startswith("zoo:") and spec not in zoo:
+        raise ValueError(f"{what} {spec}: no such zoo entry; known: {', '.join(zoo)}")
+    saved = what == "--model" and spec.endswith((".pt", ".pth")) and ":" not in spec
+    if kwargs is not None and (spec in zoo or saved):
+        raise ValueError(f"{what}-args is for a package.module:function {what}; "
+                         f"{spec} takes no arguments")
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """The model of ``--model`` (a factory returning ``(model, …)`` gives its first item;
     a ``.pt`` / ``.pth`` file holds a whole model saved with ``torch.save``)."""
     from torch import nn
 
     spec = args.model
+    _no_arguments(spec, "--model", getattr(args, "model_args", None), ZOO_MODELS)
     if spec in ZOO_MODELS:
         return _zoo_model(spec.removeprefix("zoo:"), args.seed)
     if spec.endswith((".pt", ".pth")) and ":" not in spec:
@@ -166,6 +178,7 @@ def load_model(args: argparse.Namespace) -> Any:
 def load_data(args: argparse.Namespace, option: str = "data") -> Any:
     """The batches of ``--data``."""
     spec = getattr(args, option)
+    _no_arguments(spec, f"--{option}", getattr(args, f"{option}_args", None), ZOO_DATA)
     if spec in ZOO_DATA:
         return _zoo_data(spec.removeprefix("zoo:"), args.seed)
     return load_object(spec, f"--{option}", getattr(args, f"{option}_args", None))
