@@ -472,10 +472,20 @@ def weight_matrix_shape(kind: str, shape: Sequence[int]) -> tuple[int, int]:
 
 def require_values(model: object) -> None:
     """Raise ValueError where the model's weights have no values (the meta device), or
-    where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles); a
-    TypeError where it is no module at all."""
+    where it is a ``torch.compile`` wrapper (whose every hooked pass recompiles), a
+    (Distributed)DataParallel wrapper or a TorchScript module; a TypeError where it is no
+    module at all."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(  # noqa: TRY004 (the model is unusable as given, as below)
+            f"the model is a {type(model).__name__} wrapper: pass the module it wraps "
+            "(model.module); its replicas would not see the weights the search swaps")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(  # noqa: TRY004
+            "the model is a TorchScript module (torch.jit.script/trace): pass the Python "
+            "nn.Module it was made from; a compiled graph's layers cannot be hooked, "
+            "swapped or quantized one by one")
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise ValueError(  # noqa: TRY004 (the model is unusable as given, as below)
             "the model is torch.compile's wrapper: pass the module it wraps "

@@ -504,10 +504,11 @@ class AllocationProblem:
                 choice = self._extreme_choice(name, largest=False)
                 if (choice == choice[0]).all():
                     hint = f" (all layers at {self.bits[choice[0]]} bits)"
+                shown, least = f"{limit:.6g}", f"{smallest[name]:.6g}"
+                if shown == least:  # 1.9999999 against 2: both digits in full
+                    shown, least = repr(float(limit)), repr(float(smallest[name]))
                 problems.append(
-                    f"{name}={limit:.6g} is below the smallest achievable {smallest[name]:.6g}"
-                    + hint
-                )
+                    f"{name}={shown} is below the smallest achievable {least}" + hint)
         if problems:
             raise InfeasibleBudget("; ".join(problems), smallest)
 

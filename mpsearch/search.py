@@ -450,6 +450,11 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 table = estimator.estimate(model, modules, layers, objective, bits, qconfig,
                                            device=device, seed=seed, progress=progress)
                 table = _own_order(table, estimator, names, bits)
+                if table.omega.size and not np.any(table.omega):
+                    log.warning("the %s estimate rates every layer 0 at every width: the "
+                                "loss does not change with the weights (does loss_fn read "
+                                "the model's output?); any map is as good as another to it",
+                                table.estimator)
                 table = dataclasses.replace(
                     table, model_fingerprint=weights_id,
                     settings={**table.settings, "qconfig": dataclasses.asdict(qconfig)},
@@ -631,6 +636,11 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                         qconfig, device=device, seed=seed, progress=progress,
                         inputs=qconfig.granularity != "group")  # slices cut groups
                 plan = plan_slices(scores, count, input_scores=columns, bits=candidates)
+                most = max((len(p) for p in plan.layers.values()), default=count)
+                if not auto and most < count:
+                    log.warning("slices=%d: the layers here take at most %d slices each (a "
+                                "slice holds at least 4 channels or input features)", count,
+                                most)
             if plan.layers and isinstance(rest["sensitivity"], SensitivityTable):
                 raise ValueError("the sensitivity table is of a per-layer search (its rows "
                                  "are whole layers, not slices): pass slices=None to search "

@@ -450,3 +450,46 @@ def test_labels_outside_the_classes_give_no_accuracy_and_say_so(mnist_cnn, mnist
     assert shifted.output_divergence == right.output_divergence
     assert ("no accuracy: batch 0 has labels [10, 11, 12, 13, 14] outside the model's 10 "
             "classes (0–9, or -100 to ignore)") in caplog.text
+
+
+def test_wrapped_and_scripted_models_are_told_what_to_pass() -> None:
+    """DataParallel failed in torch's stateless API; a scripted model 'had no quantizable
+    layer'."""
+    model, data = _mlp(), _data()
+    bm = BitMap.uniform(model, 4)
+    for wrapped, message in ((nn.DataParallel(model), "DataParallel wrapper: pass the module "
+                              r"it wraps \(model.module\)"),
+                             (torch.jit.script(model), "TorchScript module.*pass the Python "
+                              "nn.Module it was made from")):
+        for call in (lambda: mpsearch.search(wrapped, 4.0, data=data, **FAST),
+                     lambda: mpsearch.quantize(wrapped, bm),
+                     lambda: mpsearch.validate(wrapped, bm, data=data, progress=False)):
+            with pytest.raises(ValueError, match=message):
+                call()
+
+
+def test_budget_and_slice_count_messages_say_what_they_mean(caplog) -> None:
+    """1.9999999 bits read "avg_bits=2 is below the smallest achievable 2", and slices=1000
+    was cut to what the layers allow without a word."""
+    model, data = _mlp(), _data()
+    with pytest.raises(mpsearch.InfeasibleBudget,
+                       match=r"avg_bits=1.9999999 is below the smallest achievable 2.0"):
+        mpsearch.search(model, 1.9999999, data=data, **FAST)
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(model, 4.0, data=data, slices=1000, sensitivity="fisher", **FAST)
+    assert ("slices=1000: the layers here take at most 16 slices each (a slice holds at "
+            "least 4 channels or input features)") in caplog.text
+    assert max(len(p) for p in res.bitmap.slices.layers.values()) == 16
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "fisher_block", "hutchinson", "qerror"])
+def test_a_loss_that_ignores_the_output_is_named(sensitivity: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A constant loss_fn: Fisher raised torch's "element 0 of tensors does not require
+    grad"; every estimator now rates zero and the search says why."""
+    model, data = _mlp(), _data()
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        res = mpsearch.search(model, 4.0, data=data, sensitivity=sensitivity, slices=None,
+                              loss_fn=lambda out, batch: torch.tensor(1.0), **FAST)
+    assert not res.sensitivity.omega.any()
+    assert "rates every layer 0 at every width: the loss does not change with the weights" \
+        in caplog.text

@@ -318,7 +318,10 @@ def _grad(model: nn.Module, weights: Mapping[str, Tensor], split: Any,
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite loss on calibration batch {probe.i}, samples "
                              f"{probe.s0}:{probe.s1}")
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        # a loss that does not depend on the output (a constant loss_fn) has no gradient:
+        # zero information, which the table's warning names, as the other estimators do
+        grads = (torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                 if loss.requires_grad else (None,) * len(params))
     result = {n: torch.zeros_like(weights[n]) if g is None else g.detach()
               for n, g in zip(params, grads)}
     _check(result, probe)
