@@ -283,6 +283,10 @@ class PrefixReplay:
         if uneven:
             log.debug("not replayed (called a different number of times per batch): %s",
                       uneven[:5])
+        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+        if bad and not weights:
+            raise ValueError(f"the float model's loss is not finite on calibration batch(es) "
+                             f"{bad[:5]} ({losses[bad[0]]}): check loss_fn and the data")
         self._store = {n: outs for n, outs in store.items() if n not in uneven}
         self.reference_losses = losses
         self._reference_samples = list(self._samples)
@@ -309,6 +313,8 @@ class PrefixReplay:
         picks = sorted({order[round(j * (len(order) - 1) / max(k - 1, 1))] for j in range(k)},
                        key=self._start.__getitem__)
         ref = self.reference_losses[0]
+        if not math.isfinite(ref):  # nothing to compare with: the caller names the loss
+            return
         weights = {n: self.model.get_parameter(self._keys[n]) for n in picks}
         for name in picks:
             first = self._start[name]

@@ -299,7 +299,7 @@ class BitMap(Mapping[str, LayerEntry]):
             raise BitMapError(f"not an mpsearch bit map: format is {doc.get('format')!r}, "
                               f"expected {FORMAT!r}")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):  # true == 1 in Python
             raise BitMapError(f"unknown format_version {version!r}: this mpsearch "
                               f"({__version__}) reads version {FORMAT_VERSION}")
         unknown = set(doc) - _TOP_KEYS

@@ -493,3 +493,15 @@ def test_a_loss_that_ignores_the_output_is_named(sensitivity: str, caplog) -> No
     assert not res.sensitivity.omega.any()
     assert "rates every layer 0 at every width: the loss does not change with the weights" \
         in caplog.text
+
+
+def test_a_loss_fn_that_returns_nan_is_named_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    """qerror first warned that the replay "does not reproduce a full pass (loss nan,
+    recorded nan)", then blamed the first layer it changed."""
+    model, data = _mlp(), _data()
+    with caplog.at_level("WARNING", logger="mpsearch"), pytest.raises(
+            ValueError, match=r"the float model's loss is not finite on calibration "
+                              r"batch\(es\) \[0, 1\] \(nan\): check loss_fn and the data"):
+        mpsearch.search(model, 4.0, data=data, sensitivity="qerror", slices=None,
+                        loss_fn=lambda out, batch: out.sum() * float("nan"), **FAST)
+    assert "does not reproduce" not in caplog.text

@@ -50,6 +50,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d.update(format="other"), "not an mpsearch bit map"),
     (lambda d: d.update(format_version=2), "unknown format_version 2"),
+    (lambda d: d.update(format_version=True), "unknown format_version True"),
     (lambda d: d.update(layers={}), "non-empty"),
     (lambda d: d["layers"]["0"].update(w_bits=1), "w_bits"),
     (lambda d: d["layers"]["0"].update(w_bits="4"), "w_bits"),

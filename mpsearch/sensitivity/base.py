@@ -143,7 +143,8 @@ class SensitivityTable:
             found = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
             raise ValueError(f"not an mpsearch sensitivity table (format {found!r}, "
                              f"expected {TABLE_FORMAT!r})")
-        if doc.get("format_version") != TABLE_FORMAT_VERSION:
+        if (doc.get("format_version") != TABLE_FORMAT_VERSION
+                or isinstance(doc.get("format_version"), bool)):  # true == 1 in Python
             raise ValueError(f"unknown sensitivity table format_version "
                              f"{doc.get('format_version')!r}; this mpsearch reads "
                              f"{TABLE_FORMAT_VERSION}")
