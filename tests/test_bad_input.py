@@ -356,7 +356,7 @@ def test_a_model_that_takes_no_labels_keyword_is_told_how_to_give_them() -> None
                                             r"give \(dict_of_inputs, labels\) batches"):
             call()
     apart = [({"tokens": x, "mask": torch.ones_like(x)}, y)]  # what the hint says works
-    assert set(mpsearch.search(model, 4.0, data=apart, **FAST).bitmap) == {"fc"}
+    assert set(mpsearch.search(model, 4.0, data=apart, slices=None, **FAST).bitmap) == {"fc"}
 
 
 class _Reordered:
