@@ -28,11 +28,7 @@ from mpsearch.layers import (
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
-from mpsearch.slices import (
-    SlicePlan,
-    needs_slicing,
-    slice_model,
-)
+from mpsearch.slices import ChannelSlices, RecurrentSlices, SlicePlan
 
 FORMAT = "mpsearch.bitmap"
 FORMAT_VERSION = 1
@@ -238,17 +234,7 @@ class BitMap(Mapping[str, LayerEntry]):
                       slices=self.slices)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`BitMapError` naming every layer that does not fit ``model``.
-
-        A sliced search's map fits the model it was searched on (which
-        :func:`~mpsearch.quantize` and :func:`~mpsearch.validate` slice on the way) as well
-        as the sliced model itself."""
-        if needs_slicing(model, self):
-            try:
-                model = slice_model(model, self)
-            except ValueError as exc:
-                raise BitMapError(f"the bit map's slices do not fit "
-                                  f"{type(model).__name__}: {exc}") from None
+        """Raise :class:`BitMapError` naming every layer that does not fit ``model``."""
         try:
             modules = quantizable_modules(model)
         except ValueError as exc:
@@ -270,8 +256,13 @@ class BitMap(Mapping[str, LayerEntry]):
         if changed:
             problems.append(f"shape or kind changed: {changed[:10]}")
         if problems:
+            hint = ""
+            if self.slices is not None and missing and not any(
+                    isinstance(m, (ChannelSlices, RecurrentSlices)) for m in model.modules()):
+                hint = ("; this bit map is from a sliced search: build the model it "
+                        "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "
-                              + "; ".join(problems))
+                              + "; ".join(problems) + hint)
 
     # -- JSON -----------------------------------------------------------------------------
 

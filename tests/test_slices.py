@@ -1318,20 +1318,3 @@ def test_a_gpt2_search_slices_its_conv1d_layers() -> None:
     in_place = mpsearch.quantize_(copy.deepcopy(model), res.bitmap)
     torch.testing.assert_close(in_place(data[0]).logits, merged(data[0]).logits)
     assert in_place.state_dict().keys() == model.state_dict().keys()
-
-
-def test_a_sliced_map_fits_the_model_it_was_searched_on(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
-    """quantize and validate slice the original model on the way, but check_model and
-    the JSON import with model= refused it."""
-    from mpsearch import BitMapError
-
-    res = mpsearch.search(mnist_cnn, 4.0, data=mnist_calib[:1], sensitivity="fisher",
-                          slices=4, refine=False, progress=False)
-    res.bitmap.check_model(mnist_cnn)
-    res.bitmap.check_model(res.sliced_model)
-    doc = res.bitmap.to_dict()
-    assert mpsearch.BitMap.from_format("mpsearch", doc, model=mnist_cnn).bits() == \
-        res.bitmap.bits()
-    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    with pytest.raises(BitMapError, match="slices do not fit Sequential"):
-        res.bitmap.check_model(other)
