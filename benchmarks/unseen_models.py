@@ -423,6 +423,147 @@ class ConvNeXtSmall(nn.Module):
         return self.head(self.norm(h.mean((2, 3))))
 
 
+class AttentionPooling(nn.Module):
+    """A reviewer's kind: the rows of the digit as a sequence through sequence-first
+    ``nn.MultiheadAttention`` (``batch_first=False``), LayerNorm and a GELU MLP, pooled by a
+    second attention with a learned query; returns ``(logits, features)``."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, width)
+        self.pos = nn.Parameter(torch.randn(28, 1, width) * 0.02)
+        self.attn = nn.MultiheadAttention(width, 4)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 128), nn.GELU(), nn.Linear(128, width))
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pool = nn.MultiheadAttention(width, 1)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(x[:, 0].transpose(0, 1)) + self.pos  # (rows, N, width)
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        h = h + self.mlp(h)
+        pooled = self.pool(self.query.expand(1, h.shape[1], -1), h, h,
+                           need_weights=False)[0][0]
+        return self.head(pooled), pooled
+
+
+def _separable(cin: int, cout: int, dilation: int) -> nn.Module:
+    return nn.Sequential(nn.Conv1d(cin, cin, 5, padding=2 * dilation, dilation=dilation,
+                                   groups=cin),
+                         nn.Conv1d(cin, cout, 1), nn.InstanceNorm1d(cout, affine=True),
+                         nn.ReLU())
+
+
+class SeparableConv1d(nn.Module):
+    """A reviewer's kind: the 28 pixels of each row as channels over the 28 rows, a
+    pointwise Conv1d, three depthwise-separable dilated Conv1d blocks with InstanceNorm,
+    mean over the rows, a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv1d(28, 64, 1)
+        self.body = nn.Sequential(_separable(64, 96, 1), _separable(96, 128, 2),
+                                  _separable(128, 128, 4))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(torch.relu(self.pw(x[:, 0].transpose(1, 2))))
+        return self.head(h.mean(-1))
+
+
+class _MixerBlock(nn.Module):
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.tokens = nn.Sequential(nn.Linear(tokens, 96), nn.GELU(), nn.Linear(96, tokens))
+        self.channels = nn.Sequential(nn.Linear(width, 128), nn.GELU(), nn.Linear(128, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class MLPMixer(nn.Module):
+    """A reviewer's kind: an MLP-Mixer on 4×4 patches (a strided Conv2d stem with
+    GroupNorm, two blocks mixing the 49 patches and the 64 channels), mean-pooled."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.stem, self.gn = nn.Conv2d(1, width, 4, 4), nn.GroupNorm(8, width)
+        self.blocks = nn.Sequential(_MixerBlock(49, width), _MixerBlock(49, width))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(h)).mean(1))
+
+
+def _words(sentence: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", sentence.lower())
+
+
+def train_sentences() -> tuple[nn.Module, list[Any], list[Any]]:
+    """A reviewer's kind: Hugging Face's ``DistilBertForSequenceClassification`` from a
+    config (two layers of width 64, 2 heads), telling a sentence of the Lee corpus from the
+    same words shuffled. Words of the corpus's first half (the 3,000 most frequent; [CLS]
+    first, 32 tokens at most); trained on that half's sentences and their shuffles (AdamW,
+    6 epochs of batches of 32); calibration: 4 batches of 32 of them, held out: 8 batches
+    of 100 pairs from the other half. Batches are dicts with ``labels``."""
+    import random
+    from collections import Counter
+
+    import transformers
+
+    from mpsearch.zoo import text_sentences
+
+    rng = random.Random(0)
+    train_words, held_words = ([w for w in map(_words, text_sentences(split)) if len(w) >= 6]
+                               for split in ("calib", "eval"))
+    counts = Counter(w for s in train_words for w in s)
+    vocab = {w: i + 3 for i, (w, _) in enumerate(counts.most_common(3000))}  # 0 pad 1 cls 2 unk
+
+    def pairs(sentences: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, masks, labels = [], [], []
+        for words in sentences:
+            shuffled = words[:]
+            rng.shuffle(shuffled)
+            for seq, label in ((words, 1), (shuffled, 0)):
+                row = [1] + [vocab.get(w, 2) for w in seq][:31]
+                ids.append(row + [0] * (32 - len(row)))
+                masks.append([1] * len(row) + [0] * (32 - len(row)))
+                labels.append(label)
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+        return (torch.tensor(ids)[order], torch.tensor(masks)[order],
+                torch.tensor(labels)[order])
+
+    x, m, y = pairs(train_words)
+    hx, hm, hy = pairs(held_words)
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=len(vocab) + 3, dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+        max_position_embeddings=64, num_labels=2)
+    model = transformers.DistilBertForSequenceClassification(config)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(6):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 32):
+            idx = order[i:i + 32]
+            opt.zero_grad()
+            model(input_ids=x[idx], attention_mask=m[idx], labels=y[idx]).loss.backward()
+            opt.step()
+
+    def batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, size: int,
+                n: int) -> list[Any]:
+        return [{"input_ids": ids[i:i + size], "attention_mask": mask[i:i + size],
+                 "labels": labels[i:i + size]} for i in range(0, size * n, size)]
+    return model.eval(), batches(x, m, y, 32, 4), batches(hx, hm, hy, 100, 8)
+
+
 class PNetFace(nn.Module):
     """MTCNN's first stage with its face head: ``(N, 3, 12, 12)`` → face logits ``(N, 2)``
     (facenet-pytorch's parameter names)."""
@@ -477,14 +618,17 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "charlm_gru": lambda: CharLM(lee_text()[2], nn.GRU),
     "charlm_conv": lambda: CharConv(lee_text()[2]),
     "bilstm": BiLSTMRows, "tcn": TemporalConvNet, "convnext": ConvNeXtSmall,
-    "charlm_gpt2": lambda: GPT2CharLM(lee_text()[2])}
+    "charlm_gpt2": lambda: GPT2CharLM(lee_text()[2]),
+    "attn_pool": AttentionPooling, "dwsep1d": SeparableConv1d, "mixer": MLPMixer,
+    "distilbert": lambda: train_sentences()[0]}
 #: the language models: vocabulary size → untrained model
 CHARLMS: dict[str, Callable[[int], nn.Module]] = {
     "charlm_lstm": lambda vocab: CharLM(vocab, nn.LSTM),
     "charlm_gru": lambda vocab: CharLM(vocab, nn.GRU),
     "charlm_conv": CharConv, "charlm_gpt2": GPT2CharLM}
 #: training epochs where the default 4 leaves a model far from converged
-EPOCHS = {"vit": 15, "gru": 15, "lstm": 8, "convnext": 6}
+EPOCHS = {"vit": 15, "gru": 15, "lstm": 8, "convnext": 6, "attn_pool": 6, "dwsep1d": 5,
+          "mixer": 6}
 #: pretrained models: their MTCNN stage and input side
 PRETRAINED = {"mtcnn_pnet": ("pnet", 12), "mtcnn_rnet": ("rnet", 24)}
 
@@ -531,6 +675,8 @@ def trained(name: str) -> tuple[nn.Module, list[Any], list[Any]]:
         return train_digits(MODELS[name]())
     if name.startswith("charlm_"):
         return train_charlm(CHARLMS[name])
+    if name == "distilbert":
+        return train_sentences()
     if name in PRETRAINED:
         from mpsearch.zoo.faces import mtcnn_state
 
@@ -549,7 +695,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def effective_layers(model: nn.Module, batch: torch.Tensor) -> float:
+def effective_layers(model: nn.Module, batch: Any) -> float:
     """(Σ p)² / Σ p² over the quantizable layers' weight counts (what ``"auto"`` reads)."""
     sizes = np.array([i.params for i in discover(model, batch, warn=False)], dtype=float)
     return float(sizes.sum() ** 2 / (sizes ** 2).sum())
@@ -557,12 +703,12 @@ def effective_layers(model: nn.Module, batch: torch.Tensor) -> float:
 
 def run_model(name: str) -> list[dict[str, Any]]:
     model, calib, evals = trained(name)
-    eff = effective_layers(model, calib[0][0])
+    eff = effective_layers(model, calib[0])
     uniform = {b: mpsearch.validate(model, mpsearch.BitMap.uniform(model, int(b)), data=evals,
                                     progress=False) for b in BUDGETS}
     # next-character accuracy over every position for the language models
     acc = (uniform[BUDGETS[0]].accuracy_float if name.startswith("charlm_")
-           else accuracy(model, evals))
+           or name in ("distilbert", "attn_pool") else accuracy(model, evals))
     log(f"{name}: {'loaded' if name in PRETRAINED else 'trained'}, held-out accuracy {acc:.3f}, effective layers {eff:.2f}")
     rows = []
     for est in ESTIMATORS:

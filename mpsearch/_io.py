@@ -39,8 +39,11 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        t = t.detach().cpu()
+        if t.layout != torch.strided:  # a sparse buffer (a graph's adjacency): its values
+            t = t.to_dense()
         # flat: a channels_last (O, I, 1, 1) weight is "contiguous" with stride(-1) != 1
-        t = t.detach().cpu().contiguous().reshape(-1)
+        t = t.contiguous().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 

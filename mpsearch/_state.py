@@ -73,6 +73,8 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         for owner, name, t, copied in buffers:
             if owner._buffers.get(name) is not t:
                 owner._buffers[name] = t
+            if t.layout != torch.strided:  # sparse: put back as an object, not by value
+                continue
             if t.shape != copied.shape:
                 with torch.no_grad():
                     t.set_(copied)  # type: ignore[call-overload]
@@ -150,26 +152,32 @@ def unfused_attention() -> Iterator[None]:
 
 def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: Any,
                     kwargs: dict[str, Any] | None = None, *, strict: bool = False) -> Any:
-    """:func:`torch.func.functional_call` that leaves every parameter and buffer slot as it
-    found them.
+    """:func:`torch.func.functional_call` that leaves the user's parameters in their slots.
 
     torch's own restores a module reachable under two attribute names (``self.alias =
     self.head``) through the second name's record of the swapped-in tensor, so the module
     kept the substituted tensor (a quantized copy, or a functorch wrapper) in place of the
-    user's Parameter. The slots of such modules are put back here after the call.
+    user's Parameter. Here each module owning a swapped name has its slots put back after
+    the call where they still hold a swapped-in tensor (a buffer the forward itself
+    re-registered, such as a growing cache, is the forward's to keep). It looks up only
+    the owners of the names given: no walk over the whole model per call.
     """
-    seen: set[int] = set()
-    aliased: dict[int, nn.Module] = {}
-    for _, m in module.named_modules(remove_duplicate=False):
-        if id(m) in seen:
-            aliased[id(m)] = m
-        seen.add(id(m))
-    saved = [(slots, dict(slots)) for m in aliased.values()
+    owners: dict[int, nn.Module] = {}
+    for key in tensors:
+        path = key.rpartition(".")[0]
+        try:
+            owner = module.get_submodule(path) if path else module
+        except AttributeError:  # torch's own call says what is wrong with the name
+            continue
+        owners[id(owner)] = owner
+    swapped = {id(t) for t in tensors.values()}
+    saved = [(slots, dict(slots)) for m in owners.values()
              for slots in (m._parameters, m._buffers)]
     try:
         return torch.func.functional_call(module, tensors, args, kwargs, strict=strict)
     finally:
         for slots, before in saved:
             for key, value in before.items():
-                if slots.get(key) is not value:
+                current = slots.get(key)
+                if current is not value and id(current) in swapped:
                     slots[key] = value  # type: ignore[assignment]

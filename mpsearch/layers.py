@@ -153,6 +153,9 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` in ``old``'s place under every name ``old`` has in ``model``: a module
     registered twice (``self.alias = self.head``) is called through either name."""
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    if not names:
+        raise ValueError(f"{type(old).__name__} to replace is not a submodule of the "
+                         f"{type(model).__name__}")
     for name in names:
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, new)

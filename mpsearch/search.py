@@ -402,6 +402,7 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     batches = materialize(data, "data")
     device = model_device(model)
     model = plain_weights(model)  # a copy if weights are parametrized (weight_norm)
+    weights_id = state_fingerprint(model)  # before any forward can step a buffer
     with preserved(model), backward_hooks_off(model):
         model.eval()
         t = time.perf_counter()
@@ -423,9 +424,6 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         AllocationProblem(names, bits, np.zeros((len(names), len(bits))), costs,
                           limits, ties=ties, pinned=pinned, allowed=allowed,
                           shared=shared).check_budgets()
-        # the whole model's state: biases and BatchNorm statistics change sensitivities too
-        weights_id = tensor_digest(t for _, t in sorted(model.state_dict().items())
-                                   if isinstance(t, Tensor))
         settings = _refine_settings(refine, a_bits)
         objective = None
         # a reused table with a loss_fn of its own: checked, and compared with the table's
@@ -485,8 +483,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 _log_gain(refinement)
     bitmap = _bitmap(model, layers, problem, best, budget, table, front, a_bits, qconfig,
                      refinement)
-    if objective is not None and objective.kind != bitmap.provenance.get("loss"):
-        # a reused table of another loss: the refinement measured this search's own
+    if refinement is not None and objective is not None and (
+            objective.kind != bitmap.provenance.get("loss")):
+        # a reused table of another loss: the refinement measured this search's own (with
+        # none, the prediction is the table's, in its loss)
         bitmap.provenance.update(loss=objective.kind, table_loss=table.diagnostics.get("loss"))
     if profile is not None:
         bitmap.provenance["profile"] = f"{profile.device.get('name')} / {profile.backend}"
@@ -608,15 +608,10 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         why = _few_layers(layers, cut) if auto else None
         if auto and not why and _few_layers(layers, [i.name for i in layers]):
             _warn_uncut(layers, cut)
-        sliced = None
+        plan: SlicePlan | None = None
         stored = _stored_plan(rest["sensitivity"])
         if stored is not None:  # a sliced search's table: its own slices, not new ones
             count, plan, why = _check_stored_plan(stored, n_slices, pinned), stored, None
-            try:
-                sliced = slice_model(model, plan)
-            except ValueError as exc:
-                raise ValueError(f"the sensitivity table's slice plan does not fit this "
-                                 f"model ({exc}); recompute the table") from None
         elif why or not auto:
             # what the search below would refuse, refused before the channel scores
             if not isinstance(rest["sensitivity"], SensitivityTable):
@@ -650,7 +645,17 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                             "or depthwise Conv layers with at least 8 output channels, not "
                             "pinned and not sharing their weight); the search is per layer",
                             count)
+    # sliced after the block has put back the buffers its forwards changed (a step counter):
+    # the sliced copy holds the model's own state, whichever way the plan came
+    sliced = None
+    if plan is not None:
+        try:
             sliced = slice_model(model, plan)
+        except ValueError as exc:
+            if stored is None:
+                raise
+            raise ValueError(f"the sensitivity table's slice plan does not fit this "
+                             f"model ({exc}); recompute the table") from None
     planning = time.perf_counter() - t
     if sliced is None:  # "auto" and no layer dominates: per layer
         result = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
@@ -677,6 +682,7 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                 f"; slices not tried: {work:.2g} units x MACs over the calibration data, "
                 f"over {AUTO_SLICE_WORK_MACS:g} (slices=16 searches them all the same)")
         return result
+    assert plan is not None  # sliced is its model
     if why:
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
                  "%d channel slices per layer (slices=None: per layer)", why, count)
@@ -969,6 +975,18 @@ def _warn_other_loss(table: SensitivityTable, objective: Objective | None,
                     else f"the solver ranks by {rated!r} (no refinement measures the other)")
 
 
+#: the scheme of :func:`state_fingerprint` (an earlier one hashed the searched weights only)
+STATE_FINGERPRINT = "state-sha256:"
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's whole state (its state_dict: weights, biases, buffers such as
+    BatchNorm statistics), the tables' ``model_fingerprint``."""
+    digest = tensor_digest(v for _, v in sorted(model.state_dict().items())
+                           if isinstance(v, Tensor))
+    return STATE_FINGERPRINT + digest.removeprefix("sha256:")
+
+
 def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig) -> None:
     if table.settings.get("slices") is not None:
         raise ValueError("the sensitivity table is of a channel-sliced search (its rows are "
@@ -980,6 +998,13 @@ def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig)
             f"the sensitivity table was measured with qconfig={made}, but this search "
             f"quantizes with {dataclasses.asdict(qconfig)}: its Ω would describe another "
             "quantizer; pass the same qconfig= or recompute the table")
+    if (table.model_fingerprint and table.model_fingerprint != weights_id
+            and not table.model_fingerprint.startswith(STATE_FINGERPRINT)):
+        raise ValueError(
+            "the sensitivity table was saved by an earlier mpsearch, whose fingerprint "
+            "covered the searched layers' weights only, so this one cannot tell whether the "
+            "model changed: recompute it, or clear table.model_fingerprint to reuse it "
+            "deliberately")
     if table.model_fingerprint and table.model_fingerprint != weights_id:
         raise ValueError(
             "the sensitivity table was measured on another model state (weights, biases or "

@@ -505,3 +505,26 @@ def test_a_loss_fn_that_returns_nan_is_named_once(caplog) -> None:  # type: igno
         mpsearch.search(model, 4.0, data=data, sensitivity="qerror", slices=None,
                         loss_fn=lambda out, batch: out.sum() * float("nan"), **FAST)
     assert "does not reproduce" not in caplog.text
+
+
+def test_a_model_with_a_sparse_buffer_is_searched() -> None:
+    """The model-state fingerprint viewed every buffer as bytes; a sparse one (a graph's
+    adjacency) has no strided storage."""
+    from mpsearch._io import tensor_digest
+
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("adjacency", torch.eye(16).to_sparse())
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(x))
+            return self.fc2(torch.sparse.mm(self.adjacency, h.T).T)
+
+    sparse = torch.eye(3).to_sparse()
+    assert tensor_digest([sparse]) == tensor_digest([torch.eye(3)])
+    torch.manual_seed(0)
+    res = mpsearch.search(Graph(), 4.0, data=_data(), sensitivity="fisher", slices=None,
+                          **FAST)
+    assert set(res.bitmap) == {"fc1", "fc2"}

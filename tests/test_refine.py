@@ -140,7 +140,7 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
     calib = [x for x, _ in mnist_calib[:1]]
     res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
                           progress=False, slices=None)
-    assert res.sensitivity.model_fingerprint.startswith("sha256:")
+    assert res.sensitivity.model_fingerprint.startswith("state-sha256:")
     assert res.sensitivity.data_fingerprint.endswith(":kl")
     again = mpsearch.search(mnist_cnn, 3.0, data=calib, sensitivity=res.sensitivity,
                             refine=False, progress=False, slices=None)
@@ -169,6 +169,12 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
                                          "table was measured on other layers or bits"):
         mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=part.sensitivity,
                         refine=False, progress=False, slices=None)
+    # a table saved before the fingerprint covered the whole state says so
+    old = dataclasses.replace(res.sensitivity, model_fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="saved by an earlier mpsearch, whose fingerprint "
+                                         "covered the searched layers' weights only"):
+        mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity=old, refine=False,
+                        progress=False, slices=None)
 
 
 def test_refinement_is_never_worse_than_uniform(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
