@@ -694,8 +694,20 @@ def trained(name: str) -> tuple[nn.Module, list[Any], list[Any]]:
         model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
         return model.eval(), *face_data(side)
     torch.manual_seed(0)
-    model = train_mnist(MODELS[name](), epochs=EPOCHS.get(name, 4), seed=0).eval()
-    return model, mnist_batches("calib", batch_size=100), mnist_batches("eval", batch_size=250)
+    # a model of several outputs trains on its first (the logits)
+    model = train_mnist(_Logits(MODELS[name]()), epochs=EPOCHS.get(name, 4), seed=0).inner
+    return (model.eval(), mnist_batches("calib", batch_size=100),
+            mnist_batches("eval", batch_size=250))
+
+
+class _Logits(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out[0] if isinstance(out, tuple) else out
 BUDGETS = (4.0, 3.0)
 
 
