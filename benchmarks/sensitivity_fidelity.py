@@ -63,12 +63,11 @@ import _fidelity_report as report
 
 import mpsearch
 from mpsearch import BitMap, QuantConfig, SensitivityTable
-from mpsearch._io import tensor_digest
 from mpsearch.batches import call, model_device, slice_batch, split_batch
-from mpsearch.layers import LayerInfo, discover, layer_weight, quantizable_modules
+from mpsearch.layers import LayerInfo, discover, quantizable_modules
 from mpsearch.losses import Objective
 from mpsearch.refine import Refine
-from mpsearch.search import DEFAULT_BITS
+from mpsearch.search import DEFAULT_BITS, state_fingerprint
 from mpsearch.sensitivity import Estimator, Fisher, Hutchinson, QError
 
 MODELS = ("mnist_cnn", "mnist_dwsep", "minilm", "mobilenet_v2", "ocr_crnn", "ocr_craft",
@@ -229,7 +228,7 @@ class Runner:
         self.layers: list[LayerInfo] = discover(self.model, case.calib[0])
         self.names = [info.name for info in self.layers]
         self.modules = quantizable_modules(self.model)
-        self.weights_id = tensor_digest(layer_weight(self.modules[n]) for n in sorted(self.names))
+        self.weights_id = state_fingerprint(self.model)  # what search checks a table against
         self.map_budgets = (3.0, 4.0) if quick else MAP_BUDGETS
         self.refine: Refine | Literal["auto"] = Refine(max_evals=24, time_budget_s=10.0) if quick else "auto"
         self._validated: dict[tuple[tuple[str, int], ...], mpsearch.ValidationReport] = {}

@@ -140,6 +140,10 @@ def test_table_reuse_checks_weights(mnist_cnn, mnist_calib) -> None:  # type: ig
     calib = [x for x, _ in mnist_calib[:1]]
     res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", refine=False,
                           progress=False, slices=None)
+    from mpsearch.search import state_fingerprint
+
+    # what a benchmark or a user building a table of their own stamps it with
+    assert res.sensitivity.model_fingerprint == state_fingerprint(mnist_cnn)
     assert res.sensitivity.model_fingerprint.startswith("state-sha256:")
     assert res.sensitivity.data_fingerprint.endswith(":kl")
     again = mpsearch.search(mnist_cnn, 3.0, data=calib, sensitivity=res.sensitivity,
