@@ -40,11 +40,17 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
     for t in tensors:
         h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
         t = t.detach().cpu()
-        if t.layout != torch.strided:  # a sparse buffer (a graph's adjacency): its values
-            t = t.to_dense()
-        # flat: a channels_last (O, I, 1, 1) weight is "contiguous" with stride(-1) != 1
-        t = t.contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.layout != torch.strided:  # a sparse buffer (a graph's adjacency): its entries,
+            # never its dense form (which may not fit in memory)
+            t = t.to_sparse_coo().coalesce()
+            h.update(f"{t.layout};".encode())
+            parts = [t.indices(), t.values()]
+        else:
+            parts = [t]
+        for part in parts:
+            # flat: a channels_last (O, I, 1, 1) weight is "contiguous" with stride(-1) != 1
+            flat = part.contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 

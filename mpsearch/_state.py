@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,7 +74,9 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         for owner, name, t, copied in buffers:
             if owner._buffers.get(name) is not t:
                 owner._buffers[name] = t
-            if t.layout != torch.strided:  # sparse: put back as an object, not by value
+            if t.layout != torch.strided:  # sparse: no torch.equal; put the copy back
+                if t.shape != copied.shape or bool((t - copied).coalesce().values().any()):
+                    owner._buffers[name] = copied
                 continue
             if t.shape != copied.shape:
                 with torch.no_grad():
@@ -157,22 +160,27 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: Any,
     torch's own restores a module reachable under two attribute names (``self.alias =
     self.head``) through the second name's record of the swapped-in tensor, so the module
     kept the substituted tensor (a quantized copy, or a functorch wrapper) in place of the
-    user's Parameter. Here each module owning a swapped name has its slots put back after
-    the call where they still hold a swapped-in tensor (a buffer the forward itself
-    re-registered, such as a growing cache, is the forward's to keep). It looks up only
-    the owners of the names given: no walk over the whole model per call.
+    user's Parameter. Here every module holding a tensor that is swapped — the owners of
+    the names given and, as torch ties them, every other holder of those tensors (a T5's
+    shared embedding under three names, tied to its LM head) — has its slots put back
+    after the call where they still hold a swapped-in tensor (a buffer the forward itself
+    re-registered, such as a growing cache, is the forward's to keep).
     """
-    owners: dict[int, nn.Module] = {}
+    originals: set[int] = set()
     for key in tensors:
-        path = key.rpartition(".")[0]
+        path, _, attr = key.rpartition(".")
         try:
             owner = module.get_submodule(path) if path else module
         except AttributeError:  # torch's own call says what is wrong with the name
             continue
-        owners[id(owner)] = owner
+        value = owner._parameters.get(attr, owner._buffers.get(attr))
+        if value is not None:
+            originals.add(id(value))
+    holders = [m for m in module.modules()
+               if any(id(v) in originals for v in itertools.chain(m._parameters.values(),
+                                                                  m._buffers.values()))]
     swapped = {id(t) for t in tensors.values()}
-    saved = [(slots, dict(slots)) for m in owners.values()
-             for slots in (m._parameters, m._buffers)]
+    saved = [(slots, dict(slots)) for m in holders for slots in (m._parameters, m._buffers)]
     try:
         return torch.func.functional_call(module, tensors, args, kwargs, strict=strict)
     finally:

@@ -401,8 +401,8 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     qconfig = qconfig or QuantConfig()
     batches = materialize(data, "data")
     device = model_device(model)
+    weights_id = state_fingerprint(model)  # the user's state, before any forward steps it
     model = plain_weights(model)  # a copy if weights are parametrized (weight_norm)
-    weights_id = state_fingerprint(model)  # before any forward can step a buffer
     with preserved(model), backward_hooks_off(model):
         model.eval()
         t = time.perf_counter()
@@ -545,8 +545,8 @@ def _few_layers(layers: Sequence[LayerInfo], sliceable: Iterable[str]) -> str | 
     if count >= AUTO_SLICE_LAYERS or sum(i.params for i in layers if i.name in names) < total / 2:
         return None
     big = max(layers, key=lambda info: info.params)
-    return (f"the weights sit in {count:.2f} layers' worth ({big.name} holds "
-            f"{big.params / total:.0%})")
+    who = big.name or "the model, one bare layer,"
+    return f"the weights sit in {count:.2f} layers' worth ({who} holds {big.params / total:.0%})"
 
 
 def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
@@ -560,7 +560,8 @@ def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
     log.warning("slices='auto': %s, but channel slices cannot cut %.0f%% of them (%s; they "
                 "cut plain Linear (and Hugging Face Conv1D) and Conv layers and recurrent "
                 "matrices that are not "
-                "pinned, tied or read by their parent): the search is per layer, where so few layers leave the "
+                "pinned, tied or read by their parent, nor a model that is one bare layer): "
+                "the search is per layer, where so few layers leave the "
                 "solver little to trade against uniform widths",
                 _few_layers(layers, [i.name for i in layers]), 100 * sum(kinds.values()) / total,
                 ", ".join(f"{k} weights {n / total:.0%}" for k, n in
@@ -1001,10 +1002,9 @@ def _check_table(table: SensitivityTable, weights_id: str, qconfig: QuantConfig)
     if (table.model_fingerprint and table.model_fingerprint != weights_id
             and not table.model_fingerprint.startswith(STATE_FINGERPRINT)):
         raise ValueError(
-            "the sensitivity table was saved by an earlier mpsearch, whose fingerprint "
-            "covered the searched layers' weights only, so this one cannot tell whether the "
-            "model changed: recompute it, or clear table.model_fingerprint to reuse it "
-            "deliberately")
+            "the sensitivity table was saved with an earlier fingerprint scheme, which this "
+            "mpsearch cannot compare with the model's state: recompute it, or clear "
+            "table.model_fingerprint to reuse it deliberately")
     if table.model_fingerprint and table.model_fingerprint != weights_id:
         raise ValueError(
             "the sensitivity table was measured on another model state (weights, biases or "

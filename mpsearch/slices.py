@@ -817,8 +817,9 @@ def sliceable_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> list
     for module in model.modules():  # each module once, whatever its names
         for p in module.parameters(recurse=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
+    # the model itself (one bare layer) has no parent to hold its slices: searched whole
     return [n for n, m in modules.items()
-            if _sliceable(m) and uses.get(id(layer_weight(m)), 0) <= 1]
+            if n and _sliceable(m) and uses.get(id(layer_weight(m)), 0) <= 1]
 
 
 def reference_bits(bits: Sequence[int]) -> int:

@@ -457,13 +457,13 @@ def test_wrapped_and_scripted_models_are_told_what_to_pass() -> None:
     layer'."""
     model, data = _mlp(), _data()
     bm = BitMap.uniform(model, 4)
-    for wrapped, message in ((nn.DataParallel(model), "DataParallel wrapper: pass the module "
-                              r"it wraps \(model.module\)"),
-                             (torch.jit.script(model), "TorchScript module.*pass the Python "
-                              "nn.Module it was made from")):
-        for call in (lambda: mpsearch.search(wrapped, 4.0, data=data, **FAST),
-                     lambda: mpsearch.quantize(wrapped, bm),
-                     lambda: mpsearch.validate(wrapped, bm, data=data, progress=False)):
+    for wrapped, message in ((nn.DataParallel(model), ("DataParallel wrapper: pass the "
+                                                       r"module it wraps \(model.module\)")),
+                             (torch.jit.script(model), ("TorchScript module.*pass the Python "
+                                                        "nn.Module it was made from"))):
+        for call in (lambda w=wrapped: mpsearch.search(w, 4.0, data=data, **FAST),
+                     lambda w=wrapped: mpsearch.quantize(w, bm),
+                     lambda w=wrapped: mpsearch.validate(w, bm, data=data, progress=False)):
             with pytest.raises(ValueError, match=message):
                 call()
 
@@ -523,8 +523,26 @@ def test_a_model_with_a_sparse_buffer_is_searched() -> None:
             return self.fc2(torch.sparse.mm(self.adjacency, h.T).T)
 
     sparse = torch.eye(3).to_sparse()
-    assert tensor_digest([sparse]) == tensor_digest([torch.eye(3)])
+    assert tensor_digest([sparse]) == tensor_digest([torch.eye(3).to_sparse_csr()])
+    assert tensor_digest([sparse]) != tensor_digest([(2 * torch.eye(3)).to_sparse()])
+    assert tensor_digest([sparse]) != tensor_digest([torch.eye(3)])  # hashed sparse, not dense
     torch.manual_seed(0)
     res = mpsearch.search(Graph(), 4.0, data=_data(), sensitivity="fisher", slices=None,
                           **FAST)
     assert set(res.bitmap) == {"fc1", "fc2"}
+
+
+def test_a_model_that_is_one_bare_layer_is_searched_and_deployed() -> None:
+    """The default slices cut the model itself (name ""), which has no parent to hold its
+    slices: "Cannot set the submodule without a target name"."""
+    from mpsearch.hw.kernels_torch import TorchModel
+
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10).eval()
+    x = torch.randn(32, 64)
+    res = mpsearch.search(model, 4.0, data=[x], sensitivity="fisher", **FAST)
+    assert res.bitmap.slices is None and set(res.bitmap) == {""}
+    dep = TorchModel(model, res.bitmap, "cpu")
+    assert dep.formats[""].startswith("w4")
+    ref = mpsearch.quantize(model, res.bitmap)(x).detach()
+    assert float((dep.run(x) - ref).norm() / ref.norm()) < 0.01

@@ -700,6 +700,39 @@ def test_a_buffer_the_forward_re_registers_in_an_aliased_module_is_kept() -> Non
     model(torch.randn(1, 4))
 
 
+@pytest.mark.parametrize("estimator", ["qerror", "fisher", "hutchinson"])
+def test_a_tied_embedding_under_three_names_is_left_as_it_was(estimator: str) -> None:
+    """A T5's layout: one embedding as ``shared``, ``enc.embed_tokens`` and
+    ``dec.embed_tokens``, its weight tied to the LM head. torch ties the head's swapped-in
+    weight into the embedding and restored it through the second name, so the user's
+    embedding kept a quantized tensor."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(50, 8)
+            self.enc, self.dec = nn.Module(), nn.Module()
+            self.enc.embed_tokens = self.dec.embed_tokens = self.shared
+            self.mid = nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 50, bias=False)
+            self.lm_head.weight = self.shared.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.enc.embed_tokens(ids) + self.dec.embed_tokens(ids)
+            return self.lm_head(torch.relu(self.mid(h)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    weight = model.shared.weight
+    before = _state(model)
+    data = [torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    mpsearch.search(model, 4.0, data=data, sensitivity=FAST if estimator == "hutchinson"
+                    else estimator, slices=None, progress=False)
+    assert model.shared.weight is weight and model.lm_head.weight is weight
+    _assert_same(before, model)
+
+
 def test_buffers_the_forward_updates_are_restored() -> None:
     """A forward that counts what it has seen ran ~50 times in a search and came back
     with its buffers changed: the user's state_dict was not the one handed in."""

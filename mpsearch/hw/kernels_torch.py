@@ -477,7 +477,10 @@ class TorchModel:
             kern = TorchKernel.from_weight(spec, choice.name, layer_weight(module),
                                            bias if isinstance(bias, Tensor) else None,
                                            entry.qconfig, self.device)
-            replace_module(self.model, module, kern)
+            if module is self.model:  # the model is one bare layer
+                self.model = kern
+            else:
+                replace_module(self.model, module, kern)
             self.formats[name] = choice.name
         self.model.to(self.device)
 
