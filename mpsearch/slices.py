@@ -50,7 +50,8 @@ uniform INT4 (held out; per layer, when Conv1D could not be cut) to 8.3-10.1×.
 
 What it does not slice: grouped convolutions other than depthwise, multi-head attention,
 layers with fewer than ``2 · min_rows``
-output channels, and layers that are pinned, excluded or tied; by input features, only
+output channels, layers that are pinned, excluded or tied, and a model that is itself one
+bare layer (no parent to hold its slices); by input features, only
 ``nn.Linear``, and not with per-group scales (``granularity="group"``: a column slice
 would cut the groups). A bit map of a sliced
 search names the slices and records the plan (``"slices"`` in its JSON), so
