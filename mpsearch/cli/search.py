@@ -176,7 +176,8 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--bits", type=int, nargs="+", default=None,
                    help="candidate bits (default 2 3 4 5 6 8; with --profile 2 3 4 8 32; "
                         "with a saved --sensitivity table, its bits)")
-    s.add_argument("--loss", default="divergence", choices=["divergence", "task"],
+    # None unless given: a reused --sensitivity table then keeps its own loss, no float pass
+    s.add_argument("--loss", default=None, choices=["divergence", "task"],
                    help="divergence from the float model's output (default; labels unused) "
                         "or the task loss on the data's targets")
     s.add_argument("--sensitivity", default="qerror",
