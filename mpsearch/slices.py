@@ -661,7 +661,7 @@ def for_deployment(model: nn.Module, bitmap: Any) -> tuple[nn.Module, Any]:
     call per distinct width) and the model sliced as the merged map says; else as given."""
     if not needs_slicing(model, bitmap):
         return model, bitmap
-    merged = coalesce(bitmap)
+    merged = coalesce(bitmap, model)
     return (slice_model(model, merged) if merged.slices is not None else model), merged
 
 
@@ -833,9 +833,14 @@ def reference_bits(bits: Sequence[int]) -> int:
     return above[0] if above else low[-1]
 
 
-def coalesce(bitmap: Any) -> Any:
+def coalesce(bitmap: Any, model: nn.Module | None = None) -> Any:
     """The same quantization with fewer slices: slices of a layer that got the same
     settings merge into one, and a layer whose slices all agree is whole again.
+
+    ``model``: the original model. A layer made whole again takes its kind and shape
+    from it; without it, from its slices, which is right for every layer but Hugging
+    Face's ``Conv1D`` (GPT-2), whose slices are ``nn.Linear`` of the transposed shape
+    (:func:`for_deployment` and :func:`~mpsearch.export_onnx` pass the model).
 
     A search rates and places slices one by one, but a deployment pays per slice (one
     kernel call each, then a concatenation); merging slices of equal width changes no
@@ -854,6 +859,13 @@ def coalesce(bitmap: Any) -> Any:
         raise ValueError("coalesce needs the bit map of a sliced search (search(..., slices=n))")
     entries = {n: e for n, e in bitmap.items()
                if not any(n.startswith(f"{layer}.{PART}.") for layer in plan.layers)}
+    whole: dict[str, tuple[str | None, tuple[int, ...]]] = {}
+    if model is not None:
+        from mpsearch.layers import quantizable_modules
+
+        modules = quantizable_modules(model)
+        whole = {n: (layer_kind(modules[n]), tuple(layer_weight(modules[n]).shape))
+                 for n in plan.layers if n in modules}
     layers: dict[str, tuple[tuple[int, ...], ...]] = {}
     for layer, parts in plan.layers.items():
         groups: dict[Any, list[int]] = {}
@@ -874,6 +886,8 @@ def coalesce(bitmap: Any) -> Any:
                      else (n, *entry.shape[1:]))
             name = f"{layer}.{PART}.{j}" if len(merged) > 1 else layer
             entries[name] = replace(entry, shape=shape)
+            if name == layer and layer in whole:  # the original layer's own kind and shape
+                entries[name] = replace(entry, kind=whole[layer][0], shape=whole[layer][1])
     new_plan = SlicePlan(layers, plan.inputs & set(layers)) if layers else None
     return BitMap(entries, model_class=bitmap.model_class,
                   fingerprint=fingerprint({n: e.shape or () for n, e in entries.items()}),

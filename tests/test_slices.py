@@ -1318,3 +1318,27 @@ def test_a_gpt2_search_slices_its_conv1d_layers() -> None:
     in_place = mpsearch.quantize_(copy.deepcopy(model), res.bitmap)
     torch.testing.assert_close(in_place(data[0]).logits, merged(data[0]).logits)
     assert in_place.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_gpt2_layer_whose_slices_agree_is_a_conv1d_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """coalesce made a Conv1D whose slices all got one width whole again as a Linear of
+    the slices' (out, in) shape: quantize and export_onnx refused the deployable map
+    ("bit map Linear, model Conv1D")."""
+    model = _tiny_gpt2()
+    data = [torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    res = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=4,
+                          bits=(2, 4, 8), refine=False, progress=False)  # ORT's widths
+    proj = "transformer.h.0.attn.c_proj"
+    bits = {n: b for n, b in res.bitmap.bits().items()}
+    bits.update({n: 4 for n in bits if n.startswith(f"{proj}.parts.")})  # its slices agree
+    agreed = mpsearch.BitMap.from_bits(res.sliced_model, bits)
+    agreed.slices = res.bitmap.slices
+    whole = mpsearch.coalesce(agreed, model)
+    assert proj not in whole.slices.layers
+    assert (whole[proj].kind, whole[proj].shape) == ("Conv1D", (32, 32))
+    x = data[0]
+    torch.testing.assert_close(mpsearch.quantize(model, whole)(x).logits,
+                               mpsearch.quantize(model, agreed)(x).logits)
+    mpsearch.export_onnx(model, agreed, tmp_path / "m.onnx", sample_batch=x)  # coalesces
+    assert (tmp_path / "m.onnx").exists()
