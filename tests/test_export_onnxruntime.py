@@ -247,3 +247,22 @@ def test_minilm_int8_qdq_tracks_float(minilm, tmp_path):
     out = sess.run(None, eo.BatchReader(evals, src).feed(evals[0]))[0]
     cos = np.sum(out * ref, -1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert float(cos.mean()) > 0.99
+
+
+def test_a_sliced_sequential_matches_every_slice(digits, tmp_path):
+    """An nn.Sequential's layers are numbered; inside the export wrapper their scopes read
+    ``model.1/parts.0``, which matched no slice ``1.parts.0``: ``mpsearch apply --format
+    onnx-qdq`` refused every sliced map of such a model."""
+    import mpsearch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10)).eval()
+    res = mpsearch.search(model, 4.0, data=digits[:1], sensitivity="fisher", slices=4,
+                          bits=(2, 4, 8), refine=False, progress=False)
+    assert res.bitmap.slices is not None
+    src, dst = _quantize(res.sliced_model, res.bitmap, digits, tmp_path)
+    got = eo.weight_bits(src, dst, res.bitmap)
+    assert set(got) == set(res.bitmap)
+    assert {n: b for n, (_, b) in got.items()} == {n: HELD[e.w_bits]
+                                                   for n, e in res.bitmap.items()}

@@ -91,11 +91,18 @@ def _scope_score(segments: list[str], chain: list[str]) -> tuple[int, int]:
         return 0, 0
     j, matched, skipped = len(chain) - 1, 1, 0
     for seg in reversed(segments[:-1]):
-        k = next((k for k in range(j - 1, -1, -1) if chain[k] == seg), None)
+        k = next((k for k in range(j - 1, -1, -1) if _same_module(seg, chain[k])), None)
         if k is None:
             break
         j, matched, skipped = k, matched + 1, skipped + (j - k - 1)
     return matched, -skipped
+
+
+def _same_module(segment: str, link: str) -> bool:
+    """A scope segment names the module of a chain link; a numbered child of a container
+    is scoped with its parent's attribute (``model.1`` for ``1`` of the ``nn.Sequential``
+    an export wrapper holds as ``model``)."""
+    return segment == link or (link.isnumeric() and segment.endswith("." + link))
 
 
 def _best(candidates: Mapping[str, Any]) -> str | None:
