@@ -276,10 +276,9 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
     deployed = (_deployed(*for_deployment(original, bitmap), batches, qmodel, profile)
                 if measure_latency else {})
     if profile is not None and "latency_us_predicted" not in deployed:
-        from mpsearch.hw.cost import predict_latency
-
-        deployed["latency_us_predicted"] = predict_latency(profile, model, bitmap,
-                                                           layers=discover(model, batches[0]))["latency_us"]
+        # of what deploys: a sliced map with its slices of equal width merged
+        deployed["latency_us_predicted"] = _predicted(
+            profile, *for_deployment(original, bitmap), batches)
     return ValidationReport(
         loss_kind=objective.kind, loss_float=sums["lf"] / n, loss_quantized=sums["lq"] / n,
         loss_increase=(sums["lq"] - sums["lf"]) / n,
@@ -327,7 +326,6 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
     ONNX Runtime by default; PyTorch kernels on the profile's device when ``profile`` was
     measured with ``backend="torch"``.
     """
-    from mpsearch.hw.cost import predict_latency
     from mpsearch.hw.specs import input_spec
 
     threads = profile.threads if profile is not None else 1
@@ -374,7 +372,26 @@ def _deployed(model: nn.Module, bitmap: BitMap, batches: list[Batch], qmodel: nn
         "deployed_rel_error": (num["f"] / den["f"]) ** 0.5 if den["f"] else None,
         "deployed_vs_simulated_rel_error": (num["q"] / den["q"]) ** 0.5 if den["q"] else None}
     if profile is not None:
-        pred = predict_latency(profile, model, bitmap, layers=discover(model, batches[0]))
-        out["latency_us_predicted"] = pred["latency_us"]
-        out["latency_error"] = pred["latency_us"] / central(timing) - 1.0
+        out["latency_us_predicted"] = _predicted(profile, model, bitmap, batches)
+        out["latency_error"] = out["latency_us_predicted"] / central(timing) - 1.0
     return out
+
+
+def _predicted(profile: HardwareProfile, model: nn.Module, bitmap: BitMap,
+               batches: list[Batch]) -> float:
+    """The profile's predicted latency of ``model`` under ``bitmap`` (µs)."""
+    from mpsearch.hw.cost import predict_latency
+
+    try:
+        return float(predict_latency(profile, model, bitmap,
+                                     layers=discover(model, batches[0]))["latency_us"])
+    except ValueError as exc:
+        if bitmap.slices is None:
+            raise
+        # its slices (of equal width merged) are layers of shapes the original had not
+        what = str(exc).split("; measure it with")[0]
+        raise ValueError(f"{what}: a sliced map deploys its slices (those of one width "
+                         "merged) as layers of their own, which a profile of the model does "
+                         "not hold; profile the deployed model, mpsearch.profile(mpsearch."
+                         "slice_model(model, mpsearch.coalesce(bitmap, model)), batch, "
+                         "reuse=profile), and validate with the profile it returns") from None

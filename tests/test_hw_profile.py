@@ -256,3 +256,31 @@ def test_validate_times_the_shape_the_profile_predicts(
     same = mpsearch.validate(mnist_cnn, bm, data=[(x[:8], y[:8]) for x, y in mnist_eval[:1]],
                              profile=cnn_profile, measure_latency=True, progress=False)
     assert same.latency_input_shape == [[8, 1, 28, 28]]
+
+
+@pytest.mark.slow
+def test_a_sliced_maps_latency_needs_a_profile_of_its_deployed_model() -> None:
+    """The profile of the model has none of the merged slices' shapes; the error said to
+    profile the model again, which measures the same shapes."""
+    from mpsearch.zoo.mnist import mnist_batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    data = mnist_batches("eval", batch_size=8, n_batches=1)
+    prof = mpsearch.profile(model, data[0][0], **FAST)
+    res = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=8,
+                          bits=(2, 4, 8), refine=False, progress=False)
+    # one slice of each layer at 4 bits, the rest at 8: a 4-bit layer of 98 (or 32) input
+    # features, in a block size the model's own layers (784, 256) were not measured in
+    bm = BitMap.from_bits(res.sliced_model, {n: 4 if n.endswith(".parts.0") else 8
+                                             for n in res.bitmap})
+    bm.slices = res.bitmap.slices
+    with pytest.raises(ValueError, match=r"a sliced map deploys its slices .* "
+                                         r"mpsearch.profile\(mpsearch.slice_model\(model, "
+                                         r"mpsearch.coalesce\(bitmap, model\)\)"):
+        mpsearch.validate(model, bm, data=data, profile=prof, progress=False)
+    deployed = mpsearch.slice_model(model, mpsearch.coalesce(bm, model))
+    both = mpsearch.profile(deployed, data[0][0], reuse=prof, **FAST)
+    rep = mpsearch.validate(model, bm, data=data, profile=both, progress=False)
+    assert rep.latency_us_predicted is not None and rep.latency_us_predicted > 0
