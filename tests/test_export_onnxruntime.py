@@ -209,6 +209,14 @@ def test_unmatched_layers_are_an_error_naming_them(mnist_cnn, mnist_dwsep, digit
     wrong = {"features.0": "features.3.weight"}
     with pytest.raises(ValueError, match="channels"):
         eo.plan(BitMap.uniform(mnist_cnn, 4), src, tensor_names=wrong)
+    # an already quantized graph (export_onnx's): no float weight to find, which gave an
+    # empty override dict and a warning
+    import mpsearch
+
+    done = mpsearch.export_onnx(mnist_cnn, BitMap.uniform(mnist_cnn, 8), tmp_path / "q.onnx",
+                                sample_batch=digits[0][0])
+    with pytest.raises(ValueError, match="none of the bit map's 4 layer.*not a quantized one"):
+        eo.plan(BitMap.uniform(mnist_cnn, 8), done)
 
 
 @pytest.mark.slow

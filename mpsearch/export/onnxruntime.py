@@ -117,6 +117,11 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
                          f"({missing[:6]}) while {len(unclaimed)} weighted node(s) matched no "
                          f"layer ({unclaimed[:4]}); pass tensor_names={{fqn: initializer}} "
                          "or strict=False")
+    if missing and not sites and strict:
+        raise ValueError(f"onnxruntime: none of the bit map's {len(missing)} layer(s) is in the "
+                         "ONNX graph (no Conv, Gemm or MatMul reads a float weight of theirs): "
+                         "pass the float model exported from PyTorch (to_onnx), not a "
+                         "quantized one; or tensor_names={fqn: initializer}")
     warn(FORMAT, missing, "layers not in the ONNX graph (unused by its outputs?), nothing "
          "to quantize")
     overrides: dict[str, list[dict[str, Any]]] = {}
