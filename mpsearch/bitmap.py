@@ -28,7 +28,7 @@ from mpsearch.layers import (
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
-from mpsearch.slices import ChannelSlices, RecurrentSlices, SlicePlan
+from mpsearch.slices import SlicePlan, is_sliced
 
 FORMAT = "mpsearch.bitmap"
 FORMAT_VERSION = 1
@@ -257,8 +257,7 @@ class BitMap(Mapping[str, LayerEntry]):
             problems.append(f"shape or kind changed: {changed[:10]}")
         if problems:
             hint = ""
-            if self.slices is not None and missing and not any(
-                    isinstance(m, (ChannelSlices, RecurrentSlices)) for m in model.modules()):
+            if self.slices is not None and missing and not is_sliced(model):
                 hint = ("; this bit map is from a sliced search: build the model it "
                         "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "

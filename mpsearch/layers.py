@@ -6,7 +6,8 @@ input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, ``(3·E, E)``
 attention module's FQN; its ``out_proj`` is an ``nn.Linear`` of its own) and each weight
 matrix of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (:class:`RecurrentWeight`, keyed by the
 parameter's name, ``rnn.weight_hh_l0``; in a model sliced by :mod:`mpsearch.slices`, its
-row slices, :class:`RecurrentPart`, ``rnn.weight_hh_l0.parts.0``). Layers are keyed by
+row slices, :class:`RecurrentPart`, ``rnn.weight_hh_l0.parts.0``, as are those of a sliced
+attention's input projection, ``attn.parts.0``). Layers are keyed by
 fully-qualified name (FQN) everywhere.
 """
 
@@ -84,21 +85,24 @@ RNN_KINDS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 class RecurrentMatrix(nn.Module):
-    """A weight matrix (or some rows of one) that a recurrent module reads itself: the
-    module's own forward multiplies it at every time step, so its layer never runs, and
-    no input of its own can be hooked. ``kind``: ``"LSTM"``, ``"GRU"`` or ``"RNN"``."""
+    """A weight matrix (or some rows of one) that an enclosing module reads itself: a
+    recurrent module multiplies it at every time step (or an attention, the slices of its
+    input projection), so its layer never runs, and no input of its own can be hooked.
+    ``kind``: ``"LSTM"``, ``"GRU"``, ``"RNN"`` or ``"MultiheadAttention"``."""
 
     kind: str
 
     def forward(self, *_: Any) -> Tensor:
-        raise RuntimeError(f"{type(self).__name__} is read by its recurrent module, "
+        raise RuntimeError(f"{type(self).__name__} is read by the module holding it, "
                            "never called")
 
 
 class RecurrentPart(RecurrentMatrix):
-    """Some rows of a recurrent module's weight matrix, held as a parameter of their own:
-    a slice of a recurrent layer (:class:`mpsearch.slices.RecurrentSlices`), keyed
-    ``f"{rnn_fqn}.{attr}.parts.{k}"``."""
+    """Some rows of a weight matrix an enclosing module reads, held as a parameter of
+    their own: a slice of a recurrent layer (:class:`mpsearch.slices.RecurrentSlices`),
+    keyed ``f"{rnn_fqn}.{attr}.parts.{k}"``, or of an attention's packed input projection
+    (:class:`mpsearch.slices.SlicedMultiheadAttention`), keyed
+    ``f"{attention_fqn}.parts.{k}"``."""
 
     def __init__(self, weight: Tensor, kind: str, *, requires_grad: bool = True) -> None:
         super().__init__()
@@ -366,7 +370,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return "Conv1d"
     if isinstance(module, nn.Linear):
         return "Linear"
-    if isinstance(module, nn.MultiheadAttention) and isinstance(module.in_proj_weight, Tensor):
+    if (isinstance(module, nn.MultiheadAttention) and isinstance(module.in_proj_weight, Tensor)
+            and not getattr(type(module), "in_proj_sliced", False)):  # (its slices are layers)
         return "MultiheadAttention"  # separate q/k/v_proj_weight (kdim != embed_dim): float
     if isinstance(module, RecurrentMatrix):
         return module.kind
@@ -700,7 +705,9 @@ def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
         # every time step of every sequence multiplies the matrix once (per direction: the
         # reverse direction has matrices of its own); a slice of one is named
         # f"{owner}.{attr}.parts.{k}"
-        atoms = name.split(".")[:-3 if isinstance(module, RecurrentPart) else -1]
+        # (a slice of attention's input projection, f"{attention}.parts.{k}")
+        atoms = name.split(".")[:-2 if module.kind == "MultiheadAttention"
+                                else -3 if isinstance(module, RecurrentPart) else -1]
         owner = ".".join(atoms)
         inputs = [s for s in seen.get(owner, []) if len(s) >= 2]
         if inputs:

@@ -47,9 +47,8 @@ from mpsearch.refine import refine as refine_map
 from mpsearch.sensitivity import ESTIMATORS, Estimator, SensitivityTable
 from mpsearch.slices import (
     PART,
-    ChannelSlices,
-    RecurrentSlices,
     SlicePlan,
+    is_sliced,
     plan_slices,
     reference_bits,
     slice_model,
@@ -534,6 +533,12 @@ def _auto_slices(sensitivity: object, tie: Ties,
     return "auto"
 
 
+def _out_proj_of(model: nn.Module, name: str, reader: str) -> bool:
+    """Whether layer ``name`` is the ``out_proj`` of the ``nn.MultiheadAttention`` ``reader``."""
+    return (name == (f"{reader}.out_proj" if reader else "out_proj")
+            and isinstance(model.get_submodule(reader), nn.MultiheadAttention))
+
+
 def _few_layers(layers: Sequence[LayerInfo], sliceable: Iterable[str]) -> str | None:
     """Why ``slices="auto"`` slices (see :data:`AUTO_SLICE_LAYERS`), or None."""
     sizes = [info.params for info in layers]
@@ -558,9 +563,9 @@ def _warn_uncut(layers: Sequence[LayerInfo], cut: Iterable[str]) -> None:
             kinds[info.kind] = kinds.get(info.kind, 0) + info.params
     total = sum(i.params for i in layers)
     log.warning("slices='auto': %s, but channel slices cannot cut %.0f%% of them (%s; they "
-                "cut plain Linear (and Hugging Face Conv1D) and Conv layers and recurrent "
-                "matrices that are not "
-                "pinned, tied or read by their parent, nor a model that is one bare layer): "
+                "cut plain Linear (and Hugging Face Conv1D) layers, ungrouped or depthwise "
+                "Conv layers, attention's projections and recurrent matrices, none pinned, "
+                "tied or read by another module, nor a model that is one bare layer): "
                 "the search is per layer, where so few layers leave the "
                 "solver little to trade against uniform widths",
                 _few_layers(layers, [i.name for i in layers]), 100 * sum(kinds.values()) / total,
@@ -602,9 +607,11 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         pinned = {n for n in modules for p in (pin or {}) if fnmatch.fnmatchcase(n, p)}
         sliceable = set(sliceable_layers(model, modules)) - pinned
         # a layer read by its parent stays whole (its parent reads the one weight), but
-        # for recurrent matrices, which RecurrentSlices rebuilds for the recurrent module
+        # for recurrent matrices, which RecurrentSlices rebuilds for the recurrent module,
+        # and attention's out_proj, whose slices answer its weight and bias
         cuttable = [i for i in layers if i.name in sliceable
-                    and (not i.read_by or i.kind in RNN_KINDS)]
+                    and (not i.read_by or i.kind in RNN_KINDS
+                         or _out_proj_of(model, i.name, i.read_by))]
         cut = [i.name for i in cuttable]
         why = _few_layers(layers, cut) if auto else None
         if auto and not why and _few_layers(layers, [i.name for i in layers]):
@@ -866,7 +873,7 @@ def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:
     """Say which include / exclude globs match no quantizable layer (a typo keeps nothing
     float, or searches less than meant). Not on a channel-sliced copy, whose layers a
     sliced search renames."""
-    if any(isinstance(m, (ChannelSlices, RecurrentSlices)) for m in model.modules()):
+    if is_sliced(model):
         return
     names = list(quantizable_modules(model))
     for option, given in patterns.items():

@@ -459,9 +459,10 @@ def test_layers_that_slicing_would_break_stay_whole() -> None:
                              progress=False, refine=False)
     _assert_same(before, model)
     assert result.bitmap.slices is not None
-    # out_proj is read by the attention, head shares the embedding's weight: only mlp is cut
-    assert set(result.bitmap.slices.layers) == {"mlp"}
-    assert "attn.out_proj" in result.bitmap and "head" in result.bitmap
+    # head shares the embedding's weight: it stays whole (attention's input projection and
+    # out_proj, which the attention reads, are cut: their slices rebuild what it reads)
+    assert set(result.bitmap.slices.layers) == {"mlp", "attn", "attn.out_proj"}
+    assert "head" in result.bitmap and "attn.parts.0" in result.bitmap
     assert result.sliced_model is not None
     assert result.sliced_model.head.weight is result.sliced_model.embed.weight
     torch.testing.assert_close(result.sliced_model(data[0]), model(data[0]),
@@ -602,37 +603,38 @@ def test_auto_tries_slices_where_per_layer_gains_little(mnist_calib, monkeypatch
         "units x MACs over the calibration data, over 0 (slices=16 searches them all the same)")
 
 
-class _RowAttention(nn.Module):
-    """Rows of a digit through three attention layers: the packed q/k/v projections and
-    out_proj, which slices leave whole, hold 88 % of the weights."""
+class _GroupedRows(nn.Module):
+    """Rows of a digit through six grouped (4 groups) Conv1d layers, which slices leave
+    whole (a slice of a grouped layer would cut its groups): most of the weights."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(28, 64)
-        self.attn = nn.ModuleList(nn.MultiheadAttention(64, 4, batch_first=True)
-                                  for _ in range(3))
+        self.convs = nn.ModuleList(nn.Conv1d(64, 64, 5, padding=2, groups=4)
+                                   for _ in range(6))
         self.mix, self.head = nn.Linear(64, 64), nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x.reshape(-1, 28, 28))
-        for attn in self.attn:
-            h = h + attn(h, h, h, need_weights=False)[0]
-        return self.head(torch.relu(self.mix(h.mean(1))))
+        h = self.embed(x.reshape(-1, 28, 28)).transpose(1, 2)
+        for conv in self.convs:
+            h = h + torch.relu(conv(h))
+        return self.head(torch.relu(self.mix(h.mean(2))))
 
 
 def test_auto_says_why_it_did_not_try_slices(mnist_calib, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A reviewer's attention model measured 2.9x per layer and "auto" did not try slices,
-    saying only how many layers' worth the weights sit in: slices could not cut most."""
+    """A model that gains little per layer, whose layers slices mostly cannot cut: "auto"
+    does not try slices, and says why (not only how many layers' worth the weights sit in:
+    a reviewer's attention model, before attention was sliced)."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("mpsearch.search"), "AUTO_SLICE_GAIN",
                         float("inf"))  # would try slices wherever it could
     torch.manual_seed(0)
-    res = mpsearch.search(_RowAttention().eval(), 4.0, data=mnist_calib[:1],
+    res = mpsearch.search(_GroupedRows().eval(), 4.0, data=mnist_calib[:1],
                           sensitivity="fisher", refine=False, progress=False)
     assert res.bitmap.slices is None
     assert res.bitmap.provenance["slices_auto"].endswith(
-        "; slices not tried: they could cut only 12% of the weights")
+        "; slices not tried: they could cut only 18% of the weights")
 
 
 def test_quantize_in_place_refuses_slices_with_different_input_widths(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
@@ -756,28 +758,27 @@ def test_sliced_transformer_layer_runs_its_fused_fast_path_on_the_slices(  # typ
 
 
 def test_auto_says_so_when_the_few_layers_cannot_be_cut(caplog) -> None:  # type: ignore[no-untyped-def]
-    """Attention's packed input projection holds 72 % of the weights: "auto" would slice,
-    cannot (the attention reads it whole), and says why."""
+    """A grouped convolution holds 97 % of the weights: "auto" would slice, cannot (a
+    slice would cut its groups), and says why."""
 
-    class Attend(nn.Module):
+    class Grouped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.conv = nn.Conv1d(64, 64, 9, padding=4, groups=2)
             self.head = nn.Linear(64, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+            return self.head(torch.relu(self.conv(x)).mean(2))
 
     torch.manual_seed(0)
-    model = Attend().eval()
-    data = [torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = Grouped().eval()
+    data = [torch.randn(8, 64, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with caplog.at_level("WARNING"):
         result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
                                  refine=False)
-    assert result.bitmap.slices is None and len(result.bitmap) == 3
-    assert "1.72 layers' worth" in caplog.text
-    assert "cannot cut 96% of them (MultiheadAttention weights 72%, Linear weights 24%" \
-        in caplog.text
+    assert result.bitmap.slices is None and len(result.bitmap) == 2
+    assert "1.07 layers' worth" in caplog.text
+    assert "cannot cut 97% of them (Conv1d weights 97%;" in caplog.text
 
 
 class LastStepGRU(nn.Module):

@@ -137,10 +137,13 @@ def fused_layers(model: nn.Module) -> set[str]:
     ``nn.MultiheadAttention`` modules (the attention itself, for its packed
     ``in_proj_weight``, and its ``out_proj``) and the matrices of recurrent modules. No
     low-bit kernel can be swapped in for them."""
-    out = {n for n, m in quantizable_modules(model).items() if isinstance(m, RecurrentMatrix)}
+    modules = quantizable_modules(model)
+    out = {n for n, m in modules.items() if isinstance(m, RecurrentMatrix)}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
-            out |= {name, f"{name}.out_proj" if name else "out_proj"}
+            proj = f"{name}.out_proj" if name else "out_proj"
+            # (and its slices, proj.parts.k, in a sliced model)
+            out |= {name} | {n for n in modules if n == proj or n.startswith(f"{proj}.")}
     return out
 
 

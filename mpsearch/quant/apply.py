@@ -151,8 +151,11 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
     """Fake-quantize the input of each named layer to its width (None, 32: float)."""
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj; recurrent
     # modules read their matrices themselves
-    unhooked = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-                if isinstance(m, nn.MultiheadAttention)}
+    projections = tuple(f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                        if isinstance(m, nn.MultiheadAttention))
+    # (and a sliced out_proj's slices, out_proj.parts.k)
+    unhooked = {n for n in modules
+                if n in projections or n.startswith(tuple(f"{p}." for p in projections))}
     unhooked |= {n for n, m in modules.items() if isinstance(m, RecurrentMatrix)}
     skipped = []
     # a slice by input features reads some of its layer's input: the layer's whole input

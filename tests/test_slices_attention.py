@@ -1,0 +1,207 @@
+"""Slices of ``nn.MultiheadAttention``: its packed q/k/v projection sliced by rows (the
+attention reads the matrix rebuilt from its slices) and its ``out_proj`` by output
+features (the attention reads the slices' weight and bias)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch
+from mpsearch import BitMap, SlicePlan
+from mpsearch.hw.specs import fused_layers
+from mpsearch.layers import quantizable_modules
+from mpsearch.slices import (
+    ChannelSlices,
+    SlicedMultiheadAttention,
+    is_sliced,
+    merge_slices,
+    slice_model,
+)
+from tests.test_search import _assert_same, _state
+
+
+class _Attention(nn.Module):
+    """Sequence-first attention with a learned-free pooling, a fused transformer layer
+    (batch first: PyTorch's fast path reads the weights itself under no_grad), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, 16)
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        h = self.enc(h.transpose(0, 1))
+        return self.head(h.mean(1))
+
+
+def _cut(n: int, parts: int, gen: torch.Generator) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(sorted(c.tolist())) for c in torch.randperm(n, generator=gen).chunk(parts))
+
+
+def _plan(seed: int = 0) -> SlicePlan:
+    gen = torch.Generator().manual_seed(seed)
+    return SlicePlan({"attn": _cut(48, 3, gen), "attn.out_proj": _cut(16, 2, gen),
+                      "enc.self_attn": _cut(48, 4, gen), "enc.self_attn.out_proj": _cut(16, 2, gen),
+                      "enc.linear1": _cut(32, 2, gen)})
+
+
+def test_sliced_attention_computes_what_the_original_does() -> None:
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(5, 4, 16)
+    plan = _plan()
+    sliced = slice_model(model, plan)
+    assert not is_sliced(model) and is_sliced(sliced)
+    assert type(model.attn) is nn.MultiheadAttention
+    assert isinstance(sliced.attn, SlicedMultiheadAttention)
+    assert isinstance(sliced.enc.self_attn.out_proj, ChannelSlices)
+    names = set(quantizable_modules(sliced))
+    assert {"attn.parts.2", "attn.out_proj.parts.1", "enc.self_attn.parts.3"} <= names
+    assert "attn" not in names and "attn.out_proj" not in names
+    assert "attn.in_proj_weight" not in sliced.state_dict()
+    torch.testing.assert_close(sliced(x), model(x))
+    with torch.no_grad():  # the fused fast paths read the rebuilt weights
+        torch.testing.assert_close(sliced(x), model(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(sliced(x), model(x))
+    # the slices are layers the attention reads; their MACs are their share of its own
+    infos = {i.name: i for i in mpsearch.discover(sliced, x)}
+    whole = {i.name: i for i in mpsearch.discover(model, x)}
+    part = infos["attn.parts.1"]
+    assert (part.kind, part.read_by, part.weight_shape) == ("MultiheadAttention", "attn", (16, 16))
+    assert part.macs * 3 == whole["attn"].macs
+    proj = infos["enc.self_attn.out_proj.parts.0"]
+    assert (proj.kind, proj.read_by) == ("Linear", "enc.self_attn")
+    assert proj.macs * 2 == whole["enc.self_attn.out_proj"].macs
+    # gradients reach each slice: its rows of the whole matrix's gradient
+    sliced(x).sum().backward()
+    model(x).sum().backward()
+    rows = list(plan.layers["attn"][1])
+    assert model.attn.in_proj_weight.grad is not None
+    torch.testing.assert_close(sliced.attn.parts[1].weight.grad,
+                               model.attn.in_proj_weight.grad[rows])
+    # a substituted slice acts like the same rows substituted in the whole matrix
+    new = torch.randn(len(rows), 16)
+    matrix = model.attn.in_proj_weight.detach().clone()
+    matrix[rows] = new
+    torch.testing.assert_close(
+        torch.func.functional_call(sliced, {"attn.parts.1.weight": new}, (x,)),
+        torch.func.functional_call(model, {"attn.in_proj_weight": matrix}, (x,)))
+    torch.testing.assert_close(sliced(x), model(x))  # and leaves no trace
+    # a deep copy runs its own slices
+    copied = copy.deepcopy(sliced)
+    with torch.no_grad():
+        copied.attn.parts[0].weight.zero_()
+    torch.testing.assert_close(sliced(x), model(x))
+    assert not torch.allclose(copied(x), model(x))
+    # merging gives the original classes and parameters back, in their order
+    merged = merge_slices(copy.deepcopy(sliced))
+    assert [type(m) for m in merged.modules()] == [type(m) for m in model.modules()]
+    assert [n for n, _ in merged.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(merged.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(merged(x), model(x))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x))
+
+
+def test_quantized_attention_slices_hold_the_rows_of_the_whole_matrix() -> None:
+    torch.manual_seed(1)
+    model = _Attention().eval()
+    x = torch.randn(5, 3, 16)
+    plan = _plan(1)
+    sliced = slice_model(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))(x),
+                                   mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
+    widths = {n: (2, 3, 8)[k % 3] for k, n in enumerate(quantizable_modules(sliced))}
+    bitmap = BitMap.from_bits(sliced, widths)
+    bitmap.slices = plan
+    in_place = mpsearch.quantize_(copy.deepcopy(model), bitmap)  # the original model
+    assert not is_sliced(in_place) and type(in_place.attn) is nn.MultiheadAttention
+    torch.testing.assert_close(in_place(x), mpsearch.quantize(model, bitmap)(x))
+    for layer, weight in (("attn", "in_proj_weight"), ("attn.out_proj", "weight")):
+        for k, rows in enumerate(plan.layers[layer]):
+            bits = widths[f"{layer}.parts.{k}"]
+            uniform = mpsearch.quantize(model, BitMap.uniform(model, bits))
+            got = getattr(in_place.get_submodule(layer), weight)[list(rows)]
+            torch.testing.assert_close(got, getattr(uniform.get_submodule(layer), weight)[list(rows)])
+    # a deployment keeps attention float: its slices are among the fused layers
+    fused = fused_layers(sliced)
+    assert {"attn.parts.0", "attn.out_proj.parts.1", "enc.self_attn.parts.3"} <= fused
+
+
+class _Attend(nn.Module):
+    """Attention's packed input projection holds 72 % of the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_auto_slices_an_attention_model() -> None:
+    """Its weights sit in 1.72 layers' worth, most of them in the attention: "auto" cuts
+    the attention's projections (it could not before, and searched per layer)."""
+    torch.manual_seed(0)
+    model = _Attend().eval()
+    data = [torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before = _state(model)
+    result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", progress=False,
+                             refine=False)
+    _assert_same(before, model)
+    assert result.bitmap.slices is not None
+    assert set(result.bitmap.slices.layers) == {"attn", "attn.out_proj", "head"}
+    assert result.sliced_model is not None
+    torch.testing.assert_close(result.sliced_model(data[0]), model(data[0]))
+    assert result.bitmap.avg_bits() <= 4.0
+    report = mpsearch.validate(model, result.bitmap, data=data, progress=False)
+    uniform = mpsearch.validate(model, BitMap.uniform(model, 4), data=data, progress=False)
+    assert report.output_divergence < uniform.output_divergence
+    # the bit map round-trips and rebuilds the same sliced model from the original
+    again = BitMap.from_json(result.bitmap.to_json())
+    torch.testing.assert_close(slice_model(model, again)(data[0]), model(data[0]))
+
+
+def test_attention_that_slicing_would_break_stays_whole() -> None:
+    """A subclass of nn.MultiheadAttention may compute something else with its matrix;
+    separate q/k/v matrices (kdim != embed_dim) are not a layer at all."""
+
+    class Scaled(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out, w = super().forward(*args, **kwargs)
+            return out * self.in_proj_weight.norm(), w
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Scaled(32, 4, batch_first=True)
+            self.cross = nn.MultiheadAttention(32, 4, kdim=8, vdim=8, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.attn(x, x, x, need_weights=False)[0]
+            h = h + self.cross(h, x[..., :8], x[..., :8], need_weights=False)[0]
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    data = [torch.randn(6, 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=2,
+                             progress=False, refine=False)
+    assert result.bitmap.slices is not None
+    assert "attn" in result.bitmap and "attn" not in result.bitmap.slices.layers
+    assert "cross" not in result.bitmap
+    with pytest.raises(ValueError, match="cannot be sliced"):
+        slice_model(model, SlicePlan({"attn": (tuple(range(48)), tuple(range(48, 96)))}))
+    with pytest.raises(ValueError, match="by rows only"):
+        slice_model(_Attend(), SlicePlan({"attn": ((0,), tuple(range(1, 192)))},
+                                         frozenset({"attn"})))
