@@ -493,8 +493,8 @@ class SlicedMultiheadAttention(nn.MultiheadAttention):
     in_proj_sliced = True
     in_proj_inverse: Tensor
 
-    @property  # type: ignore[override]
-    def in_proj_weight(self) -> Tensor:
+    @property
+    def in_proj_weight(self) -> Tensor:  # type: ignore[override]
         """The whole packed q/k/v projection, from the slices' current weights."""
         parts: Any = self._modules["parts"]
         return torch.cat([p.weight for p in parts], 0).index_select(0, self.in_proj_inverse)
@@ -541,7 +541,8 @@ def _merge_attention(attn: SlicedMultiheadAttention) -> None:
     trainable = any(p.weight.requires_grad for p in parts)
     del attn._modules[PART]
     del attn._buffers["in_proj_inverse"]
-    attn.__class__ = nn.MultiheadAttention
+    plain: Any = attn
+    plain.__class__ = nn.MultiheadAttention
     # first, as nn.MultiheadAttention registers it (positional consumers of parameters())
     params = dict(attn._parameters)
     attn._parameters.clear()
