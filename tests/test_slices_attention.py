@@ -205,3 +205,45 @@ def test_attention_that_slicing_would_break_stays_whole() -> None:
     with pytest.raises(ValueError, match="by rows only"):
         slice_model(_Attend(), SlicePlan({"attn": ((0,), tuple(range(1, 192)))},
                                          frozenset({"attn"})))
+
+
+def test_ort_qdq_of_sliced_attention(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The exported graph folds attention's slices into one weight tensor (the attention
+    reads the rebuilt matrix), which a QDQ model types once: slices of one width merge and
+    are quantized; slices of several widths are refused by name, not matched to nothing."""
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from mpsearch.export import ExportWarning
+    from mpsearch.export import onnxruntime as eo
+    from mpsearch.slices import coalesce, for_deployment
+
+    torch.manual_seed(0)
+    model = _Attend().eval()
+    data = [torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plan = SlicePlan({"attn": (tuple(range(0, 192, 2)), tuple(range(1, 192, 2))),
+                      "head": (tuple(range(5)), tuple(range(5, 10)))})
+    sliced = slice_model(model, plan)
+    mixed = BitMap.from_bits(sliced, {"attn.parts.0": 4, "attn.parts.1": 8,
+                                      "attn.out_proj": 8, "head.parts.0": 4,
+                                      "head.parts.1": 8})
+    mixed.slices = plan
+    src = tmp_path / "float.onnx"
+    eo.to_onnx(sliced, data[0], src)
+    with pytest.raises(ValueError, match=r"slices of attn as one weight tensor"):
+        eo.quantize_static(src, tmp_path / "q.onnx", mixed, eo.BatchReader(data, src))
+    # one width for the attention's slices: deployed as one tensor again
+    agreed = BitMap.from_bits(sliced, {**mixed.bits(), "attn.parts.1": 4})
+    agreed.slices = plan
+    deployed, merged = for_deployment(model, agreed)
+    assert merged.bits() == coalesce(agreed, model).bits()
+    assert "attn" in merged and merged.slices is not None
+    assert set(merged.slices.layers) == {"head"}
+    src = tmp_path / "merged.onnx"
+    eo.to_onnx(deployed, data[0], src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)
+        eo.quantize_static(src, tmp_path / "q.onnx", merged, eo.BatchReader(data, src))
+    stored = eo.weight_bits(src, tmp_path / "q.onnx", merged)
+    assert {n: b for n, (_, b) in stored.items()} == {
+        "attn": 4, "attn.out_proj": 8, "head.parts.0": 4, "head.parts.1": 8}

@@ -61,7 +61,10 @@ def run_apply(args: argparse.Namespace) -> int:
             advance("saved")
         else:
             if bitmap.slices is not None:  # a sliced search: its layers are the model's slices
-                model = mpsearch.slice_model(model, bitmap)
+                # (those of one width merged, as deployed: one tensor where they all agree)
+                from mpsearch.slices import for_deployment
+
+                model, bitmap = for_deployment(model, bitmap)
             bitmap.check_model(model)
             advance("loaded")
             from mpsearch.export import onnxruntime as ort_export

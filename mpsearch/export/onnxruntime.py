@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpsearch._report import some
 from mpsearch._state import unfused_attention
 from mpsearch.export._common import is_float, warn, widen
 from mpsearch.export._onnx_graph import WeightSite, load, weight_sites, weight_types
@@ -108,6 +109,7 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
     # which quantize_static does not quantize
     recurrent = [n for n in missing if bitmap[n].kind in ("LSTM", "GRU", "RNN")]
     missing = [n for n in missing if n not in recurrent]
+    _refuse_folded_slices(bitmap, missing, unclaimed)
     warn(FORMAT, [f"{n} ({bitmap[n].w_bits} bits)" for n in recurrent
                   if not is_float(bitmap[n].w_bits)],
          "recurrent weights stay float (ONNX LSTM/GRU/RNN operators, not quantized by "
@@ -162,6 +164,26 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
     warn(FORMAT, half, "float16 weights kept float32 (node excluded from quantization)")
     return OrtPlan({k: overrides[k] for k in sorted(overrides)}, sorted(set(excluded)),
                    sorted(set(quantized)), sites)
+
+
+def _refuse_folded_slices(bitmap: BitMap, missing: list[str], unclaimed: list[str]) -> None:
+    """Slices the graph does not hold as weights of their own, where a node reads a
+    weight no layer claims: a module reading the matrix rebuilt from them (attention's
+    packed projection and ``out_proj``), which the exporter folded into one tensor."""
+    if bitmap.slices is None or not missing or not unclaimed:
+        return
+    from mpsearch.slices import PART
+
+    layers = sorted({layer for layer in bitmap.slices.layers for n in missing
+                     if n.startswith(f"{layer}.{PART}.")})
+    if layers:
+        raise ValueError(
+            f"onnxruntime: the exported graph holds the slices of {some(layers)} as one "
+            "weight tensor (the module reads the matrix rebuilt from them: attention's "
+            "packed projection and out_proj), and a QDQ model gives a tensor one type, so "
+            "their widths cannot be kept; give each such layer's slices one width (they "
+            "then merge: mpsearch.coalesce, as mpsearch apply does), or "
+            "search it per layer (slices=None)")
 
 
 def export(bitmap: BitMap, *, onnx_model: OnnxModel,
