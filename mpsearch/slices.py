@@ -55,7 +55,7 @@ rebuilt from them, and its ``out_proj``, which the attention reads without calli
 output features (the :class:`ChannelSlices` answers the weight and bias it reads). On a
 model pooling the rows of a digit by attention (64 % of its weights in the projections)
 the default search went from 2.1-2.2× (per layer: nothing else to cut) to
-<ATTN_RESULT>. Deployments still run attention in float.
+4.9-6.1× below uniform INT4 held out. Deployments still run attention in float.
 
 What it does not slice: grouped convolutions other than depthwise, subclasses of the
 layer kinds above (they may compute something else with their weights), attention with
