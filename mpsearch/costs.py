@@ -95,7 +95,7 @@ def cost_tables(layers: Sequence[LayerInfo], bits: Sequence[int], cfg: QuantConf
     avg = np.array([[info.params * b / total for b in bits] for info in layers], dtype=float)
     size = np.array([[weight_bytes(info, b, cfg) for b in bits] for info in layers], dtype=float)
     # a layer whose weight its parent reads directly keeps float inputs (see search)
-    act = [32 if a_bits is None or info.read_by else a_bits for info in layers]
+    act = [a_bits if a_bits is not None and info.input_quantizable else 32 for info in layers]
     bops = np.array([[float(info.macs) * b * a for b in bits] for info, a in zip(layers, act,
                                                                                  strict=True)],
                     dtype=float)

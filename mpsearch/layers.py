@@ -79,9 +79,18 @@ class LayerInfo:
         """True for Hugging Face ``Conv1D``, whose weight is stored ``(in, out)``."""
         return self.kind == "Conv1D"
 
+    @property
+    def input_quantizable(self) -> bool:
+        """Whether ``a_bits`` can quantize this layer's input: it runs itself, or it is a
+        slice of a sliced attention's packed projection, whose input is the attention's
+        (quantized as the unsliced attention's is). Not for other layers an enclosing
+        module reads (``out_proj``, recurrent matrices)."""
+        return self.read_by is None or self.kind == "MultiheadAttention"
+
 
 #: kinds of the weight matrices of recurrent modules (see :class:`RecurrentWeight`)
 RNN_KINDS = frozenset({"LSTM", "GRU", "RNN"})
+_PARTS = "parts"  # mpsearch.slices.PART: slice k of layer ``fc`` is ``fc.parts.k``
 
 
 class RecurrentMatrix(nn.Module):
@@ -569,16 +578,17 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                     edges.setdefault(_tensor_key(args[0]), []).append(name)
                     stats[name].setdefault("input_shape", tuple(args[0].shape))
 
-            def post(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            def post(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     out: Any) -> None:
                 if kind == "MultiheadAttention":
-                    # query, key and value (positional, as every caller passes them) each
-                    # projected E -> E by a third of in_proj_weight
-                    qkv = [a for a in args[:3] if isinstance(a, Tensor)]
+                    # query, key and value each projected E -> E by a third of
+                    # in_proj_weight
+                    qkv = _attention_inputs(args, kwargs)
                     out = out[0] if isinstance(out, tuple) else out
-                    if len(qkv) == 3 and isinstance(out, Tensor):
+                    if qkv is not None and isinstance(out, Tensor):
                         s = stats[name]
                         e = int(layer_weight(module).shape[1])
-                        s["macs"] += sum(int(t.numel()) for t in qkv) * e
+                        s["macs"] += sum(math.prod(t[:-1]) for t in qkv) * e * e
                         s["calls"] += 1
                         s.setdefault("output_shape", (*out.shape[:-1], 3 * e))
                     return
@@ -589,7 +599,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
                     s.setdefault("output_shape", tuple(out.shape))
 
             module.register_forward_pre_hook(pre)
-            module.register_forward_hook(post)
+            module.register_forward_hook(post, with_kwargs=True)
 
         # Enclosing modules' inputs: a layer whose weight its parent reads directly
         # (nn.MultiheadAttention.out_proj, an LSTM's matrices) never runs its own forward.
@@ -597,9 +607,16 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         ancestors = {".".join(n.split(".")[:k])
                      for n in modules for k in range(n.count(".") + 1)}
         seen: dict[str, list[tuple[int, ...]]] = {a: [] for a in ancestors if a in named}
+        # an attention's query, key and value shapes per call (its slices' rows multiply
+        # one of the three each)
+        attended: dict[str, list[tuple[tuple[int, ...], ...]]] = {}
 
         def watch(name: str) -> Callable[..., None]:
             def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if isinstance(_m, nn.MultiheadAttention):
+                    qkv = _attention_inputs(args, kwargs)
+                    if qkv is not None:
+                        attended.setdefault(name, []).append(qkv)
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 if isinstance(first, nn.utils.rnn.PackedSequence):
                     first = first.data  # (time steps of every sequence, features)
@@ -625,7 +642,7 @@ def discover(model: nn.Module, batch: Batch | None = None, *, include: Patterns 
         keep_alive.clear()
         never = [n for n, s in stats.items() if s["calls"] == 0]
         for name in never:
-            _infer_from_reader(name, modules[name], stats[name], seen)
+            _infer_from_reader(name, modules[name], stats[name], seen, attended, named)
         unknown = [n for n in never if "read_by" not in stats[n]]
         if unknown and warn:
             log.warning("%d layer(s) did not run in the sample forward pass (MACs unknown): %s",
@@ -693,21 +710,55 @@ def weights_read(model: nn.Module, batch: Batch, modules: Mapping[str, nn.Module
     return found
 
 
+def _attention_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]
+                      ) -> tuple[tuple[int, ...], ...] | None:
+    """The shapes of an ``nn.MultiheadAttention`` call's query, key and value (positional
+    or keyword; a nested tensor's padded shape), or None."""
+    given = [*args[:3], *(kwargs.get(k) for k in ("query", "key", "value")[len(args[:3]):])]
+    if len(given) != 3 or not all(isinstance(t, Tensor) for t in given):
+        return None
+    return tuple(tuple((t.to_padded_tensor(0.0) if t.is_nested else t).shape) for t in given)
+
+
+def _infer_attention_part(name: str, module: nn.Module, stats: dict[str, Any],
+                          attended: Mapping[str, list[tuple[tuple[int, ...], ...]]],
+                          named: Mapping[str, nn.Module]) -> None:
+    """A slice of a sliced attention's packed projection (``attn.parts.k``): each of its
+    rows multiplies the query, the key or the value (rows ``[0, E)``, ``[E, 2E)``,
+    ``[2E, 3E)``), on every call of the attention."""
+    owner, _, k = name.rpartition(f".{_PARTS}.")
+    calls = attended.get(owner)
+    slices: Any = getattr(named.get(owner), "rows", None)  # SlicedMultiheadAttention.rows
+    if not calls or slices is None or not k.isdigit():
+        return
+    n_out, n_in = layer_weight(module).shape
+    rows = slices[int(k)]
+    per = [sum(1 for r in rows if r // n_in == j) for j in range(3)]  # q, k, v rows
+    query = calls[0][0]
+    stats.update(read_by=owner, calls=len(calls), input_shape=(*query[:-1], n_in),
+                 output_shape=(*query[:-1], n_out),
+                 macs=sum(count * math.prod(shape[:-1]) * n_in
+                          for qkv in calls for count, shape in zip(per, qkv, strict=True)))
+
+
 def _infer_from_reader(name: str, module: nn.Module, stats: dict[str, Any],
-                       seen: Mapping[str, list[tuple[int, ...]]]) -> None:
+                       seen: Mapping[str, list[tuple[int, ...]]],
+                       attended: Mapping[str, list[tuple[tuple[int, ...], ...]]],
+                       named: Mapping[str, nn.Module]) -> None:
     """A Linear (or attention projection) that never ran: its weight read by the nearest
     enclosing module that ran on inputs whose last dimension is its input width
     (MultiheadAttention's query; PyTorch's fused transformer layer)."""
     if not isinstance(module, (nn.Linear, nn.MultiheadAttention, RecurrentMatrix)):
+        return
+    if isinstance(module, RecurrentPart) and module.kind == "MultiheadAttention":
+        _infer_attention_part(name, module, stats, attended, named)
         return
     n_out, n_in = layer_weight(module).shape
     if isinstance(module, RecurrentMatrix):
         # every time step of every sequence multiplies the matrix once (per direction: the
         # reverse direction has matrices of its own); a slice of one is named
         # f"{owner}.{attr}.parts.{k}"
-        # (a slice of attention's input projection, f"{attention}.parts.{k}")
-        atoms = name.split(".")[:-2 if module.kind == "MultiheadAttention"
-                                else -3 if isinstance(module, RecurrentPart) else -1]
+        atoms = name.split(".")[:-3 if isinstance(module, RecurrentPart) else -1]
         owner = ".".join(atoms)
         inputs = [s for s in seen.get(owner, []) if len(s) >= 2]
         if inputs:

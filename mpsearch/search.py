@@ -411,10 +411,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         _warn_unsearched(model, modules)
         timings["discover"] = time.perf_counter() - t
         names = [info.name for info in layers]
-        if a_bits is not None and any(i.read_by for i in layers):
+        if a_bits is not None and not all(i.input_quantizable for i in layers):
             log.warning("activations stay float for %s: an enclosing module reads their "
                         "weights directly, so they have no input of their own to quantize",
-                        ", ".join(i.name for i in layers if i.read_by)[:300])
+                        ", ".join(i.name for i in layers if not i.input_quantizable)[:300])
         costs = cost_tables(layers, bits, qconfig, a_bits)
         shared = shared_scales(layers, modules, bits, qconfig, costs["size_bytes"])
         allowed, limits = _hardware_costs(profile, model, layers, bits, qconfig, costs, budget)
@@ -534,9 +534,10 @@ def _auto_slices(sensitivity: object, tie: Ties,
 
 
 def _out_proj_of(model: nn.Module, name: str, reader: str) -> bool:
-    """Whether layer ``name`` is the ``out_proj`` of the ``nn.MultiheadAttention`` ``reader``."""
+    """Whether layer ``name`` is the ``out_proj`` of ``reader``, a plain
+    ``nn.MultiheadAttention`` (a subclass may compute something else with it)."""
     return (name == (f"{reader}.out_proj" if reader else "out_proj")
-            and isinstance(model.get_submodule(reader), nn.MultiheadAttention))
+            and type(model.get_submodule(reader)) is nn.MultiheadAttention)  # no subclass
 
 
 def _few_layers(layers: Sequence[LayerInfo], sliceable: Iterable[str]) -> str | None:
@@ -1053,7 +1054,8 @@ def _bitmap(model: nn.Module, layers: Sequence[LayerInfo], problem: AllocationPr
     entries = {
         # a layer whose weight its parent reads directly has no input of its own to quantize
         info.name: LayerEntry(w_bits=best.bits[info.name],
-                              a_bits=None if info.read_by else a_bits, qconfig=qconfig,
+                              a_bits=a_bits if info.input_quantizable else None,
+                              qconfig=qconfig,
                               tie=tie_of.get(info.name), kind=info.kind,
                               shape=info.weight_shape)
         for info in layers

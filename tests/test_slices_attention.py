@@ -199,7 +199,8 @@ def test_attention_that_slicing_would_break_stays_whole() -> None:
                              progress=False, refine=False)
     assert result.bitmap.slices is not None
     assert "attn" in result.bitmap and "attn" not in result.bitmap.slices.layers
-    assert "cross" not in result.bitmap
+    assert "attn.out_proj" in result.bitmap  # the subclass reads it: whole too
+    assert "cross" not in result.bitmap and "cross.out_proj" in result.bitmap.slices.layers
     with pytest.raises(ValueError, match="cannot be sliced"):
         slice_model(model, SlicePlan({"attn": (tuple(range(48)), tuple(range(48, 96)))}))
     with pytest.raises(ValueError, match="by rows only"):
@@ -230,8 +231,12 @@ def test_ort_qdq_of_sliced_attention(tmp_path) -> None:  # type: ignore[no-untyp
     mixed.slices = plan
     src = tmp_path / "float.onnx"
     eo.to_onnx(sliced, data[0], src)
-    with pytest.raises(ValueError, match=r"slices of attn as one weight tensor"):
+    with pytest.raises(ValueError, match=r"slices of attn as one weight tensor.*differ in width"):
         eo.quantize_static(src, tmp_path / "q.onnx", mixed, eo.BatchReader(data, src))
+    # float slices (as deployments keep attention) have nothing to quantize: no refusal
+    floats = BitMap.from_bits(sliced, {**mixed.bits(), "attn.parts.0": 32, "attn.parts.1": 32})
+    floats.slices = plan
+    assert set(eo.plan(floats, src).sites) == {"attn.out_proj", "head.parts.0", "head.parts.1"}
     # one width for the attention's slices: deployed as one tensor again
     agreed = BitMap.from_bits(sliced, {**mixed.bits(), "attn.parts.1": 4})
     agreed.slices = plan
@@ -247,3 +252,55 @@ def test_ort_qdq_of_sliced_attention(tmp_path) -> None:  # type: ignore[no-untyp
     stored = eo.weight_bits(src, tmp_path / "q.onnx", merged)
     assert {n: b for n, (_, b) in stored.items()} == {
         "attn": 4, "attn.out_proj": 8, "head.parts.0": 4, "head.parts.1": 8}
+
+
+def test_attention_activations_and_costs_match_the_unsliced_attention() -> None:
+    """``a_bits`` quantizes a sliced attention's input as the unsliced attention's (so
+    ``quantize`` of the sliced model and ``quantize_`` into the original agree), and a
+    cross-attention's slices are charged the MACs of the key and value their rows
+    multiply."""
+    from mpsearch.costs import cost_tables
+    from mpsearch.quant import QuantConfig
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cross = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 8)
+
+        def forward(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            # called with keywords: the attention still runs as a layer of the search
+            out = self.cross(tgt, key=memory, value=memory, need_weights=False)[0]
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    batch = ((torch.randn(2, 4, 32), torch.randn(2, 64, 32)),)  # 4 queries, 64 memory tokens
+    plan = SlicePlan({"cross": (tuple(range(0, 96, 2)), tuple(range(1, 96, 2))),
+                      "cross.out_proj": (tuple(range(16)), tuple(range(16, 32)))})
+    sliced = slice_model(model, plan)
+    whole = {i.name: i for i in mpsearch.discover(model, batch)}
+    parts = {i.name: i for i in mpsearch.discover(sliced, batch)}
+    assert whole["cross"].calls == 1 and whole["cross"].macs == (4 + 64 + 64) * 32 * 32
+    assert parts["cross.parts.0"].macs + parts["cross.parts.1"].macs == whole["cross"].macs
+    assert parts["cross.parts.0"].input_quantizable
+    assert not parts["cross.out_proj.parts.0"].input_quantizable
+    bops = {name: cost_tables(list(infos.values()), [4], QuantConfig(), 8)["bops"].sum()
+            for name, infos in (("whole", whole), ("sliced", parts))}
+    assert bops["sliced"] == pytest.approx(bops["whole"])
+    widths = {n: 4 for n in quantizable_modules(sliced)}
+    bitmap = BitMap.from_bits(sliced, widths, a_bits=8)
+    bitmap.slices = plan
+    x = batch[0]
+    with torch.no_grad():
+        torch.testing.assert_close(mpsearch.quantize_(copy.deepcopy(model), bitmap)(*x),
+                                   mpsearch.quantize(model, bitmap)(*x))
+        float_input = BitMap.from_bits(sliced, widths)
+        float_input.slices = plan
+        assert not torch.allclose(mpsearch.quantize(model, float_input)(*x),
+                                  mpsearch.quantize(model, bitmap)(*x))
+    # a search with a_bits gives the slices the attention's input width
+    result = mpsearch.search(model, 4.0, data=[batch] * 2, sensitivity="fisher", a_bits=8,
+                             slices=2, progress=False, refine=False)
+    assert result.bitmap["cross.parts.0"].a_bits == 8
+    assert result.bitmap["cross.out_proj.parts.0"].a_bits is None

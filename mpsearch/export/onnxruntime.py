@@ -109,7 +109,7 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
     # which quantize_static does not quantize
     recurrent = [n for n in missing if bitmap[n].kind in ("LSTM", "GRU", "RNN")]
     missing = [n for n in missing if n not in recurrent]
-    _refuse_folded_slices(bitmap, missing, unclaimed)
+    missing = _folded_slices(bitmap, missing, unclaimed, strict=strict)
     warn(FORMAT, [f"{n} ({bitmap[n].w_bits} bits)" for n in recurrent
                   if not is_float(bitmap[n].w_bits)],
          "recurrent weights stay float (ONNX LSTM/GRU/RNN operators, not quantized by "
@@ -166,24 +166,36 @@ def plan(bitmap: BitMap, onnx_model: OnnxModel, *,
                    sorted(set(quantized)), sites)
 
 
-def _refuse_folded_slices(bitmap: BitMap, missing: list[str], unclaimed: list[str]) -> None:
-    """Slices the graph does not hold as weights of their own, where a node reads a
-    weight no layer claims: a module reading the matrix rebuilt from them (attention's
-    packed projection and ``out_proj``), which the exporter folded into one tensor."""
-    if bitmap.slices is None or not missing or not unclaimed:
-        return
+def _folded_slices(bitmap: BitMap, missing: list[str], unclaimed: list[str], *,
+                   strict: bool) -> list[str]:
+    """``missing`` less the float slices the exported graph folded into one tensor (a
+    module reading the matrix rebuilt from them: attention's packed projection and
+    ``out_proj``): nothing to quantize there. Where such slices are quantized and a node
+    reads a weight no layer claims, ``strict`` raises: a QDQ model types a tensor once."""
+    if bitmap.slices is None or not missing:
+        return missing
     from mpsearch.slices import PART
 
-    layers = sorted({layer for layer in bitmap.slices.layers for n in missing
-                     if n.startswith(f"{layer}.{PART}.")})
-    if layers:
+    folded: dict[str, list[str]] = {}
+    for n in missing:
+        layer = next((la for la in bitmap.slices.layers if n.startswith(f"{la}.{PART}.")), None)
+        if layer is not None:
+            folded.setdefault(layer, []).append(n)
+    quantized = {layer: names for layer, names in folded.items()
+                 if not all(is_float(bitmap[n].w_bits) for n in names)}
+    if quantized and unclaimed and strict:
+        differ = [la for la, names in quantized.items()
+                  if len({(bitmap[n].w_bits, bitmap[n].qconfig) for n in names}) > 1]
         raise ValueError(
-            f"onnxruntime: the exported graph holds the slices of {some(layers)} as one "
-            "weight tensor (the module reads the matrix rebuilt from them: attention's "
-            "packed projection and out_proj), and a QDQ model gives a tensor one type, so "
-            "their widths cannot be kept; give each such layer's slices one width (they "
-            "then merge: mpsearch.coalesce, as mpsearch apply does), or "
-            "search it per layer (slices=None)")
+            f"onnxruntime: the exported graph holds the slices of {some(sorted(quantized))} as "
+            "one weight tensor (the module reads the matrix rebuilt from them: attention's "
+            "packed projection and out_proj), which a QDQ model gives one type: export the "
+            "model and bit map mpsearch.slices.for_deployment(model, bitmap) returns (slices "
+            "of one width merged, as mpsearch apply does)"
+            + (f"; the slices of {some(differ)} differ in width: give them one width, or "
+               "search per layer (slices=None)" if differ else ""))
+    dropped = {n for layer, names in folded.items() if layer not in quantized for n in names}
+    return [n for n in missing if n not in dropped]
 
 
 def export(bitmap: BitMap, *, onnx_model: OnnxModel,

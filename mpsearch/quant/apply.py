@@ -163,14 +163,21 @@ def _hook_inputs(model: nn.Module, modules: dict[str, nn.Module],
     parents: dict[int, tuple[Any, set[int | None]]] = {}
     for name, bits in a_bits.items():
         part_of = getattr(modules[name], "slice_of", None)
-        if part_of is not None:
-            widths = parents.setdefault(id(part_of.parent), (part_of.parent, set()))[1]
+        parent = None if part_of is None else part_of.parent
+        module = modules[name]
+        if isinstance(module, RecurrentMatrix) and module.kind == "MultiheadAttention":
+            # a slice of a sliced attention's packed projection: the attention's input is
+            # its input, quantized as the unsliced attention's is
+            parent = model.get_submodule(name.rpartition(".parts.")[0])
+        if parent is not None:
+            widths = parents.setdefault(id(parent), (parent, set()))[1]
             widths.add(bits if bits is not None and bits < 32 else None)
             if len(widths) > 1:
                 from mpsearch.bitmap import BitMapError
 
-                raise BitMapError(f"the slices by input features of the layer holding "
-                                  f"{name!r} quantize their input to different widths "
+                raise BitMapError(f"the slices of the layer holding {name!r} (by input "
+                                  "features, or of an attention's packed projection) "
+                                  "quantize their input to different widths "
                                   f"{sorted(widths, key=str)}; the layer has one input")
             continue
         if bits is not None and bits < 32:
