@@ -20,6 +20,7 @@ from mpsearch.quant import QuantConfig, quantize_tensor
 from mpsearch.slices import (
     ChannelSlices,
     RecurrentSlices,
+    is_sliced,
     merge_slices,
     plan_slices,
     predicted_gain,
@@ -942,20 +943,30 @@ def test_recurrent_subclasses_stay_whole() -> None:
         slice_model(model, SlicePlan({"rnn.weight_hh_l0": ((0,), tuple(range(1, 96)))}))
 
 
+def quantized_in_place(model: nn.Module, plan: SlicePlan, x: torch.Tensor
+                       ) -> tuple[nn.Module, dict[str, int]]:
+    """Checks that uniform INT4 of the sliced model is uniform INT4 of ``model``, then
+    quantizes a copy of ``model`` in place with its slices at mixed widths (2, 3, 8 in
+    turn): the copy, no longer sliced and computing what ``quantize`` does, and the widths."""
+    sliced = slice_model(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))(x),
+                                   mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
+    widths = {n: (2, 3, 8)[k % 3] for k, n in enumerate(quantizable_modules(sliced))}
+    bitmap = BitMap.from_bits(sliced, widths)
+    bitmap.slices = plan
+    in_place = mpsearch.quantize_(copy.deepcopy(model), bitmap)  # the original model
+    assert not is_sliced(in_place)
+    torch.testing.assert_close(in_place(x), mpsearch.quantize(model, bitmap)(x))
+    return in_place, widths
+
+
 def test_quantized_recurrent_slices_hold_the_rows_of_the_whole_matrix() -> None:
     torch.manual_seed(1)
     model = _Recurrent().eval()
     x = torch.randn(3, 5, 6)
     plan = _recurrent_plan(model, 4)
-    sliced = slice_model(model, plan)
-    torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))(x),
-                               mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
-    widths = {n: (2, 3, 8)[k % 3] for k, n in enumerate(quantizable_modules(sliced))}
-    bitmap = BitMap.from_bits(sliced, widths)
-    bitmap.slices = plan
-    in_place = mpsearch.quantize_(copy.deepcopy(model), bitmap)  # the original model
-    assert not any(isinstance(m, RecurrentSlices) for m in in_place.modules())
-    torch.testing.assert_close(in_place(x), mpsearch.quantize(model, bitmap)(x))
+    in_place, widths = quantized_in_place(model, plan, x)
     for k, rows in enumerate(plan.layers["lstm.weight_ih_l1"]):
         bits = widths[f"lstm.weight_ih_l1.parts.{k}"]
         whole = mpsearch.quantize(model, BitMap.uniform(model, bits)).lstm.weight_ih_l1

@@ -22,6 +22,7 @@ from mpsearch.slices import (
     slice_model,
 )
 from tests.test_search import _assert_same, _state
+from tests.test_slices import quantized_in_place
 
 
 class _Attention(nn.Module):
@@ -115,16 +116,8 @@ def test_quantized_attention_slices_hold_the_rows_of_the_whole_matrix() -> None:
     model = _Attention().eval()
     x = torch.randn(5, 3, 16)
     plan = _plan(1)
-    sliced = slice_model(model, plan)
-    with torch.no_grad():
-        torch.testing.assert_close(mpsearch.quantize(sliced, BitMap.uniform(sliced, 4))(x),
-                                   mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
-    widths = {n: (2, 3, 8)[k % 3] for k, n in enumerate(quantizable_modules(sliced))}
-    bitmap = BitMap.from_bits(sliced, widths)
-    bitmap.slices = plan
-    in_place = mpsearch.quantize_(copy.deepcopy(model), bitmap)  # the original model
-    assert not is_sliced(in_place) and type(in_place.attn) is nn.MultiheadAttention
-    torch.testing.assert_close(in_place(x), mpsearch.quantize(model, bitmap)(x))
+    in_place, widths = quantized_in_place(model, plan, x)
+    assert type(in_place.attn) is nn.MultiheadAttention
     for layer, weight in (("attn", "in_proj_weight"), ("attn.out_proj", "weight")):
         for k, rows in enumerate(plan.layers[layer]):
             bits = widths[f"{layer}.parts.{k}"]
@@ -132,7 +125,7 @@ def test_quantized_attention_slices_hold_the_rows_of_the_whole_matrix() -> None:
             got = getattr(in_place.get_submodule(layer), weight)[list(rows)]
             torch.testing.assert_close(got, getattr(uniform.get_submodule(layer), weight)[list(rows)])
     # a deployment keeps attention float: its slices are among the fused layers
-    fused = fused_layers(sliced)
+    fused = fused_layers(slice_model(model, plan))
     assert {"attn.parts.0", "attn.out_proj.parts.1", "enc.self_attn.parts.3"} <= fused
 
 
