@@ -51,8 +51,10 @@ uniform INT4 (held out; per layer, when Conv1D could not be cut) to 8.3-10.1×.
 Attention (a plain ``nn.MultiheadAttention`` with one packed ``in_proj_weight``) is
 sliced the same way: its q/k/v projection by rows, held as slices on the attention
 (``attn.parts.k``), which (now a :class:`SlicedMultiheadAttention`) reads the matrix
-rebuilt from them, and its ``out_proj``, which the attention reads without calling, by
-output features (the :class:`ChannelSlices` answers the weight and bias it reads). On a
+rebuilt from them (rows grouped by score, as everywhere: a slice may hold rows of q, k
+and v, of several heads), and its ``out_proj``, which the attention reads without
+calling, by output features (the :class:`ChannelSlices` answers the weight and bias it
+reads). On a
 model pooling the rows of a digit by attention (64 % of its weights in the projections)
 the default search went from 2.1-2.2× (per layer: nothing else to cut) to
 4.9-6.1× below uniform INT4 held out. Deployments still run attention in float.
