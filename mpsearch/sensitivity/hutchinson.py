@@ -328,15 +328,18 @@ class Hutchinson:
                         f" (its max_time_s={self.max_time_s:g} s)" if timed_out else "",
                         self.tol, ", ".join(f"layer {n!r} at {rel[n]:.2f}" for n in worst),
                         "; raise Hutchinson(max_time_s=) for tighter error bars"
-                        if timed_out else "")
+                        if timed_out else
+                        "; raise Hutchinson(max_probes=) for tighter error bars (the "
+                        "table's omega_stderr columns show them)")
         if idle:
             log.warning("the loss does not depend on %d layer(s) (zero curvature; the solver "
                         "will give them the fewest bits): %s", len(idle), some(idle))
         unresolved = [n for n, t in est.mean.items() if t < est.stderr[n] and n not in idle]
         if unresolved:
             log.warning("Hessian trace not resolved from zero for %d layer(s) (charged at one "
-                        "standard error in omega): %s", len(unresolved),
-                        some(unresolved))
+                        "standard error in omega, so the solver does not take their noise "
+                        "for insensitivity; more probes, Hutchinson(max_probes=), resolve "
+                        "them): %s", len(unresolved), some(unresolved))
         omega = np.zeros((len(layers), len(bits)))
         omega_se = np.zeros_like(omega)
         bar = tqdm(total=len(layers) * len(bits), desc="quantization error", unit="op",
