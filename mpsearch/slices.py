@@ -488,7 +488,9 @@ class SlicedMultiheadAttention(nn.MultiheadAttention):
     it) gets the whole matrix rebuilt from the parts' current weights (quantized,
     substituted by ``torch.func.functional_call``, trained) in the original row order on
     every read. Rows are quantized row-wise, so uniform INT4 of the parts is uniform INT4
-    of the projection."""
+    of the projection. The rebuilt matrix is a new tensor: write into the parts
+    (``nn.init`` on ``in_proj_weight`` does not reach them), or :func:`merge_slices`
+    first."""
 
     #: read by :func:`mpsearch.layers.layer_kind`: the attention is no longer a layer
     #: itself (its slices are)
