@@ -15,7 +15,9 @@ share of each pass recomputed, so the same search stops at the same map on any m
 time cap only as a safety net); a uniform map within the budget that
 measures better than the result replaces it. Every map it visits meets every budget, and
 it never returns a map whose measured loss is worse than the solver's or than any uniform
-map the budget allows.
+map the budget allows. (A loss that can measure below the float model's — the label loss,
+a custom ``loss_fn`` on few samples — counts gains only down to no damage, and a uniform
+map measured below it must show the clear gain a move must.)
 
 Before the local search, a *check* (where the table is a prediction, not a measurement):
 each layer of the solver's map is quantized alone at its chosen width and the loss
@@ -53,6 +55,7 @@ from mpsearch.batches import batch_rows
 from mpsearch.layers import layer_weight
 from mpsearch.losses import effective_samples, mean_and_stderr
 from mpsearch.problem import AllocationProblem, Solution
+from mpsearch.sensitivity.base import planning_rows
 
 if TYPE_CHECKING:
     from mpsearch.layers import LayerInfo
@@ -428,19 +431,24 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
         # data and lost on held-out data: measured on the MNIST dwsep CNN.)
         uniform: tuple[float, np.ndarray, int] | None = None
         uniform_samples: tuple[np.ndarray, np.ndarray] | None = None
+        uniform_split = current_split
         for o in range(len(problem.bits)):
             trial = np.full_like(unit_choice, o)
             if (not problem.unit_allowed[:, o].all()
                     or not problem.is_feasible(problem.expand(trial))):
                 continue
             if np.array_equal(trial, unit_choice):  # the map is already this uniform one
-                measured, trial_samples = current, current_samples
+                trial_split, trial_samples = current_split, current_samples
             else:
-                measured = float(replay.losses(weights_of(trial, everything)).mean()) - float_loss
+                trial_split = replay.losses(weights_of(trial, everything))
                 trial_samples = replay.sample_losses()
                 evaluations += 1
-            if uniform is None or measured < uniform[0]:
+            measured = float(trial_split.mean()) - float_loss
+            # below 0 (less loss than the float model) is noise: the wider map wins a tie
+            if uniform is None or (max(measured, 0.0), -problem.bits[o]) < (
+                    max(uniform[0], 0.0), -problem.bits[uniform[2]]):
                 uniform, uniform_samples = (measured, trial, o), trial_samples
+                uniform_split = trial_split
         # progress in passes over the calibration data where that is the limit
         by_pass = settings.max_passes is not None
         bar = tqdm(total=settings.max_passes if by_pass else settings.max_evals,
@@ -502,8 +510,15 @@ def refine(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[
             current = float(current_split.mean()) - float_loss
             bar.set_postfix(measured=f"{current:.4g}")
         bar.close()
+        # Where a map measured less loss than the float model, the loss is evidently
+        # noisy at this scale (the label loss on few samples): the uniform map must then
+        # show the clear gain a move must, or a budget of 8 bits could fall back to
+        # uniform INT4 on noise.
         if (uniform is not None and not np.array_equal(uniform[1], unit_choice)
-                and uniform[0] < current - settings.min_gain * abs(current)):
+                and current > 0 and uniform[0] < current - settings.min_gain * abs(current)
+                and (uniform[0] >= 0 or _clear_gain(
+                    uniform_split - current_split, current, settings,
+                    _paired(uniform_samples, current_samples)))):
             o = uniform[2]
             moves.append({"bits": {n: [problem.bits[unit_choice[u]], problem.bits[o]]
                                    for u in everything for n in problem.units[u]
@@ -543,6 +558,7 @@ def _check(problem: AllocationProblem, start: Solution,
     table = np.array(problem.sensitivity, dtype=float)
     measured: dict[tuple[int, int], float] = {}
     choice, resolved, n = np.asarray(start.choice), None, 0
+    lowered: set[int] = set()
     bar = tqdm(desc="refine: check", unit="layer", disable=bar_disabled, leave=False)
     for _ in range(settings.check_rounds):
         todo = [(i, int(o)) for i, o in enumerate(choice)
@@ -555,7 +571,10 @@ def _check(problem: AllocationProblem, start: Solution,
         for i, o in todo:
             if _limit_reached(settings, n, passes(), t0, share=0.5) is not None:
                 break
-            measured[(i, o)] = max(0.0, probe(problem.layers[i], o))
+            value = probe(problem.layers[i], o)
+            if value < 0:  # less loss than float: noise (see planning_rows below)
+                lowered.add(i)
+            measured[(i, o)] = max(0.0, value)
             checked.setdefault(problem.layers[i], {})[problem.bits[o]] = [
                 float(problem.sensitivity[i, o]), measured[(i, o)]]
             n += 1
@@ -565,6 +584,8 @@ def _check(problem: AllocationProblem, start: Solution,
             table[i] = _corrected_row(np.asarray(problem.sensitivity[i], dtype=float),
                                       {o: v for (j, o), v in measured.items() if j == i},
                                       problem.bits)
+        # a row measured below zero: no width rated less damaging than a wider one
+        table = planning_rows(table, None, problem.bits, sorted(lowered))
         if np.allclose(table, before, rtol=1e-12, atol=0.0):
             break
         choice = np.asarray(resolve(dataclasses.replace(problem, sensitivity=table)).choice)
@@ -610,13 +631,16 @@ def _clear_gain(diff: np.ndarray, current: float, settings: Refine,
     more batches, more than ``min_z`` standard errors of the paired differences; with
     fewer batches, of the paired per-sample differences (``samples``: values and weights)
     where the loss splits by sample."""
-    mean = float(diff.mean())
-    if mean >= -settings.min_gain * abs(current):
+    # Gains count down to no damage, not below: a map measuring less loss than the float
+    # model (a label loss or custom loss_fn can) measures noise, as a quantizer only adds
+    # error; a map at no damage has nothing to gain.
+    mean = max(float(diff.mean()), -current)
+    if current <= 0 or mean >= -settings.min_gain * abs(current):
         return False
     if diff.size < 3:
         # fewer than three samples' worth of weight (Kish's effective count): no test
         if samples is None or float(np.dot(samples[1], samples[1])) * 3 > 1:
             return True
         sample_mean, se = mean_and_stderr(*samples)
-        return sample_mean + settings.min_z * se < 0
+        return max(sample_mean, -current) + settings.min_z * se < 0
     return mean + settings.min_z * float(diff.std(ddof=1)) / math.sqrt(diff.size) < 0

@@ -458,7 +458,17 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                     data_fingerprint=tensor_digest(batch_tensors(batches)) + ":" + objective.kind)
             timings["sensitivity"] = time.perf_counter() - t
             t = time.perf_counter()
-            problem = AllocationProblem(names, bits, table.omega, costs, limits,
+            noisy = table.noisy_rows()
+            if noisy.size:
+                log.warning(
+                    "quantizing %d layer(s) alone lowered the %s loss on the calibration data "
+                    "at some width (noise: quantization only adds error to the weights); the "
+                    "solver charges those entries at least their standard error and never "
+                    "rates a width below a wider one there (more calibration data, or the "
+                    "default divergence loss, measures them): %s", noisy.size,
+                    table.diagnostics.get("loss", "calibration"),
+                    some([names[i] for i in noisy]))
+            problem = AllocationProblem(names, bits, table.planning_omega(), costs, limits,
                                         ties=ties, pinned=pinned, allowed=allowed,
                                         shared=shared)
             front = solve(problem, solver, seed=seed)

@@ -114,6 +114,26 @@ class SensitivityTable:
             self.model_fingerprint, self.data_fingerprint,
         )
 
+    def noisy_rows(self) -> np.ndarray:
+        """Indices of the rows with an entry below zero: quantizing that layer alone
+        *lowered* the calibration loss at some width (see :meth:`planning_omega`)."""
+        return np.flatnonzero((self.omega < 0).any(axis=1))
+
+    def planning_omega(self) -> np.ndarray:
+        """Ω as the solver reads it: the table itself, save for :meth:`noisy_rows`.
+
+        A quantizer only adds noise to the weights; where a layer quantized alone measured
+        a *lower* loss than the float model (the label loss or a custom ``loss_fn`` on a
+        small calibration set can do that), the gain is noise, and taken at face value it
+        makes the fewest bits look best, at any budget. In those rows each entry is charged
+        at least its standard error (at least 0), as Hutchinson charges an unresolved
+        trace; the row is made non-increasing in bits (no width rated less damaging than a
+        wider one); and where entries tie, the wider width is rated lower by a margin of
+        1e-9 of the table's largest entry, so a budget with room is spent on width rather
+        than left to chance. Other rows are untouched.
+        """
+        return planning_rows(self.omega, self.omega_stderr, self.bits, self.noisy_rows())
+
     def to_dict(self) -> dict[str, Any]:
         """A plain-JSON document (non-finite numbers as the strings ``"inf"``/``"nan"``)."""
         return {
@@ -187,6 +207,28 @@ class SensitivityTable:
 
 TABLE_FORMAT = "mpsearch.sensitivity"
 TABLE_FORMAT_VERSION = 1
+
+
+def planning_rows(omega: np.ndarray, stderr: np.ndarray | None, bits: Sequence[int],
+                  rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``omega`` with ``rows`` charged at least their standard error (``stderr``; None: 0)
+    and at least 0, made non-increasing in bits, ties broken toward the wider width
+    (:meth:`SensitivityTable.planning_omega`)."""
+    out = np.array(omega, dtype=np.float64)
+    if not len(rows):
+        return out
+    floor = np.zeros_like(out) if stderr is None else np.nan_to_num(
+        np.asarray(stderr, dtype=np.float64), nan=0.0, posinf=0.0)
+    finite = np.abs(out[np.isfinite(out)])
+    margin = 1e-9 * max(float(finite.max()) if finite.size else 0.0, 1e-30)
+    wide_first = sorted(range(len(bits)), key=lambda j: -bits[j])
+    for i in rows:
+        running = -math.inf
+        for step, j in enumerate(wide_first):
+            value = max(out[i, j], floor[i, j], 0.0)
+            running = max(value, running + margin) if step else value
+            out[i, j] = running
+    return out
 
 
 def _json_numbers(arr: np.ndarray) -> Any:

@@ -131,10 +131,6 @@ class QError:
             log.warning("quantizing %d layer(s) alone does not change the loss at any width "
                         "(e.g. a layer that feeds only outputs the loss does not compare; the "
                         "solver will give them the fewest bits): %s", len(idle), some(idle))
-        negative = [names[i] for i in range(len(names)) if (omega[i] < -omega_se[i] - 1e-12).any()]
-        if negative:
-            log.info("quantizing %d layer(s) alone lowered the calibration loss (kept as "
-                     "measured): %s", len(negative), some(negative))
         return SensitivityTable(
             tuple(names), tuple(bits), omega, omega_se,
             columns={"skipped_fraction": np.array([replay.skipped_fraction(n)
