@@ -274,3 +274,21 @@ def test_a_sliced_sequential_matches_every_slice(digits, tmp_path):
     assert set(got) == set(res.bitmap)
     assert {n: b for n, (_, b) in got.items()} == {n: HELD[e.w_bits]
                                                    for n, e in res.bitmap.items()}
+
+
+@pytest.mark.parametrize("names", [None, {"": "weight"}])
+def test_a_model_that_is_one_linear_layer(digits, tmp_path, names):
+    """A bare ``nn.Linear`` is the bit map's layer ``''``, exported as ``weight``: matched
+    by name, or by ``tensor_names`` ('' counted as no name before, so both failed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10).eval()
+    batches = [(x.flatten(1), y) for x, y in digits]
+    bitmap = BitMap.uniform(model, 4)
+    src, dst = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    eo.to_onnx(model, batches[0], src)
+    overrides = bitmap.export("onnxruntime", onnx_model=src, tensor_names=names)
+    assert overrides["weight"][0]["quant_type"] == QuantType.QUInt4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)
+        eo.quantize_static(src, dst, bitmap, eo.BatchReader(batches, src), tensor_names=names)
+    assert {n: b for n, (_, b) in eo.weight_bits(src, dst, bitmap).items()} == {"": 4}

@@ -115,8 +115,10 @@ def _best(candidates: Mapping[str, Any]) -> str | None:
 
 def _layer_of(node: onnx.NodeProto, tensor: str, fqns: list[str],
               chains: dict[str, list[str]]) -> str | None:
+    # a model that is itself the layer ('' in the bit map) exports its weight as "weight"
     by_name = {f: len(f) for f in fqns
-               if tensor == f + ".weight" or tensor.endswith("." + f + ".weight")}
+               if tensor == (f + ".weight" if f else "weight")
+               or (f and tensor.endswith("." + f + ".weight"))}
     if by_name:
         return _best(by_name)
     props = {p.key: p.value for p in node.metadata_props}
@@ -169,7 +171,8 @@ def weight_sites(model: onnx.ModelProto, bitmap: BitMap, *,
             if index >= len(node.input) or node.input[index] not in inits:
                 continue
             tensor = node.input[index]
-            fqn = explicit.get(tensor) or _layer_of(node, tensor, fqns, chains)
+            fqn = explicit[tensor] if tensor in explicit else _layer_of(node, tensor, fqns,
+                                                                         chains)
             if fqn is None:
                 unclaimed.append(f"{node.name} ({node.op_type} reading {tensor})")
                 break
