@@ -355,3 +355,24 @@ def test_models_load_from_the_working_directory_and_from_a_saved_file(
     # a bad --model names the zoo's models, not its data
     code, _, err = run(capsys, "search", "--model", "cnn", *CALIB, "--avg-bits", "4")
     assert code == 1 and "zoo:cnn" in err and "zoo:mnist-calib" not in err
+
+
+def test_user_errors_of_profile_and_export_are_one_line(capsys, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A loader of no batches (profile raised StopIteration) and an --onnx-model that is
+    not ONNX (protobuf's DecodeError / ParseError) were tracebacks."""
+    from torch import nn
+
+    (tmp_path / "loaders.py").write_text("def empty():\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    code, _, err = run(capsys, "profile", "--model", "zoo:cnn", "--data", "loaders:empty",
+                       "-q", "--out", "p.json")
+    assert code == 1 and "--data loaders:empty gave no batches" in err
+    assert "Traceback" not in err
+    BitMap.uniform(nn.Sequential(nn.Linear(8, 8)), 4).save(tmp_path / "u4.json")
+    (tmp_path / "garbage.onnx").write_text("garbage\n")
+    for bad in ("garbage.onnx", "u4.json"):
+        code, _, err = run(capsys, "export", "--bitmap", "u4.json", "--to", "onnxruntime",
+                           "--onnx-model", bad, "-q")
+        assert code == 1 and f"{bad} is not an ONNX model" in err, err
+        assert "Traceback" not in err

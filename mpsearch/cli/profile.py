@@ -15,7 +15,9 @@ def run_profile(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     batches = load_data(args)
-    sample = next(iter(batches))
+    sample = next(iter(batches), None)
+    if sample is None:
+        raise ValueError(f"--data {args.data} gave no batches: profile times one of them")
     reuse = mpsearch.HardwareProfile.load(args.reuse) if args.reuse else None
     prof = mpsearch.profile(model, sample, device=args.device, backend=args.backend,
                             bits=args.bits,

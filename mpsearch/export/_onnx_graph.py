@@ -65,7 +65,13 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
 
     if isinstance(model, onnx.ModelProto):
         return model
-    return onnx.load(os.fspath(model), load_external_data=False)
+    try:
+        return onnx.load(os.fspath(model), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as exc:  # protobuf's DecodeError / ParseError: not an ONNX file
+        raise ValueError(f"{os.fspath(model)} is not an ONNX model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
 
 
 def _unqualified(name: str) -> str:

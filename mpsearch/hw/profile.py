@@ -92,7 +92,8 @@ def profile(model: nn.Module, sample_batch: Batch, device: str = "cpu",
         backend: ``"onnxruntime"`` (CPU only) or ``"torch"`` (CUDA; also CPU). ``None``:
             the device's default (ONNX Runtime on CPU, PyTorch on CUDA).
         bits: bit-widths to measure; those without a kernel for a layer kind are recorded
-            as not offered, with the reason.
+            as not offered, with the reason. Float (32) is always measured: a map's float
+            layers, the model's ``rest_us`` and the graph factors are priced from it.
         qconfig: weight quantizer scheme (decides block sizes; default ``QuantConfig()``).
         threads: CPU intra-op threads (1 gives the steadiest numbers on a shared machine).
         cache: ``("warm",)``, ``("cold",)`` or both: cold flushes the caches before each call.
@@ -114,6 +115,7 @@ def profile(model: nn.Module, sample_batch: Batch, device: str = "cpu",
     if backend is None:
         backend = BACKENDS.get(device, ("onnxruntime",))[0]
     _check(device, backend, threads, cache, rounds)
+    bits = tuple(dict.fromkeys([*bits, 32]))
     cfg = qconfig or QuantConfig()
     settings: dict[str, Any] = {"rounds": rounds, "warmup": warmup, "round_s": round_s,
                                 "seed": seed}
