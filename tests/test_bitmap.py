@@ -109,3 +109,30 @@ def test_whole_number_float_bits_are_read_as_ints() -> None:
     assert type(entry.a_bits) is int and entry.a_bits == 8
     with pytest.raises(ValueError, match="w_bits"):
         LayerEntry(w_bits=4.5)  # type: ignore[arg-type]
+
+
+def test_written_files_take_the_umask_and_a_folder_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Files were written 0600 (mkstemp's private mode) whatever the umask, and a folder
+    given as the path failed naming a temp file."""
+    import os
+    import stat
+
+    from torch import nn
+
+    from mpsearch.export import write
+
+    bitmap = BitMap.uniform(nn.Sequential(nn.Linear(8, 8)), 4)
+    old = os.umask(0o022)
+    try:
+        written = [bitmap.save(tmp_path / "map.json"),
+                   write("hawq", bitmap.export("hawq"), tmp_path / "hawq.json")]
+        os.umask(0o077)
+        private = bitmap.save(tmp_path / "private.json")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in written] == [0o644, 0o644]
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder"):
+        bitmap.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hawq.json", "map.json",
+                                                          "private.json"]

@@ -376,3 +376,10 @@ def test_user_errors_of_profile_and_export_are_one_line(capsys, tmp_path, monkey
                            "--onnx-model", bad, "-q")
         assert code == 1 and f"{bad} is not an ONNX model" in err, err
         assert "Traceback" not in err
+    # --out a folder: said before the search, naming it (it named a temp file after)
+    code, _, err = run(capsys, "search", *MODEL, *CALIB, "--avg-bits", "4", "--out",
+                       str(tmp_path), "-q")
+    assert code == 1 and f"--out {tmp_path} is a folder" in err
+    code, _, err = run(capsys, "search", *MODEL, *CALIB, "--avg-bits", "4", "--sensitivity",
+                       "hutchinson", "--max-probes", "1", "-q")
+    assert code == 2 and "--max-probes: expected an integer >= 2" in err

@@ -19,6 +19,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from mpsearch.cli._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpsearch.errors import InfeasibleBudget
 
     try:
+        out = getattr(args, "out", None)
+        if out and args.command != "demo" and Path(out).is_dir():  # before the work
+            raise IsADirectoryError(f"--out {out} is a folder; give a file path to write")
         code: int = args.run(args)
     except InfeasibleBudget as exc:
         print(f"mpsearch: infeasible budget: {exc}", file=sys.stderr)

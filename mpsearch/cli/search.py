@@ -23,6 +23,18 @@ def _pins(items: Sequence[str] | None) -> dict[str, int]:
 _REFINE: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
 
 
+def _probes(text: str) -> int:
+    """``--max-probes``: an integer of at least 2 (the standard error needs two)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (a standard error needs "
+                                         f"two probes), got {text!r}")
+    return count
+
+
 def _slices(text: str) -> int | Literal["auto"] | None:
     """``--slices``: a count of at least 2, ``auto`` or ``none``."""
     low = text.strip().lower()
@@ -205,7 +217,7 @@ def add_parsers(sub: Any) -> None:
                         "fewer than 5 layers' worth, per layer otherwise; none: per layer")
     s.add_argument("--tol", type=float, default=0.1,
                    help="Hutchinson: relative standard error every layer must reach (0.1)")
-    s.add_argument("--max-probes", type=int, default=200,
+    s.add_argument("--max-probes", type=_probes, default=200,
                    help="Hutchinson: most Hessian-vector products (200)")
     s.add_argument("--out", default="bitmap.json",
                    help="bit map JSON to write (default: bitmap.json)")

@@ -24,12 +24,12 @@ from __future__ import annotations
 import enum
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpsearch._io import write_text_atomic
 from mpsearch.export import (
     compressed_tensors,
     gptqmodel,
@@ -194,17 +194,7 @@ def loads(fmt: str, text: str) -> Any:
 
 def write(fmt: str, obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write an export atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps(fmt, obj))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, dumps(fmt, obj))
 
 
 __all__ = ["EXPORTERS", "FORMATS", "IMPORTERS", "ExportWarning", "Format", "dumps", "export",

@@ -65,11 +65,12 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
 
     if isinstance(model, onnx.ModelProto):
         return model
+    from google.protobuf.json_format import ParseError
+    from google.protobuf.message import DecodeError
+
     try:
         return onnx.load(os.fspath(model), load_external_data=False)
-    except OSError:
-        raise
-    except Exception as exc:  # protobuf's DecodeError / ParseError: not an ONNX file
+    except (DecodeError, ParseError) as exc:  # not an ONNX file (or .json of another)
         raise ValueError(f"{os.fspath(model)} is not an ONNX model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
 

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpsearch._io import atomic_file
 from mpsearch._state import outside_inference_mode, unfused_attention
 from mpsearch.batches import Batch, first_output, split_batch
 from mpsearch.bitmap import BitMap, require_bitmap
@@ -333,14 +333,7 @@ def export_onnx(model: nn.Module, bitmap: BitMap, path: str | os.PathLike[str], 
         sample_batch = batch_from_spec(rec["inputs"])
     proto = build_onnx(model, bitmap, sample_batch)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
     log.info("export_onnx: %s (%d nodes)", path, len(proto.graph.node))
     return path

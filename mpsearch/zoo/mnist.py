@@ -15,7 +15,6 @@ import functools
 import logging
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from mpsearch._io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -350,16 +351,8 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _atomic_save(state: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:  # readable by others (a cache may be shared)
+        torch.save(state, tmp)
 
 
 def _build(arch: str, seed: int) -> nn.Module:
