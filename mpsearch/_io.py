@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -53,8 +54,22 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def dumps(doc: Any) -> str:
-    """Sorted, indented, standard JSON (no NaN/Infinity tokens: see :func:`finite`)."""
+    """Sorted, indented, standard JSON (no NaN/Infinity tokens: a non-finite number raises
+    ``ValueError``; :func:`json_safe` makes them null)."""
     return json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an infinite standard error of one sample, a
+    NaN) replaced by None, through dicts, lists and tuples: strict JSON has no such
+    numbers (Python writes ``Infinity``, which ``JSON.parse`` and most readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def tensor_digest(tensors: Iterable[Tensor]) -> str:

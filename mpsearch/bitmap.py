@@ -7,6 +7,7 @@ every field and rejects unknown versions with a clear message.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mpsearch._io import write_text_atomic
+from mpsearch._io import dumps, json_safe, write_text_atomic
 from mpsearch._version import __version__
 from mpsearch.errors import BitMapError
 from mpsearch.layers import (
@@ -271,7 +272,8 @@ class BitMap(Mapping[str, LayerEntry]):
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": {"class": self.model_class, "fingerprint": self.fingerprint},
             "layers": {n: e.to_dict() for n, e in self._layers.items()},
-            "budget": self.budget, "predicted": self.predicted, "provenance": self.provenance,
+            "budget": json_safe(self.budget), "predicted": json_safe(self.predicted),
+            "provenance": json_safe(self.provenance),
         }
         if self.slices is not None:
             doc["slices"] = self.slices.to_dict()
@@ -279,7 +281,7 @@ class BitMap(Mapping[str, LayerEntry]):
 
     def to_json(self) -> str:
         """Sorted, indented JSON text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return dumps(self.to_dict())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON atomically (temp file + rename); returns the path."""
@@ -321,9 +323,11 @@ class BitMap(Mapping[str, LayerEntry]):
                 raise BitMapError(f"'{key}' must be an object")
         for key in ("budget", "predicted"):
             bad = {k: v for k, v in (doc.get(key) or {}).items() if v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, float)))}
+                isinstance(v, bool) or not isinstance(v, (int, float))
+                or (key == "budget" and not math.isfinite(v)))}
             if bad:
-                raise BitMapError(f"'{key}' must map names to numbers, got {bad}")
+                raise BitMapError(f"'{key}' must map names to {'finite ' * (key == 'budget')}"
+                                  f"numbers, got {bad}")
         slices = None
         if doc.get("slices") is not None:
             try:

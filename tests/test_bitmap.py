@@ -136,3 +136,31 @@ def test_written_files_take_the_umask_and_a_folder_is_named(tmp_path) -> None:  
         bitmap.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hawq.json", "map.json",
                                                           "private.json"]
+
+
+def test_non_finite_numbers_are_written_as_null() -> None:
+    """One calibration sample has an infinite standard error: the bit map was written with
+    the token ``Infinity``, which strict JSON readers (``JSON.parse``) refuse."""
+    import json
+    import math
+
+    from torch import nn
+
+    bitmap = BitMap.uniform(nn.Sequential(nn.Linear(8, 8)), 4)
+    bitmap.predicted.update(loss_increase=0.5, loss_increase_stderr=math.inf)
+    bitmap.provenance["ratios"] = [1.0, math.nan]
+    text = bitmap.to_json()
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    doc = json.loads(text, parse_constant=refuse)
+    assert doc["predicted"]["loss_increase_stderr"] is None
+    assert doc["provenance"]["ratios"] == [1.0, None]
+    again = BitMap.from_json(text)
+    assert again.predicted["loss_increase"] == 0.5
+    assert again.predicted["loss_increase_stderr"] is None
+    # a budget must be a number one can meet
+    doc["budget"] = {"avg_bits": math.nan}
+    with pytest.raises(BitMapError, match="'budget'"):
+        BitMap.from_dict(doc)

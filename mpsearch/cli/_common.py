@@ -208,7 +208,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str | None = None) -> None:
     """Print the result: JSON with ``--json``, else ``text`` (or the payload, readably)."""
     if args.json:
-        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        from mpsearch._io import json_safe
+
+        print(json.dumps(json_safe(payload), indent=2, sort_keys=True, default=str,
+                         allow_nan=False))
     elif text is not None:
         print(text)
     else:
