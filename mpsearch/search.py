@@ -378,12 +378,16 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
         log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
                  "running statistics), as it will run deployed; its modes are restored after")
     per_layer_why = None
+    if isinstance(bits, Iterable) and not isinstance(bits, (str, bytes)):
+        bits = tuple(bits)  # read once (a generator), looked at here and searched below
     if slices == "auto":
-        slices = _auto_slices(sensitivity, tie, profile)
+        narrow = _has_narrow_bits(bits)
+        slices = _auto_slices(sensitivity, tie, profile) if narrow else None
         if slices is None:
             per_layer_why = ("per layer: " + ("a hardware profile times whole layers"
                              if profile is not None else "tie= shares widths between layers"
-                             if tie is not None else "the sensitivity table is per layer"))
+                             if tie is not None else "no candidate width of 2-8 bits"
+                             if not narrow else "the sensitivity table is per layer"))
     if slices is not None:
         return _sliced_search(
             model, budget, slices, data=data, loss_fn=loss_fn, bits=bits,
@@ -528,6 +532,17 @@ def _log_gain(refinement: Refinement) -> None:
              f"{ratio:.2f}x below" if ratio > 1.0 else "no better than",
              refinement.uniform_bits, refinement.uniform_measured, carried,
              "; mixed precision gains little on this model and data" if ratio < 1.5 else "")
+
+
+def _has_narrow_bits(bits: object) -> bool:
+    """Whether candidate ``bits`` (None: the defaults) hold a width slices can be ranked at
+    (2-8 bits); bits the search will refuse count as having one (it says why)."""
+    if bits is None or isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+        return True
+    try:
+        return any(float(b) <= 8 for b in bits)
+    except (TypeError, ValueError):
+        return True
 
 
 def _auto_slices(sensitivity: object, tie: Ties,

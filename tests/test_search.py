@@ -828,3 +828,16 @@ def test_a_flat_tie_list_is_refused() -> None:
     data = [(torch.randn(16, 8), torch.randint(0, 4, (16,)))]
     with pytest.raises(ValueError, match="list of lists"):
         mpsearch.search(model, 4.0, data=data, tie=["0", "2"], progress=False)
+
+
+def test_auto_slices_search_per_layer_without_a_narrow_width(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """bits=(16, 32) with the default slices="auto" failed: "slices need a candidate width
+    of 2-8 bits", of slices the user never asked for. A generator of bits is read once."""
+    calib = [x for x, _ in mnist_calib[:1]]
+    res = mpsearch.search(mnist_cnn, 16.0, data=calib, bits=(16, 32), sensitivity="fisher",
+                          progress=False)
+    assert res.bitmap.slices is None and set(res.bitmap.bits().values()) <= {16, 32}
+    assert res.bitmap.provenance["slices_auto"] == "per layer: no candidate width of 2-8 bits"
+    res = mpsearch.search(mnist_cnn, 4.0, data=calib, bits=(b for b in (2, 4, 8)),
+                          sensitivity="fisher", refine=False, progress=False)
+    assert res.bitmap.avg_bits() <= 4.0 + 1e-9 and set(res.bitmap.bits().values()) <= {2, 4, 8}
