@@ -29,7 +29,7 @@ from mpsearch.layers import (
     quantizable_modules,
 )
 from mpsearch.quant import SUPPORTED_BITS, QuantConfig
-from mpsearch.slices import SlicePlan, is_sliced
+from mpsearch.slices import SlicePlan
 
 FORMAT = "mpsearch.bitmap"
 FORMAT_VERSION = 1
@@ -235,7 +235,17 @@ class BitMap(Mapping[str, LayerEntry]):
                       slices=self.slices)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`BitMapError` naming every layer that does not fit ``model``."""
+        """Raise :class:`BitMapError` naming every layer that does not fit ``model``.
+
+        A bit map of a sliced search fits the original model where its slice plan cuts
+        it (checked on a sliced copy) and a sliced model only if sliced by the same plan:
+        same channels in each slice."""
+        from mpsearch.slices import plan_of, slice_model
+
+        own = plan_of(model)
+        if self.slices is not None and own is None:
+            self.check_model(slice_model(model, self))  # BitMapError where the plan misfits
+            return
         try:
             modules = quantizable_modules(model)
         except ValueError as exc:
@@ -256,11 +266,16 @@ class BitMap(Mapping[str, LayerEntry]):
             problems.append(f"model layers not in the bit map: {extra[:10]}")
         if changed:
             problems.append(f"shape or kind changed: {changed[:10]}")
+        hint = ""
+        if self.slices is not None and own is not None:
+            other = sorted(n for n, rows in self.slices.layers.items() if n in own.layers and (
+                own.layers[n] != rows or (n in own.inputs) != (n in self.slices.inputs)))
+            if other:
+                problems.append(f"the model was sliced by another plan: the slices of "
+                                f"{other[:10]} hold other channels")
+                hint = ("; slice the original model with this bit map "
+                        "(mpsearch.slice_model(model, bitmap)), or quantize the original")
         if problems:
-            hint = ""
-            if self.slices is not None and missing and not is_sliced(model):
-                hint = ("; this bit map is from a sliced search: build the model it "
-                        "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "
                               + "; ".join(problems) + hint)
 

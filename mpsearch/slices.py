@@ -560,6 +560,19 @@ def is_sliced(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def plan_of(model: nn.Module) -> SlicePlan | None:
+    """The slice plan ``model`` was sliced by (read from its slices), or None where it
+    holds none."""
+    layers: dict[str, tuple[tuple[int, ...], ...]] = {}
+    inputs = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (ChannelSlices, RecurrentSlices, SlicedMultiheadAttention)):
+            layers[name] = tuple(tuple(p) for p in m.rows)
+            if isinstance(m, ChannelSlices) and m.inputs:
+                inputs.add(name)
+    return SlicePlan(layers, frozenset(inputs)) if layers else None
+
+
 def _like(template: nn.Module, weight: Tensor, bias: Tensor | None, *,
           depthwise: bool) -> nn.Module:
     """A layer of ``template``'s kind and settings holding ``weight`` (and ``bias``):

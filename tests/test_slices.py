@@ -1354,3 +1354,29 @@ def test_a_gpt2_layer_whose_slices_agree_is_a_conv1d_again(tmp_path) -> None:  #
                                mpsearch.quantize(model, agreed)(x).logits)
     mpsearch.export_onnx(model, agreed, tmp_path / "m.onnx", sample_batch=x)  # coalesces
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_check_model_of_a_sliced_map_on_the_original_and_on_other_slices() -> None:
+    """check_model(original) refused every sliced map (quantize accepted the pair), and a
+    model sliced by another plan — same part names and shapes, other channels — passed,
+    so quantize put the widths on the wrong channels."""
+    from mpsearch.slices import plan_of
+
+    model = _Mixed()
+    plan_a, plan_b = _random_plan(model, 2, seed=0), _random_plan(model, 2, seed=1)
+    sliced_a = slice_model(model, plan_a)
+    assert plan_of(sliced_a) == plan_a and plan_of(model) is None
+    bitmap = BitMap.from_bits(sliced_a, {n: 2 + 2 * (i % 2) for i, n in enumerate(
+        n for n, _ in BitMap.uniform(sliced_a, 4).items())})
+    bitmap.slices = plan_b
+    bitmap.check_model(model)  # fits the original: sliced by plan B on a copy
+    bitmap.check_model(slice_model(model, plan_b))
+    with pytest.raises(BitMapError, match=r"sliced by another plan: the slices of \['conv'"):
+        bitmap.check_model(sliced_a)
+    with pytest.raises(BitMapError, match="sliced by another plan"):
+        mpsearch.quantize(sliced_a, bitmap)
+    # a model the plan does not fit: the plan's own complaint, not a hint to slice it
+    wider = nn.Sequential()
+    wider.fc = nn.Linear(9, 8)
+    with pytest.raises(BitMapError, match="slice plan does not fit|does not have"):
+        bitmap.check_model(wider)
