@@ -95,3 +95,20 @@ def test_import_round_trip(llama):
 def test_cnn_has_no_gguf_names(mnist_cnn):
     with pytest.raises(ValueError, match="Llama or BERT naming"):
         ex.export(BitMap.uniform(mnist_cnn, 4))
+
+
+def test_a_tag_of_every_block_expands_to_the_models_blocks(llama):
+    """llama-quantize's ``--tensor-type ffn_down=q2_k`` applies to every block: it
+    imported as a layer named 'model.layers.{0}.mlp.down_proj'."""
+    back = BitMap.from_format("llamacpp", ["ffn_down=q2_K", "attn_q.weight=q4_K",
+                                           "blk.1.attn_q.weight=q8_0"], model=llama)
+    bits = back.bits()
+    assert not any("{" in n for n in bits)
+    assert [bits[f"model.layers.{i}.mlp.down_proj"] for i in (0, 1)] == [2, 2]
+    assert [bits[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 1)] == [4, 8]
+    with pytest.raises(ValueError, match="'ffn_down' names that tensor in every block: pass "
+                                         "model="):
+        BitMap.from_format("llamacpp", ["ffn_down=q2_K"])
+    with pytest.raises(ValueError, match="has no such layer"):
+        BitMap.from_format("llamacpp", ["ffn_up=q2_K"], arch="bert",
+                           model=torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -182,18 +182,37 @@ def export(bitmap: BitMap, *, arch: str = "auto", names: Mapping[str, str] | Non
     return lines
 
 
+def _blocks(template: str, tag: str, model: nn.Module | None) -> list[str]:
+    """The FQNs of ``model``'s layers that ``template`` (with ``{0}`` for the block)
+    names, for a tag of every block."""
+    if model is None:
+        raise ValueError(f"llamacpp: {tag!r} names that tensor in every block: pass model= "
+                         f"(the CLI's --model) to expand it to the model's blocks, or name "
+                         f"one block (blk.0.{tag})")
+    from mpsearch.layers import quantizable_modules
+
+    pattern = re.escape(template).replace(re.escape("{0}"), r"\d+")
+    found = [n for n in quantizable_modules(model) if re.fullmatch(pattern, n)]
+    if not found:
+        raise ValueError(f"llamacpp: {tag!r} names {template.format('N')} in every block, "
+                         f"and {type(model).__name__} has no such layer")
+    return found
+
+
 def import_(lines: str | Sequence[str], *, arch: str = "llama",
             model: nn.Module | None = None, names: Mapping[str, str] | None = None,
             default_bits: int | None = 32) -> BitMap:
     """A bit map from ``PATTERN=TYPE`` lines (or the text of a --tensor-type-file).
 
     Patterns must name one tensor (``^blk\\.0\\.attn_q\\.weight$`` or plain
-    ``blk.0.attn_q.weight``); the GGUF name is mapped back to the Hugging Face FQN of
-    ``arch`` (or through ``names``: GGUF base name → FQN).
+    ``blk.0.attn_q.weight``), or be a tag of every block (``ffn_down``, as
+    llama-quantize's ``--tensor-type ffn_down=q2_k``), which ``model`` expands to its
+    blocks; the GGUF name is mapped back to the Hugging Face FQN of ``arch`` (or through
+    ``names``: GGUF base name → FQN).
 
     Raises:
-        ValueError: a malformed line, an unknown ggml type, or a pattern that is a regex
-            over several tensors.
+        ValueError: a malformed line, an unknown ggml type, a pattern that is a regex
+            over several tensors, or a tag of every block without ``model``.
         TypeError: ``lines`` is not text or a list of strings.
     """
     from mpsearch.bitmap import LayerEntry
@@ -224,6 +243,11 @@ def import_(lines: str | Sequence[str], *, arch: str = "llama",
             if template is None:
                 raise ValueError(f"llamacpp: no {arch} layer for GGUF tensor {base!r}; "
                                  "pass names={gguf_name: fqn}")
+            if not m and "{0}" in template:  # a tag of every block (llama-quantize's
+                # regex `ffn_down` matches blk.N.ffn_down for every N)
+                for block in _blocks(template, base, model):
+                    settings[block] = LayerEntry(w_bits=bits)
+                continue
             fqn = template.format(m.group(1)) if m else template
         settings[fqn] = LayerEntry(w_bits=bits)
     return build_bitmap(settings, source=FORMAT, model=model, default_bits=default_bits)
