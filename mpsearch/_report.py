@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def some(names: Sequence[str], limit: int = 5) -> str:
@@ -23,7 +27,56 @@ def warn_once(logger: logging.Logger, message: str) -> None:
     the model many times (each stage, each sliced copy), and one warning is enough."""
     if (logger.name, message) not in _SAID:
         _SAID.add((logger.name, message))
-        logger.warning("%s", message)
+        logger.warning("%s", message, extra={"said_once": True})
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.NOTSET)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class HeldLogs:
+    """Hold back what mpsearch logs while a search that may be discarded runs
+    (``slices="auto"`` runs a per-layer and a sliced search and keeps one): on
+    :meth:`release` the records are logged as they would have been; on :meth:`drop` only
+    those of :func:`warn_once` (about the model or data, said once a process) are, not the
+    rest (a discarded table's unconverged traces, its map's layers). Leaving the block by
+    an error releases them."""
+
+    def __init__(self) -> None:
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("mpsearch")
+        self._saved: tuple[list[logging.Handler], bool] | None = None
+
+    def __enter__(self) -> Self:
+        self._saved = (self._logger.handlers[:], self._logger.propagate)
+        self._logger.handlers = [_Collect(self.records)]
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        assert self._saved is not None
+        self._logger.handlers, self._logger.propagate = self._saved
+        if kind is not None:
+            self.release()
+
+    def release(self) -> None:
+        """Log the held records."""
+        self._emit(lambda _: True)
+
+    def drop(self) -> None:
+        """Log only the held :func:`warn_once` records."""
+        self._emit(lambda r: bool(getattr(r, "said_once", False)))
+
+    def _emit(self, keep: Callable[[logging.LogRecord], bool]) -> None:
+        records, self.records = self.records, []
+        for record in records:
+            if keep(record):
+                logging.getLogger(record.name).handle(record)
 
 
 def _fmt(value: object, floatfmt: str) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import Tensor, nn
 
 from mpsearch._io import batch_tensors, tensor_digest
-from mpsearch._report import some, warn_once
+from mpsearch._report import HeldLogs, some, warn_once
 from mpsearch._state import backward_hooks_off, outside_inference_mode, preserved
 from mpsearch.batches import Batch, batch_rows, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
@@ -692,9 +692,12 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                              f"model ({exc}); recompute the table") from None
     planning = time.perf_counter() - t
     if sliced is None:  # "auto" and no layer dominates: per layer
-        result = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
-                        include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
-                        progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+        # its warnings held until it is kept (a sliced search may replace it)
+        with HeldLogs() as held:
+            result = search(original, budget, data=batches, loss_fn=loss_fn, bits=bits,
+                            include=include, exclude=exclude, pin=pin, qconfig=qconfig,
+                            seed=seed, progress=progress, slices=None,
+                            **rest)  # type: ignore[arg-type]
         sizes = [info.params for info in layers]
         spread = not _few_layers(layers, [i.name for i in layers])
         result.bitmap.provenance["slices_auto"] = (
@@ -706,15 +709,16 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                 batch_rows(b) for b in batches) * sum(float(i.macs) for i in layers)
             cut_share = sum(i.params for i in cuttable) / max(sum(sizes), 1)
             if cut_share >= 0.5 and work <= AUTO_SLICE_WORK_MACS:
-                return _or_slices(result, original, budget, batches=batches, loss_fn=loss_fn,
-                                  bits=bits, include=include, exclude=exclude, pin=pin,
-                                  qconfig=qconfig, seed=seed, progress=progress,
-                                  profile=profile, work=work, **rest)
+                return _or_slices(result, held, original, budget, batches=batches,
+                                  loss_fn=loss_fn, bits=bits, include=include,
+                                  exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
+                                  progress=progress, profile=profile, work=work, **rest)
             result.bitmap.provenance["slices_auto"] += (
                 f"; slices not tried: they could cut only {cut_share:.0%} of the weights"
                 if cut_share < 0.5 else
                 f"; slices not tried: {work:.2g} units x MACs over the calibration data, "
                 f"over {AUTO_SLICE_WORK_MACS:g} (slices=16 searches them all the same)")
+        held.release()
         return result
     assert plan is not None  # sliced is its model
     if why:
@@ -799,13 +803,27 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
                      f"this budget")
 
 
-def _or_slices(result: SearchResult, model: nn.Module, budget: Budget | float, *,
-               batches: list[Batch], loss_fn: LossSpec, qconfig: QuantConfig, work: float,
-               **options: Any) -> SearchResult:
+def _or_slices(result: SearchResult, held: HeldLogs, model: nn.Module,
+               budget: Budget | float, *, batches: list[Batch], loss_fn: LossSpec,
+               qconfig: QuantConfig, work: float, **options: Any) -> SearchResult:
     """The per-layer ``result`` of ``slices="auto"`` on a model whose weights spread over
     many layers, or a search of :data:`AUTO_SLICES` slices per layer where the per-layer
     map measured less than :data:`AUTO_SLICE_GAIN` times below the budget's uniform map
-    on the calibration data and the sliced map measures less damage there."""
+    on the calibration data and the sliced map measures less damage there. What each
+    search logged (``held`` the per-layer one's) is said for the one returned."""
+    with HeldLogs() as held_sliced:
+        out = _or_sliced(result, model, budget, batches=batches, loss_fn=loss_fn,
+                         qconfig=qconfig, work=work, **options)
+    kept, dropped = (held_sliced, held) if out is not result else (held, held_sliced)
+    kept.release()
+    dropped.drop()
+    return out
+
+
+def _or_sliced(result: SearchResult, model: nn.Module, budget: Budget | float, *,
+               batches: list[Batch], loss_fn: LossSpec, qconfig: QuantConfig, work: float,
+               **options: Any) -> SearchResult:
+    """:func:`_or_slices`' choice, logging as it goes."""
     from mpsearch.validate import validate
 
     def damage(bitmap: BitMap) -> float:

@@ -1380,3 +1380,27 @@ def test_check_model_of_a_sliced_map_on_the_original_and_on_other_slices() -> No
     wider.fc = nn.Linear(9, 8)
     with pytest.raises(BitMapError, match="slice plan does not fit|does not have"):
         bitmap.check_model(wider)
+
+
+def test_auto_says_only_what_the_search_it_keeps_logged(mnist_calib, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """"auto" runs a per-layer and a sliced search and keeps one: the warnings of both were
+    logged (Hutchinson's unconverged traces of the discarded map's layers too)."""
+    import importlib
+    import logging
+
+    monkeypatch.setattr(importlib.import_module("mpsearch.search"), "AUTO_SLICE_GAIN",
+                        float("inf"))  # the sliced search runs too
+    opts = {"data": mnist_calib[:1], "sensitivity": Hutchinson(max_probes=2, min_probes=2),
+            "refine": False, "progress": False}
+    model = _spread_mlp()
+    with caplog.at_level(logging.WARNING, logger="mpsearch"):
+        auto = mpsearch.search(model, 4.0, **opts).bitmap
+    stopped = [r.getMessage() for r in caplog.records if "Hutchinson stopped" in r.getMessage()]
+    assert len(stopped) == 1  # the kept search's, not both
+    assert (".parts." in stopped[0]) == (auto.slices is not None)
+    # the logger is as it was: a later search logs as usual
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mpsearch"):
+        mpsearch.search(model, 4.0, slices=None, **opts)
+    assert any("Hutchinson stopped" in r.getMessage() for r in caplog.records)
+    assert logging.getLogger("mpsearch").propagate
