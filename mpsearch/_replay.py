@@ -121,7 +121,8 @@ class PrefixReplay:
         self.objective = objective
         self.device = device
         self.layers = list(layers)
-        self._splits = [to_device(split_batch(b), device) for b in objective.batches]
+        self._splits = [to_device(split_batch(b), device).for_model(model)
+                        for b in objective.batches]
         self._modules = dict(model.named_modules())
         self._keys = {n: weight_key(model, n) for n in self.layers}
         self._start: dict[str, int] = {}

@@ -7,12 +7,16 @@ A batch is one of:
   tensors, or a dict of keyword tensors), ``targets`` a tensor or ``None``; a 1-tuple is
   ``(inputs,)`` without targets;
 - a dict: keyword arguments (a Hugging Face tokenizer's output). A ``labels`` entry is the
-  target; it is passed to the model too, so Hugging Face models compute their own ``.loss``.
+  target; it is passed to the model too where its ``forward`` takes ``labels`` (or any
+  keyword), so Hugging Face models compute their own ``.loss``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,15 @@ class SplitBatch:
     kwargs: dict[str, Any]
     targets: Tensor | None
     attention_mask: Tensor | None
+
+    def for_model(self, model: nn.Module) -> SplitBatch:
+        """This batch as ``model`` is called with it: without a dict batch's ``labels``
+        where its ``forward`` takes no such keyword (they stay the targets)."""
+        if "labels" not in self.kwargs or _takes_labels(
+                getattr(model.forward, "__func__", model.forward)):
+            return self
+        return dataclasses.replace(self, kwargs={k: v for k, v in self.kwargs.items()
+                                                 if k != "labels"})
 
     @property
     def batch_size(self) -> int:
@@ -116,6 +129,18 @@ LABELS_HINT = (
     "models take it; for a model that does not, give (dict_of_inputs, labels) batches")
 
 
+@functools.lru_cache(maxsize=256)
+def _takes_labels(forward: Callable[..., Any]) -> bool:
+    """Whether a ``forward`` takes a ``labels`` keyword (or any keyword); True where its
+    signature cannot be read."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "labels" and p.kind is not p.POSITIONAL_ONLY
+               or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def call(model: nn.Module, split: SplitBatch) -> Any:
     """Call the model on a split batch (already on the right device).
 
@@ -123,7 +148,10 @@ def call(model: nn.Module, split: SplitBatch) -> Any:
         TypeError: the model's own, with :data:`TWO_INPUTS_HINT` where the model was
             called on one input and missed an argument (the batch's second item, taken
             for targets, may have been meant as an input), or :data:`LABELS_HINT` where
-            it does not take a dict batch's ``labels``."""
+            it does not take a dict batch's ``labels`` after all (a ``forward`` of
+            ``**kwargs`` that hands them on). A dict batch's ``labels`` are passed only to
+            a ``forward`` that takes them (by name, or any keyword)."""
+    split = split.for_model(model)
     try:
         return model(*split.args, **split.kwargs)
     except TypeError as exc:

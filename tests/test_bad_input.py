@@ -185,7 +185,7 @@ def test_validate_takes_shapes_from_the_model_for_a_map_without_them() -> None:
 def test_a_non_numeric_prediction_or_budget_is_a_bitmap_error(key: str) -> None:
     doc = json.loads(BitMap.uniform(_mlp(), 4).to_json())
     doc[key] = {"loss_increase": "abc"}
-    with pytest.raises(BitMapError, match=f"'{key}' must map names to numbers"):
+    with pytest.raises(BitMapError, match=f"'{key}' must map names to (finite )?numbers"):
         BitMap.from_json(json.dumps(doc))
 
 
@@ -334,9 +334,11 @@ def test_export_onnx_says_which_activation_bits_its_kernels_do_not_apply(tmp_pat
                              sample_batch=batch)
 
 
-def test_a_model_that_takes_no_labels_keyword_is_told_how_to_give_them() -> None:
-    """A dict batch's ``labels`` go to the model too (Hugging Face models take them); a
-    model of keyword inputs that does not take them failed with its own TypeError only."""
+def test_a_dict_batchs_labels_go_only_to_a_model_that_takes_them() -> None:
+    """A dict batch's ``labels`` went to the model too (Hugging Face models take them); a
+    plain model of keyword inputs failed on them (a trap for anyone not using Hugging
+    Face). They are now its targets only; a forward of ``**kwargs`` still gets them, with
+    the hint where it fails on them."""
 
     class Keywords(nn.Module):
         def __init__(self) -> None:
@@ -346,17 +348,26 @@ def test_a_model_that_takes_no_labels_keyword_is_told_how_to_give_them() -> None
         def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.fc(tokens * mask)
 
+    class Passes(Keywords):
+        def forward(self, **inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(**inputs)
+
     model = Keywords()
     (x, y), _ = _data()
     with_labels = [{"tokens": x, "mask": torch.ones_like(x), "labels": y}]
-    for call in (lambda: mpsearch.search(model, 4.0, data=with_labels, **FAST),
-                 lambda: mpsearch.validate(model, BitMap.uniform(model, 4), data=with_labels,
-                                           progress=False)):
-        with pytest.raises(TypeError, match=r"unexpected keyword argument 'labels' \(.*"
-                                            r"give \(dict_of_inputs, labels\) batches"):
-            call()
-    apart = [({"tokens": x, "mask": torch.ones_like(x)}, y)]  # what the hint says works
-    assert set(mpsearch.search(model, 4.0, data=apart, slices=None, **FAST).bitmap) == {"fc"}
+    apart = [({"tokens": x, "mask": torch.ones_like(x)}, y)]
+    for loss in (None, "task"):
+        got = mpsearch.validate(model, BitMap.uniform(model, 3), data=with_labels,
+                                loss_fn=loss, progress=False)
+        want = mpsearch.validate(model, BitMap.uniform(model, 3), data=apart, loss_fn=loss,
+                                 progress=False)
+        assert got.loss_increase == pytest.approx(want.loss_increase, rel=1e-6)
+    assert set(mpsearch.search(model, 4.0, data=with_labels, slices=None, **FAST).bitmap) \
+        == {"fc"}
+    passes = Passes()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'labels' \(.*"
+                                        r"give \(dict_of_inputs, labels\) batches"):
+        mpsearch.validate(passes, BitMap.uniform(passes, 4), data=with_labels, progress=False)
 
 
 class _Reordered:

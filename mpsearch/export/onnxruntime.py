@@ -366,7 +366,7 @@ def to_onnx(model: nn.Module, batch: Batch, path: str | os.PathLike[str], *,
 
     from mpsearch.batches import split_batch
 
-    split = split_batch(batch)
+    split = split_batch(batch).for_model(model)
     names = [f"input_{i}" for i in range(len(split.args))] + list(split.kwargs)
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names[:len(split.args)]}
     axes.update({n: {0: "batch", 1: "sequence"} for n in split.kwargs})

@@ -161,7 +161,7 @@ def _conv_output_ranges(model: nn.Module, batch: Batch) -> dict[str, tuple[float
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            split = split_batch(batch)
+            split = split_batch(batch).for_model(model)
             model(*split.args, **split.kwargs)
     finally:
         for h in handles:

@@ -313,6 +313,7 @@ def _grad(model: nn.Module, weights: Mapping[str, Tensor], split: Any,
     (``batch``: the samples ``split`` holds, as the user's ``loss_fn`` receives them)."""
     params = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
     with torch.enable_grad():
+        split = split.for_model(model)
         out = _call(model, params, split.args, split.kwargs)
         loss = probe.loss(out, batch, split)
         if not torch.isfinite(loss):
