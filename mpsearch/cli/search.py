@@ -23,16 +23,19 @@ def _pins(items: Sequence[str] | None) -> dict[str, int]:
 _REFINE: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
 
 
-def _probes(text: str) -> int:
-    """``--max-probes``: an integer of at least 2 (the standard error needs two)."""
+def _at_least_two(text: str, what: str) -> int:
     try:
         count = int(text)
     except ValueError:
         count = 0
     if count < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (a standard error needs "
-                                         f"two probes), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return count
+
+
+def _probes(text: str) -> int:
+    """``--max-probes``: an integer of at least 2 (the standard error needs two)."""
+    return _at_least_two(text, "an integer >= 2 (a standard error needs two probes)")
 
 
 def _slices(text: str) -> int | Literal["auto"] | None:
@@ -40,14 +43,7 @@ def _slices(text: str) -> int | Literal["auto"] | None:
     low = text.strip().lower()
     if low in ("auto", "none"):
         return "auto" if low == "auto" else None
-    try:
-        count = int(low)
-    except ValueError:
-        count = 0
-    if count < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, 'auto' or 'none', "
-                                         f"got {text!r}")
-    return count
+    return _at_least_two(text, "an integer >= 2, 'auto' or 'none'")
 
 
 def _budget(args: argparse.Namespace) -> Any:
