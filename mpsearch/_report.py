@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -30,42 +31,56 @@ def warn_once(logger: logging.Logger, message: str) -> None:
         logger.warning("%s", message, extra={"said_once": True})
 
 
-class _Collect(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__(logging.NOTSET)
-        self.records = records
+_HOLDING = threading.local()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+
+class _Hold(logging.Filter):
+    """On every mpsearch logger: a record logged in a thread inside a :class:`HeldLogs`
+    block is kept by the innermost one instead of being logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stack = getattr(_HOLDING, "stack", None)
+        if stack:
+            stack[-1].append(record)
+            return False
+        return True
+
+
+_HOLD = _Hold()
 
 
 class HeldLogs:
-    """Hold back what mpsearch logs while a search that may be discarded runs
-    (``slices="auto"`` runs a per-layer and a sliced search and keeps one): on
+    """Hold back what mpsearch logs in this thread while a search that may be discarded
+    runs (``slices="auto"`` runs a per-layer and a sliced search and keeps one): on
     :meth:`release` the records are logged as they would have been; on :meth:`drop` only
     those of :func:`warn_once` (about the model or data, said once a process) are, not the
     rest (a discarded table's unconverged traces, its map's layers). Leaving the block by
-    an error releases them."""
+    an error releases them. Other threads log as usual; blocks nest."""
 
     def __init__(self) -> None:
         self.records: list[logging.LogRecord] = []
-        self._logger = logging.getLogger("mpsearch")
-        self._saved: tuple[list[logging.Handler], bool] | None = None
 
     def __enter__(self) -> Self:
-        self._saved = (self._logger.handlers[:], self._logger.propagate)
-        self._logger.handlers = [_Collect(self.records)]
-        self._logger.propagate = False
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if ((name == "mpsearch" or name.startswith("mpsearch."))
+                    and isinstance(logger, logging.Logger) and _HOLD not in logger.filters):
+                logger.addFilter(_HOLD)
+        if not hasattr(_HOLDING, "stack"):
+            _HOLDING.stack = []
+        _HOLDING.stack.append(self.records)
         return self
 
     def __exit__(self, kind: object, *_: object) -> None:
-        assert self._saved is not None
-        self._logger.handlers, self._logger.propagate = self._saved
+        stack = _HOLDING.stack
+        for k in range(len(stack) - 1, -1, -1):  # this block's own list (by identity)
+            if stack[k] is self.records:
+                del stack[k]
+                break
         if kind is not None:
             self.release()
 
     def release(self) -> None:
-        """Log the held records."""
+        """Log the held records (into an enclosing block, if this thread is in one)."""
         self._emit(lambda _: True)
 
     def drop(self) -> None:
@@ -73,7 +88,7 @@ class HeldLogs:
         self._emit(lambda r: bool(getattr(r, "said_once", False)))
 
     def _emit(self, keep: Callable[[logging.LogRecord], bool]) -> None:
-        records, self.records = self.records, []
+        records, self.records[:] = list(self.records), []
         for record in records:
             if keep(record):
                 logging.getLogger(record.name).handle(record)

@@ -38,8 +38,7 @@ class SplitBatch:
     def for_model(self, model: nn.Module) -> SplitBatch:
         """This batch as ``model`` is called with it: without a dict batch's ``labels``
         where its ``forward`` takes no such keyword (they stay the targets)."""
-        if "labels" not in self.kwargs or _takes_labels(
-                getattr(model.forward, "__func__", model.forward)):
+        if "labels" not in self.kwargs or _takes_labels(model):
             return self
         return dataclasses.replace(self, kwargs={k: v for k, v in self.kwargs.items()
                                                  if k != "labels"})
@@ -129,10 +128,19 @@ LABELS_HINT = (
     "models take it; for a model that does not, give (dict_of_inputs, labels) batches")
 
 
+def _takes_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s ``forward`` takes a ``labels`` keyword (or any keyword); True
+    where its signature cannot be read. Cached for a class's own ``forward`` only: one set
+    on the instance (accelerate's hooks, a closure) may hold the model."""
+    forward = model.forward
+    func = getattr(forward, "__func__", None)
+    if func is not None and getattr(type(model), "forward", None) is func:
+        return _signature_takes_labels(func)
+    return _signature_takes_labels.__wrapped__(forward)
+
+
 @functools.lru_cache(maxsize=256)
-def _takes_labels(forward: Callable[..., Any]) -> bool:
-    """Whether a ``forward`` takes a ``labels`` keyword (or any keyword); True where its
-    signature cannot be read."""
+def _signature_takes_labels(forward: Callable[..., Any]) -> bool:
     try:
         params = inspect.signature(forward).parameters.values()
     except (TypeError, ValueError):

@@ -23,6 +23,7 @@ from mpsearch._version import __version__
 from mpsearch.errors import BitMapError
 from mpsearch.layers import (
     Patterns,
+    copy_model,
     fingerprint,
     layer_kind,
     layer_weight,
@@ -234,17 +235,27 @@ class BitMap(Mapping[str, LayerEntry]):
                       budget=self.budget, predicted=self.predicted, provenance=self.provenance,
                       slices=self.slices)
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module, *, as_is: bool = False) -> None:
         """Raise :class:`BitMapError` naming every layer that does not fit ``model``.
 
         A bit map of a sliced search fits the original model where its slice plan cuts
-        it (checked on a sliced copy) and a sliced model only if sliced by the same plan:
-        same channels in each slice."""
+        it (checked on a sliced copy of its shapes, on the meta device) and a sliced model
+        only if sliced by the same plan: same channels in each slice.
+
+        Args:
+            as_is: the bit map must name ``model``'s own layers (a sliced search's map
+                fits only the sliced model): for code that uses it on the model as it is.
+        """
         from mpsearch.slices import plan_of, slice_model
 
         own = plan_of(model)
-        if self.slices is not None and own is None:
-            self.check_model(slice_model(model, self))  # BitMapError where the plan misfits
+        if self.slices is not None and self.slices.layers and own is None and not as_is:
+            try:
+                skeleton = copy_model(model, meta=True)
+            except Exception:  # noqa: BLE001 (a module deepcopy refuses on meta: the model)
+                skeleton = model
+            # BitMapError where the plan misfits
+            self.check_model(slice_model(skeleton, self), as_is=True)
             return
         try:
             modules = quantizable_modules(model)
@@ -276,6 +287,9 @@ class BitMap(Mapping[str, LayerEntry]):
                 hint = ("; slice the original model with this bit map "
                         "(mpsearch.slice_model(model, bitmap)), or quantize the original")
         if problems:
+            if self.slices is not None and self.slices.layers and own is None and missing:
+                hint = ("; this bit map is from a sliced search: build the model it "
+                        "describes with mpsearch.slice_model(model, bitmap)")
             raise BitMapError(f"the bit map does not fit {type(model).__name__}: "
                               + "; ".join(problems) + hint)
 

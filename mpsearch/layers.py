@@ -297,10 +297,11 @@ def bake_parametrizations(model: nn.Module, names: Sequence[str]) -> None:
             module._init_flat_weights()
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, *, meta: bool = False) -> nn.Module:
     """``copy.deepcopy(model)``, also for a model with weights torch's hooks compute
     (``prune``, the old-style ``weight_norm``), whose computed tensor (not a graph leaf)
-    deepcopy refuses: it is detached for the copy and put back."""
+    deepcopy refuses: it is detached for the copy and put back. ``meta=True``: its
+    parameters and buffers on the meta device (no memory; shapes only, to check a plan)."""
     import copy
 
     computed = []
@@ -312,10 +313,17 @@ def copy_model(model: nn.Module) -> nn.Module:
                     and isinstance(value := module.__dict__.get(attr), Tensor)
                     and not value.is_leaf):
                 computed.append((module, attr, value))
+    memo: dict[int, Any] = {}
+    if meta:
+        for t in (*model.parameters(), *model.buffers()):
+            if id(t) not in memo:
+                empty = t.detach().to("meta")
+                memo[id(t)] = (nn.Parameter(empty, requires_grad=t.requires_grad)
+                               if isinstance(t, nn.Parameter) else empty)
     try:
         for module, attr, value in computed:
             module.__dict__[attr] = value.detach()
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     finally:
         for module, attr, value in computed:
             module.__dict__[attr] = value

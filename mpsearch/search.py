@@ -464,13 +464,13 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
             t = time.perf_counter()
             noisy = table.noisy_rows()
             if noisy.size:
+                loss = table.diagnostics.get("loss", "calibration")
                 log.warning(
                     "quantizing %d layer(s) alone lowered the %s loss on the calibration data "
                     "at some width (noise: quantization only adds error to the weights); the "
                     "solver charges those entries at least their standard error and never "
                     "rates a width below a wider one there (more calibration data, or the "
-                    "default divergence loss, measures them): %s", noisy.size,
-                    table.diagnostics.get("loss", "calibration"),
+                    "default divergence loss, measures them): %s", noisy.size, loss,
                     some([names[i] for i in noisy]))
             problem = AllocationProblem(names, bits, table.planning_omega(), costs, limits,
                                         ties=ties, pinned=pinned, allowed=allowed,
@@ -811,9 +811,13 @@ def _or_slices(result: SearchResult, held: HeldLogs, model: nn.Module,
     map measured less than :data:`AUTO_SLICE_GAIN` times below the budget's uniform map
     on the calibration data and the sliced map measures less damage there. What each
     search logged (``held`` the per-layer one's) is said for the one returned."""
-    with HeldLogs() as held_sliced:
-        out = _or_sliced(result, model, budget, batches=batches, loss_fn=loss_fn,
-                         qconfig=qconfig, work=work, **options)
+    try:
+        with HeldLogs() as held_sliced:  # (released by an error in the block)
+            out = _or_sliced(result, model, budget, batches=batches, loss_fn=loss_fn,
+                             qconfig=qconfig, work=work, **options)
+    except BaseException:
+        held.release()
+        raise
     kept, dropped = (held_sliced, held) if out is not result else (held, held_sliced)
     kept.release()
     dropped.drop()

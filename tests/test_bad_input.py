@@ -370,6 +370,30 @@ def test_a_dict_batchs_labels_go_only_to_a_model_that_takes_them() -> None:
         mpsearch.validate(passes, BitMap.uniform(passes, 4), data=with_labels, progress=False)
 
 
+def test_labels_check_holds_no_model_with_a_forward_of_its_own() -> None:
+    """The check of a forward's signature was cached by the function: a forward set on the
+    instance (accelerate's hooks: a partial of the module) kept the model alive."""
+    import functools
+    import gc
+    import weakref
+
+    from mpsearch.batches import split_batch
+
+    def forward(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return module.fc(tokens)
+
+    model = nn.Module()
+    model.fc = nn.Linear(8, 4)
+    model.forward = functools.partial(forward, model)
+    x = torch.randn(3, 8)
+    split = split_batch({"tokens": x, "labels": torch.zeros(3, dtype=torch.long)})
+    assert "labels" not in split.for_model(model).kwargs
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 class _Reordered:
     """A user's estimator: the diagonal Fisher's table, its rows and columns reversed
     (labels and all), or something that is no table."""

@@ -446,3 +446,17 @@ def test_a_gain_counts_down_to_no_damage_only() -> None:
     diffs = np.array([-0.05, -0.04, -0.045, -0.055])
     assert _clear_gain(diffs, 0.05, settings)
     assert not _clear_gain(diffs, 0.002, settings)
+
+
+def test_a_divergence_rounded_below_zero_is_no_noise(caplog) -> None:  # type: ignore[no-untyped-def]
+    """The KL of a layer at 16 bits measures about -1e-8 by float rounding: that warned of
+    a loss lowered by noise, advising the divergence loss already in use."""
+    import logging
+
+    model, calib, _ = _digits_mlp()
+    with caplog.at_level(logging.WARNING, logger="mpsearch"):
+        res = mpsearch.search(model, 8.0, data=[x for x, _ in calib], bits=(2, 4, 8, 16),
+                              slices=None, refine=False, progress=False)
+    assert res.sensitivity.diagnostics["loss"] == "kl"
+    assert res.sensitivity.noisy_rows().size == 0
+    assert not any("lowered the" in r.getMessage() for r in caplog.records)

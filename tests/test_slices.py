@@ -1404,3 +1404,32 @@ def test_auto_says_only_what_the_search_it_keeps_logged(mnist_calib, monkeypatch
         mpsearch.search(model, 4.0, slices=None, **opts)
     assert any("Hutchinson stopped" in r.getMessage() for r in caplog.records)
     assert logging.getLogger("mpsearch").propagate
+
+
+def test_check_model_edges_of_sliced_maps() -> None:
+    """A map with an empty plan ("slices": {}) sent check_model into endless recursion
+    (quantize and validate with it); code that uses a map on the model as it is
+    (TorchModel, build_onnx) needs the sliced model and says so."""
+    from mpsearch.hw.kernels_torch import TorchModel
+    from mpsearch.hw.onnx_export import build_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 16)
+    doc = BitMap.uniform(model, 4).to_dict()
+    doc["slices"] = {}
+    empty = BitMap.from_dict(doc)
+    empty.check_model(model)
+    torch.testing.assert_close(mpsearch.quantize(model, empty)(x),
+                               mpsearch.quantize(model, BitMap.uniform(model, 4))(x))
+    plan = SlicePlan({"0": (tuple(range(8)), tuple(range(8, 16)))})
+    sliced = slice_model(model, plan)
+    bitmap = BitMap.uniform(sliced, 4)
+    bitmap.slices = plan
+    bitmap.check_model(model)
+    for use in (lambda: TorchModel(model, bitmap, device="cpu"),
+                lambda: build_onnx(model, bitmap, x)):
+        with pytest.raises(BitMapError, match=r"build the model it describes with "
+                                              r"mpsearch.slice_model\(model, bitmap\)"):
+            use()
+    build_onnx(sliced, bitmap, x)

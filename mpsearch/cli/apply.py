@@ -57,7 +57,7 @@ def run_apply(args: argparse.Namespace) -> int:
                 from mpsearch.slices import for_deployment
 
                 model, bitmap = for_deployment(model, bitmap)
-            bitmap.check_model(model)
+            bitmap.check_model(model, as_is=True)
             advance("loaded")
             from mpsearch.export import onnxruntime as ort_export
 

@@ -458,7 +458,7 @@ class TorchModel:
 
         self.device = torch.device(device)
         self.threads = threads
-        bitmap.check_model(model)
+        bitmap.check_model(model, as_is=True)
         fused = fused_stay_float(model, bitmap)  # left to PyTorch's fused operators
         self.model = copy.deepcopy(model).eval()
         modules = quantizable_modules(self.model)

@@ -184,7 +184,7 @@ def build_onnx(model: nn.Module, bitmap: BitMap, batch: Batch) -> Any:
     """
     from onnx import helper
 
-    bitmap.check_model(model)
+    bitmap.check_model(model, as_is=True)
     require_values(model)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:

@@ -116,8 +116,15 @@ class SensitivityTable:
 
     def noisy_rows(self) -> np.ndarray:
         """Indices of the rows with an entry below zero: quantizing that layer alone
-        *lowered* the calibration loss at some width (see :meth:`planning_omega`)."""
-        return np.flatnonzero((self.omega < 0).any(axis=1))
+        *lowered* the calibration loss at some width (see :meth:`planning_omega`); by more
+        than float rounding (1e-6 of the table's largest entry). None for a divergence
+        from the float model (``kl``, ``mse``), which no quantization lowers: a value
+        below zero there is rounding (-1e-8 at 16 bits)."""
+        if self.diagnostics.get("loss") in ("kl", "mse"):
+            return np.zeros(0, dtype=np.int64)
+        finite = np.abs(self.omega[np.isfinite(self.omega)])
+        tol = 1e-6 * float(finite.max()) if finite.size else 0.0
+        return np.flatnonzero((self.omega < -tol).any(axis=1))
 
     def planning_omega(self) -> np.ndarray:
         """Ω as the solver reads it: the table itself, save for :meth:`noisy_rows`.

@@ -189,7 +189,7 @@ class Fisher:
         """Scaled gradients, one row per sample (``micro_batch=1``) or per micro-batch."""
         s0, s1, batch = piece
         probe = _Probe(objective, i, s0, s1, gen)
-        split = to_device(split_batch(batch), device)
+        split = to_device(split_batch(batch), device).for_model(model)
         if self.micro_batch > 1 or not _rows_lead(objective, i):
             return {n: g[None] for n, g in _grad(model, weights, split, probe, batch).items()}
         if objective.kind not in ("custom", "hf_loss") and s1 - s0 > 1:

@@ -351,7 +351,7 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _atomic_save(state: dict[str, Tensor], path: Path) -> None:
-    with atomic_file(path) as tmp:  # readable by others (a cache may be shared)
+    with atomic_file(path) as tmp:  # the umask's mode (a cache may be shared)
         torch.save(state, tmp)
 
 
