@@ -433,23 +433,32 @@ def quantizable_modules(model: nn.Module, include: Patterns = None,
     n_all = 0
     candidates = ((n, m) for name, module in model.named_modules()
                   for n, m in [(name, module), *_recurrent_weights(name, module)])
+    def kept(name: str) -> bool:
+        return ((inc is None or any(fnmatch.fnmatchcase(name, pat) for pat in inc))
+                and not (exc is not None and any(fnmatch.fnmatchcase(name, pat)
+                                                 for pat in exc)))
+
     for name, module in candidates:
         if layer_kind(module) is None:
             continue
         n_all += 1
-        if inc is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in inc):
-            continue
-        if exc is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exc):
-            continue
+        # A shared weight is the layer of its first name, whatever the filters keep: a map
+        # naming another of its names would not fit the model unfiltered.
         wid = _weight_identity(module)
         if wid in seen_params:
             # (said once: a search looks the layers up many times, and it came 42 times)
             owner = seen_params[wid]
-            warn_once(log, f"{name} shares its weight with {owner}; it is quantized once, "
-                           f"as {owner}")
+            if kept(name) and not kept(owner):
+                warn_once(log, f"{name} shares its weight with {owner}, which include=/"
+                               f"exclude= leave out: it stays float with it (filter by "
+                               f"{owner!r} to quantize it)")
+            elif kept(name):
+                warn_once(log, f"{name} shares its weight with {owner}; it is quantized "
+                               f"once, as {owner}")
             continue
         seen_params[wid] = name
-        found[name] = module
+        if kept(name):
+            found[name] = module
     if not found:
         if n_all == 0:
             raise ValueError(

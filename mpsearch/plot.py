@@ -137,16 +137,28 @@ def _front_and_problem(front_or_result: Front | SearchResult,
     return front, problem if problem is not None else front_or_result.problem
 
 
-def _rows(measured: pd.DataFrame | Iterable[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+def _rows(measured: Any) -> list[dict[str, Any]]:
+    """Rows of a DataFrame, of dicts, or of :func:`mpsearch.validate` reports (one or
+    several: ``loss_increase`` the loss, ``size_bytes_quantized`` the bytes)."""
     if measured is None:
         return []
-    if hasattr(measured, "to_dict"):
+    if hasattr(measured, "to_dict") and hasattr(measured, "columns"):
         return list(measured.to_dict("records"))  # a DataFrame
-    return [dict(row) for row in measured]
+    if hasattr(measured, "loss_increase") and hasattr(measured, "to_dict"):
+        measured = [measured]  # one report
+    rows = []
+    for row in measured:
+        if hasattr(row, "loss_increase") and hasattr(row, "to_dict"):  # a report
+            row = {**row.to_dict(), "size_bytes": row.size_bytes_quantized}
+        rows.append(dict(row))
+    return rows
 
 
 def _measured_loss(row: Mapping[str, Any]) -> Any:
-    return row.get("measured_loss", row.get("loss"))
+    for key in ("measured_loss", "loss", "loss_increase"):
+        if row.get(key) is not None:
+            return row[key]
+    return None
 
 
 def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] | None = None,
@@ -163,9 +175,10 @@ def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] 
             (or every cost of the front when the problem is unknown).
         uniform: mark the uniform maps (needs the problem), or give them as
             ``{bits: {"loss": ..., <cost>: ...}}``.
-        measured: measured points to overlay, e.g. from :func:`mpsearch.validate`: rows
-            with the cost and ``measured_loss`` (or ``loss``) columns, and an optional
-            ``label``.
+        measured: measured points to overlay: :func:`mpsearch.validate` reports (their
+            ``loss_increase`` against their costs), or rows with the cost and
+            ``measured_loss`` (or ``loss``, ``loss_increase``) columns. Rows that give no
+            point on any panel are a ``ValueError``, naming what they hold.
         problem: the allocation problem, when passing a bare front.
         logy: log-scale the loss axis (when every plotted loss is positive).
         title: figure title.
@@ -175,7 +188,8 @@ def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] 
         The matplotlib figure (or ``path`` when saved).
 
     Raises:
-        ValueError: the front is empty or a cost is not in it.
+        ValueError: the front is empty, a cost is not in it, or ``measured`` gives no
+            point.
     """
     import matplotlib.pyplot as plt
 
@@ -197,6 +211,11 @@ def plot_front(front_or_result: Front | SearchResult, cost: str | Sequence[str] 
     elif isinstance(uniform, Mapping):
         marks.update(uniform)
     extra = _rows(measured)
+    if extra and not any(c in r and _measured_loss(r) is not None for r in extra
+                         for c in costs):
+        raise ValueError(f"measured= gives no point on these panels ({costs}): each row needs "
+                         f"one of those costs and a measured_loss / loss / loss_increase; "
+                         f"the first has {sorted(extra[0])}")
     fig, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), squeeze=False)
     best = front.best
     for ax, name in zip(axes[0], costs):

@@ -55,7 +55,7 @@ from mpsearch.slices import (
     slice_scores,
     sliceable_layers,
 )
-from mpsearch.solvers import Solver, solve
+from mpsearch.solvers import Solver, check_solver, solve
 
 if TYPE_CHECKING:
     from mpsearch.hw.profile_data import HardwareProfile
@@ -244,7 +244,9 @@ def _resolve_pins(pin: Mapping[str, int] | None, names: Sequence[str],
     for pattern, b in (pin or {}).items():
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(f"pin {pattern!r} matches no quantizable layer")
+            raise ValueError(f"pin {pattern!r} matches no quantizable layer searched (an "
+                             f"include=/exclude= may leave it out: a layer left out stays "
+                             f"float)")
         if b not in bits:
             raise ValueError(f"pin {pattern!r}={b} is not a candidate; bits={tuple(bits)}")
         out.update({n: int(b) for n in hits})
@@ -372,8 +374,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
     """
     seed, include, exclude, pin, a_bits = _check_arguments(
         model, seed=seed, include=include, exclude=exclude, pin=pin, a_bits=a_bits,
-        qconfig=qconfig, profile=profile)
+        qconfig=qconfig, profile=profile, solver=solver)
     _warn_unmatched(model, include=include, exclude=exclude)
+    if isinstance(tie, (list, tuple)) and not tie:
+        tie = None  # no groups: nothing tied (slices="auto" stays free to slice)
     if any(m.training for m in model.modules()):
         log.info("the model is in train mode: searched in eval mode (dropout off, batch-norm "
                  "running statistics), as it will run deployed; its modes are restored after")
@@ -725,9 +729,17 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
         log.info("slices='auto': %s, too few for per-layer allocation to trade; searching "
                  "%d channel slices per layer (slices=None: per layer)", why, count)
     own_include = include
-    if include is not None:
-        include = [include] if isinstance(include, str) else list(include)
-        include += [f"{n}.{PART}.*" for n in plan.layers]
+    # The sliced model is searched by exact names: the user's globs name the original
+    # layers (exclude='*.0' must not leave out slice 0 of every layer, nor a stored plan's
+    # slices escape an exclude=), and a pin the layer it matched (pinned layers are whole).
+    inner_include, inner_exclude, inner_pin = include, exclude, pin
+    if include is not None or exclude is not None:
+        inner_include = ([n for n in modules if n not in plan.layers]
+                         + [f"{n}.{PART}.*" for n in plan.layers if n in modules])
+        inner_exclude = None
+    if pin:
+        inner_pin = {n: b for p, b in pin.items() for n in modules
+                     if fnmatch.fnmatchcase(n, p)} or pin  # (none: the search says so)
     if stored is not None:  # the sliced model's table, without the plan it already follows
         table = rest["sensitivity"]
         assert isinstance(table, SensitivityTable)
@@ -744,8 +756,9 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
               "size budget pays for")
     try:
         result = search(sliced, budget, data=batches, loss_fn=loss_fn, bits=bits,
-                        include=include, exclude=exclude, pin=pin, qconfig=qconfig, seed=seed,
-                        progress=progress, slices=None, **rest)  # type: ignore[arg-type]
+                        include=inner_include, exclude=inner_exclude, pin=inner_pin,
+                        qconfig=qconfig, seed=seed, progress=progress, slices=None,
+                        **rest)  # type: ignore[arg-type]
     except InfeasibleBudget as exc:
         if stored is not None:
             raise InfeasibleBudget(f"{exc} on the sliced model this table was measured on "
@@ -895,11 +908,13 @@ def _whole(value: object, what: str, example: str) -> int:
 
 
 def _check_arguments(model: object, *, seed: object, include: object, exclude: object,
-                     pin: object, a_bits: object, qconfig: object, profile: object
+                     pin: object, a_bits: object, qconfig: object, profile: object,
+                     solver: object = "ilp",
                      ) -> tuple[int, Patterns, Patterns, dict[str, int] | None, int | None]:
-    """A clear TypeError for an argument of the wrong type, before any work; the values
-    as plain Python (seed, include, exclude, pin, a_bits)."""
+    """A clear TypeError (ValueError for a bad value) for an argument, before any work;
+    the values as plain Python (seed, include, exclude, pin, a_bits)."""
     require_values(model)  # a TypeError for no module; lazy, meta or compiled models named
+    check_solver(solver)
     if qconfig is not None and not isinstance(qconfig, QuantConfig):
         hint = ": build one, QuantConfig(**...)" if isinstance(qconfig, Mapping) else ""
         raise TypeError(f"qconfig must be a QuantConfig, got {type(qconfig).__name__}{hint}")
@@ -910,11 +925,14 @@ def _check_arguments(model: object, *, seed: object, include: object, exclude: o
                                 and all(isinstance(k, str) for k in pin)):
         raise TypeError(f"pin must map layer names (or globs) to bits, e.g. "
                         f"{{'features.0': 8}}, got {pin!r}")
+    activations = None if a_bits is None else _whole(a_bits, "a_bits", " of bits or None")
+    if activations is not None and activations not in SUPPORTED_BITS:
+        raise ValueError(f"a_bits must be None or one of {SUPPORTED_BITS}, got {a_bits!r}")
     return (_whole(seed, "seed", ""), as_patterns(include, "include"),
             as_patterns(exclude, "exclude"),
             None if pin is None else {k: _whole(v, f"pin[{k!r}]", " of bits")
                                       for k, v in pin.items()},
-            None if a_bits is None else _whole(a_bits, "a_bits", " of bits or None"))
+            activations)
 
 
 def _warn_unmatched(model: nn.Module, **patterns: Patterns) -> None:

@@ -5,6 +5,7 @@ train mode) works without changing the model."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -581,3 +582,51 @@ def test_a_model_that_is_one_bare_layer_is_searched_and_deployed() -> None:
     assert dep.formats[""].startswith("w4")
     ref = mpsearch.quantize(model, res.bitmap)(x).detach()
     assert float((dep.run(x) - ref).norm() / ref.norm()) < 0.01
+
+
+def test_bad_solver_and_activation_bits_are_refused_before_any_work() -> None:
+    """solver='ILP', a solver class and a_bits=1 were refused after the sensitivity stage
+    (seconds of probes on a real model)."""
+    from mpsearch import NSGA2Solver
+
+    model = _mlp()
+    data = _data()
+    for kwargs, error, text in (({"solver": "ILP"}, ValueError, "unknown solver 'ILP'"),
+                                ({"solver": NSGA2Solver}, TypeError,
+                                 "solver=NSGA2Solver is a class: pass an instance"),
+                                ({"a_bits": 1}, ValueError, "a_bits must be None or one of")):
+        with pytest.raises(error, match=re.escape(text)):
+            mpsearch.search(model, 4.0, data=data, sensitivity=_Refuses(), **kwargs)
+
+
+class _Refuses:
+    """An estimator that must never run."""
+
+    name = "refuses"
+
+    def estimate(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("the search reached the sensitivity stage")
+
+
+def test_a_shared_weight_left_out_with_its_first_name_stays_float_and_the_map_fits() -> None:
+    """exclude= of a shared weight's first name made its second the layer: the map named
+    'b', which the model unfiltered does not (quantize and validate refused it)."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.mid, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.mid.weight
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.b(torch.relu(self.mid(torch.relu(self.a(x))))))
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    data = [torch.randn(32, 8)]
+    res = mpsearch.search(model, 4.0, data=data, exclude=["mid"], slices=None, **FAST)
+    assert set(res.bitmap) == {"a", "mid", "out"} and res.bitmap["mid"].w_bits == 32
+    q = mpsearch.quantize(model, res.bitmap)
+    torch.testing.assert_close(q.mid.weight, model.mid.weight)
+    assert q.b.weight is q.mid.weight

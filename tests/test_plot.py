@@ -115,3 +115,22 @@ def test_uniform_points_run_layers_without_a_kernel_at_the_next_width() -> None:
     choice = np.full(base.n_layers, base.bits.index(4))
     choice[0] = base.bits.index(next(b for b in base.bits if b > 4))
     assert points[4] == pytest.approx(base.evaluate(choice))
+
+
+def test_validate_reports_are_measured_points(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """The docstring said "e.g. from mpsearch.validate", but a report (or its to_dict())
+    has loss_increase, which was read as no point: nothing drawn, nothing said."""
+    import mpsearch
+
+    calib = mnist_calib[:1]
+    res = mpsearch.search(mnist_cnn, 4.0, data=calib, sensitivity="fisher", slices=None,
+                          refine=False, progress=False)
+    report = mpsearch.validate(mnist_cnn, res.bitmap, data=calib, progress=False)
+    for measured in (report, [report], [report.to_dict()]):
+        fig = plot_front(res, measured=measured)
+        line = next(li for li in fig.axes[0].lines if li.get_label() == "measured")
+        assert list(line.get_ydata()) == [pytest.approx(report.loss_increase)]
+        assert list(line.get_xdata()) == [pytest.approx(report.avg_bits)]
+        plt.close(fig)
+    with pytest.raises(ValueError, match="measured= gives no point"):
+        plot_front(res, measured=[{"bits": 4, "accuracy": 0.9}])

@@ -1433,3 +1433,28 @@ def test_check_model_edges_of_sliced_maps() -> None:
                                               r"mpsearch.slice_model\(model, bitmap\)"):
             use()
     build_onnx(sliced, bitmap, x)
+
+
+def test_globs_name_the_original_layers_of_a_sliced_search(mnist_cnn, mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """exclude='*.0' also left slice 0 of every other layer float, pin={'*.0': 2} pinned
+    it, and a reused sliced table ignored include=/exclude= (an excluded layer came back
+    with slices at 2 bits); tie=[] turned slicing off."""
+    opts = {"data": mnist_calib[:1], "refine": False, "progress": False}
+    res = mpsearch.search(mnist_cnn, 4.0, sensitivity="fisher", slices=4, exclude=["*.0"],
+                          **opts)
+    floats = sorted(n for n, b in res.bitmap.bits().items() if b == 32)
+    assert floats == ["classifier.0", "features.0"]
+    res = mpsearch.search(mnist_cnn, 4.0, sensitivity="fisher", slices=4, pin={"*.0": 2},
+                          **opts)
+    assert res.problem.pinned == {"features.0": 2, "classifier.0": 2}
+    table = mpsearch.search(mnist_cnn, 4.0, sensitivity="fisher", **opts).sensitivity
+    assert "slices" in table.settings
+    reused = mpsearch.search(mnist_cnn, 4.0, sensitivity=table, exclude=["classifier.2"],
+                             **opts).bitmap
+    assert {b for n, b in reused.bits().items() if n.startswith("classifier.2")} == {32}
+    kept = mpsearch.search(mnist_cnn, 4.0, sensitivity=table, include=["classifier.0"],
+                           **opts).bitmap
+    assert {n.split(".parts.")[0] for n, b in kept.bits().items() if b < 32} == {
+        "classifier.0"}
+    untied = mpsearch.search(mnist_cnn, 4.0, sensitivity="fisher", tie=[], **opts).bitmap
+    assert untied.slices is not None

@@ -13,7 +13,8 @@ from mpsearch.solvers.greedy import GreedySolver
 from mpsearch.solvers.ilp import ILPSolver
 from mpsearch.solvers.nsga2 import NSGA2Solver
 
-__all__ = ["SOLVERS", "GreedySolver", "ILPSolver", "NSGA2Solver", "Solver", "solve"]
+__all__ = ["SOLVERS", "GreedySolver", "ILPSolver", "NSGA2Solver", "Solver", "check_solver",
+           "solve"]
 
 
 @runtime_checkable
@@ -33,6 +34,26 @@ SOLVERS: dict[str, type[Any]] = {
     NSGA2Solver.name: NSGA2Solver,
 }
 """Registered solver classes by name; each is built as ``SOLVERS[name](**options)``."""
+
+
+def check_solver(solver: object) -> None:
+    """A clear error for what :func:`solve` cannot use: an unknown name, a class (not an
+    instance), or an object without ``.solve``.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: anything else that is no solver.
+    """
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
+        return
+    if isinstance(solver, type):
+        raise TypeError(f"solver={solver.__name__} is a class: pass an instance, e.g. "
+                        f"solver={solver.__name__}()")
+    if not callable(getattr(solver, "solve", None)):
+        raise TypeError(f"solver must be a name ({sorted(SOLVERS)}) or an object with "
+                        f".solve(problem, seed=), got {solver!r}")
 
 
 def solve(
@@ -55,17 +76,13 @@ def solve(
         ValueError: unknown solver name, bad options, or options given with an object.
         InfeasibleBudget: the budgets cannot be met.
     """
+    check_solver(solver)
     if isinstance(solver, str):
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
         try:
             instance: Solver = SOLVERS[solver](**options)
         except TypeError as error:
             raise ValueError(f"bad options {options} for solver {solver!r}: {error}") from error
     else:
-        if not callable(getattr(solver, "solve", None)):
-            raise TypeError(f"solver must be a name ({sorted(SOLVERS)}) or an object with "
-                            f".solve(problem, seed=), got {solver!r}")
         if options:
             raise ValueError(
                 f"options {sorted(options)} only go with a solver name; set them on the "
