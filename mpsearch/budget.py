@@ -16,6 +16,9 @@ class Budget:
         avg_bits: average weight bits, weighted by parameter count.
         size_bytes: bytes of the quantizable layers' weights, quantization scales and zero
             points included (biases and other parameters are not counted).
+            Like ``avg_bits`` and ``bops``, it covers the searched layers only: layers that
+            ``include=``/``exclude=`` leave out stay float outside the budget
+            (``validate``'s ``size_bytes_quantized`` counts them).
         bops: bit operations per sample: Σ MACs × weight bits × activation bits (32 for
             float activations).
         latency_us: predicted end-to-end latency (µs) from a measured hardware profile

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
 __all__ = ["plot_bitmap", "plot_demo", "plot_front", "plot_sensitivity", "uniform_points"]
 
 
+def _slices_in_order(names: list[str]) -> list[str]:
+    """``names`` with each layer's slices together, by slice number (``parts.2`` before
+    ``parts.10``), the layers in their first-seen order."""
+    first: dict[str, int] = {}
+    keys = []
+    for n in names:
+        owner, _, part = n.rpartition(f".{PART}.")
+        if not owner or not part.isdigit():
+            owner, part = n, "-1"
+        first.setdefault(owner, len(first))
+        keys.append((first[owner], int(part)))
+    return [n for _, n in sorted(zip(keys, names), key=lambda kn: kn[0])]
+
+
 def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
                 order: Sequence[str] | None = None, path: str | Path | None = None) -> Any:
     """Bar chart of weight bits per layer (float layers grey), in ``order`` if given.
@@ -35,7 +49,7 @@ def plot_bitmap(bitmap: BitMap, ax: Any = None, title: str | None = None,
     """
     import matplotlib.pyplot as plt
 
-    names = list(order) if order is not None else list(bitmap)
+    names = list(order) if order is not None else _slices_in_order(list(bitmap))
     if ax is None:
         _, ax = plt.subplots(figsize=(min(max(8.0, 0.22 * len(names)), 30.0), 3.6))
     bits = [bitmap[n].w_bits for n in names]

@@ -134,3 +134,22 @@ def test_validate_reports_are_measured_points(mnist_cnn, mnist_calib) -> None:  
         plt.close(fig)
     with pytest.raises(ValueError, match="measured= gives no point"):
         plot_front(res, measured=[{"bits": 4, "accuracy": 0.9}])
+
+
+def test_a_sliced_map_is_drawn_slice_by_slice_in_number_order() -> None:
+    """The bars of a sliced map came in string order (parts.0, parts.1, parts.10, …)."""
+    from torch import nn
+
+    from mpsearch import BitMap, plot_bitmap
+    from mpsearch.slices import SlicePlan, slice_model
+
+    model = nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 4))
+    plan = SlicePlan({"0": tuple(tuple(range(i, 48, 12)) for i in range(12))})
+    sliced = slice_model(model, plan)
+    names = [f"0.parts.{k}" for k in range(12)] + ["2"]
+    bitmap = BitMap.from_bits(sliced, {n: 2 + k % 7 for k, n in enumerate(sorted(names))})
+    bitmap.slices = plan
+    ax = plot_bitmap(bitmap)
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [bitmap[n].w_bits for n in names]
+    plt.close(ax.figure)
