@@ -268,7 +268,10 @@ class PrefixReplay:
                 store[name].append(_clone(out))
             return post
 
-        hooks = [self._modules[n].register_forward_hook(keep(n)) for n in self._wanted]
+        # first of the module's forward hooks: the output its forward returns, which the
+        # replay hands back from forward, before the user's hooks (they run on it again)
+        hooks = [self._modules[n].register_forward_hook(keep(n), prepend=True)
+                 for n in self._wanted]
         losses = np.zeros(len(self._splits))
         self._samples = [None] * len(self._splits)
         try:

@@ -258,7 +258,8 @@ def first_output(output: Any) -> Any:
     """The tensor a loss or a divergence is computed on.
 
     Logits where the output has them, else ``last_hidden_state``, else the first tensor of
-    a tuple; a plain tensor is itself.
+    a tuple or list (``(None, logits)``: the logits), of a dict's values or of a
+    dataclass's fields; a plain tensor is itself.
     """
     if isinstance(output, Tensor):
         return output
@@ -268,15 +269,21 @@ def first_output(output: Any) -> Any:
             value = output.get(key)
         if isinstance(value, Tensor):
             return value
-    if isinstance(output, Sequence) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, Mapping):
-        for value in output.values():
-            if isinstance(value, Tensor):
-                return value
+    values: Iterable[Any] = ()
+    if isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
+        values = output
+    elif isinstance(output, Mapping):
+        values = output.values()
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        values = (getattr(output, f.name) for f in dataclasses.fields(output))
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
     raise TypeError(
-        f"cannot find a tensor in the model's output of type {type(output).__name__}; "
-        "pass loss_fn=... to say how to score it"
+        f"cannot find a tensor in the model's output of type {type(output).__name__} "
+        "(mpsearch reads logits or last_hidden_state, or the first tensor of a tuple, list, "
+        "dict or dataclass); loss_fn=... scores it in a search, but validate's output "
+        "divergence needs such a tensor"
     )
 
 

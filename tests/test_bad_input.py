@@ -630,3 +630,46 @@ def test_a_shared_weight_left_out_with_its_first_name_stays_float_and_the_map_fi
     q = mpsearch.quantize(model, res.bitmap)
     torch.testing.assert_close(q.mid.weight, model.mid.weight)
     assert q.b.weight is q.mid.weight
+
+
+def test_outputs_whose_tensor_is_not_first_at_the_top_level() -> None:
+    """(None, logits) — a loss that is None at inference — and a dataclass output without
+    logits were refused ("cannot find a tensor"), by validate always and by the Fisher
+    estimators even with loss_fn= given; a nested output with a loss_fn searches."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from mpsearch.batches import first_output
+
+    @dataclasses.dataclass
+    class Out:
+        note: str
+        pred: torch.Tensor
+
+    class Model(nn.Module):
+        def __init__(self, shape: str) -> None:
+            super().__init__()
+            self.a, self.c, self.shape = nn.Linear(8, 32), nn.Linear(32, 5), shape
+
+        def forward(self, x: torch.Tensor) -> object:
+            y = self.c(F.relu(self.a(x)))
+            return {"tuple": (None, y), "dataclass": Out("ok", y),
+                    "nested": {"heads": {"cls": y}}}[self.shape]
+
+    t = torch.randn(2, 3)
+    assert first_output((None, t)) is t and first_output(Out("x", t)) is t
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 8), torch.randint(0, 5, (16,))) for _ in range(2)]
+    for shape in ("tuple", "dataclass"):
+        model = Model(shape).eval()
+        res = mpsearch.search(model, 4.0, data=data, sensitivity="fisher", **FAST)
+        report = mpsearch.validate(model, res.bitmap, data=data, progress=False)
+        assert report.output_divergence > 0
+    nested = Model("nested").eval()
+    res = mpsearch.search(nested, 4.0, data=data, sensitivity="fisher", slices=None,
+                          loss_fn=lambda out, batch: F.cross_entropy(out["heads"]["cls"],
+                                                                     batch[1]), **FAST)
+    assert set(res.bitmap) == {"a", "c"}
+    with pytest.raises(TypeError, match="validate's output divergence needs such a tensor"):
+        mpsearch.validate(nested, res.bitmap, data=data, progress=False)

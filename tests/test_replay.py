@@ -434,3 +434,22 @@ def test_sequence_first_models_do_not_split_by_sample() -> None:
     row = [info.name for info in layers].index("head")
     assert table.omega[row, 0] == pytest.approx(delta.mean(), rel=1e-4)
     assert table.omega_stderr[row, 0] == pytest.approx(delta.std(ddof=1) / np.sqrt(3), rel=1e-3)
+
+
+def test_replay_keeps_a_users_forward_hook_that_changes_an_output(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The store held a module's output after the user's hooks, which ran again on the
+    replayed value (x2 twice): the self-check turned replay off and blamed the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 5)).eval()
+    model[2].register_forward_hook(lambda _m, _i, out: out * 2.0)
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    with caplog.at_level("WARNING"):
+        _check_exact(model, batches, ["0", "2", "4"])
+        objective = Objective(batches)
+        objective.prepare(model, CPU)
+        with PrefixReplay(model, objective, CPU, ["0", "2", "4"]) as replay:
+            replay.record()
+            assert replay.exact
+    assert not caplog.records

@@ -271,21 +271,22 @@ class _Probe:
         """The pseudo-loss of ``out``; ``rows``: samples it covers (default the probe's)."""
         aux = self.aux if aux is None else aux
         mask = self.mask if mask is None else mask
-        y = self.objective.compared(out) if self.kind in ("kl", "mse") else first_output(out)
+        y = (self.objective.compared(out) if self.kind in ("kl", "mse")
+             else first_output(out) if self.kind == "cross_entropy" else None)
         if self.kind == "kl":
-            assert aux is not None and mask is not None
+            assert aux is not None and mask is not None and y is not None
             per_pos = F.cross_entropy(y.float().reshape(-1, y.shape[-1]),
                                       aux.to(y.device).reshape(-1), reduction="none")
             return (per_pos * mask.to(y.device).reshape(-1)).sum() / math.sqrt(self.total)
         if self.kind == "mse":
-            assert aux is not None and mask is not None
+            assert aux is not None and mask is not None and y is not None
             per_pos = (y.float() * aux.to(y.device)).sum(-1)
             return (per_pos * mask.to(y.device)).sum() * math.sqrt(
                 2.0 / (self.total * y.shape[-1]))
         scale = (self.s1 - self.s0 if rows is None else rows) / math.sqrt(self.n_rows)
         if self.kind == "cross_entropy":
             t = self.targets if targets is None else targets
-            assert t is not None
+            assert t is not None and y is not None
             return cross_entropy(y, t.to(y.device)) * scale
         # hf_loss / custom: the empirical Fisher of the per-sample loss; a micro-batch of k
         # samples gives the mean of k gradients, so k · g_m squared approximates the sum
