@@ -55,6 +55,9 @@ class ValidationReport:
         loss_increase_predicted: the bit map's predicted increase (Σ Ω), where it has one.
         divergence_kind: ``kl`` (logits) or ``mse`` (hidden states).
         output_divergence: mean divergence of the quantized output from the float output.
+            It and the losses are means over the batches, as the search's loss is (so that
+            a prediction on the calibration data compares with them): batches of equal
+            size give the mean per sample. Accuracy and agreement count samples.
         outputs_not_compared: the model's other outputs, where it returns several tensors
             and the divergence compares one (``"[1] (8, 1)"``); empty otherwise.
         accuracy_float: top-1 accuracy of the float model, where targets are class labels
@@ -231,8 +234,8 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
             sums["div"] += max(0.0, float(div(yq, yf, split.attention_mask)))
             if div_kind == "kl" and yf.dim() >= 1:
                 pf, pq = yf.argmax(-1), yq.argmax(-1)
-                sums["agree"] += float((pf == pq).float().mean())
-                n_agree += 1
+                sums["agree"] += float((pf == pq).sum())
+                n_agree += pf.numel()
                 t = split.targets
                 if t is not None and _shifts_labels(model, batch) and t.dim() >= 2:
                     # a Hugging Face causal LM predicts labels[:, 1:] from logits[:, :-1]
@@ -246,10 +249,11 @@ def validate(model: nn.Module, bitmap: BitMap, *, data: Iterable[Batch],
                         unread = (f"batch {i} has labels {sorted(set(outside.tolist()))[:5]} "
                                   f"outside the model's {yf.shape[-1]} classes "
                                   f"(0–{yf.shape[-1] - 1}, or -100 to ignore)")
-                    denom = max(int(valid.sum()), 1)
-                    sums["acc_f"] += float(((pf == t) & valid).sum()) / denom
-                    sums["acc_q"] += float(((pq == t) & valid).sum()) / denom
-                    n_acc += 1
+                    # counted by sample (position), not averaged by batch: a last batch
+                    # of 41 beside batches of 100 weighed 2.4x per sample
+                    sums["acc_f"] += float(((pf == t) & valid).sum())
+                    sums["acc_q"] += float(((pq == t) & valid).sum())
+                    n_acc += int(valid.sum())
     n = len(batches)
     infos = discover(model)
     size_f = sum(info.params * 4.0 for info in infos)
