@@ -20,6 +20,11 @@ def some(names: Sequence[str], limit: int = 5) -> str:
     return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
 
 
+def width_name(bits: int) -> str:
+    """A map's width as a reader says it: ``INT4``, ``FP16``, ``float`` (32 bits)."""
+    return "float" if bits >= 32 else "FP16" if bits == 16 else f"INT{bits}"
+
+
 _SAID: set[tuple[str, str]] = set()
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import Tensor, nn
 
 from mpsearch._io import batch_tensors, tensor_digest
-from mpsearch._report import HeldLogs, some, warn_once
+from mpsearch._report import HeldLogs, some, warn_once, width_name
 from mpsearch._state import backward_hooks_off, outside_inference_mode, preserved
 from mpsearch.batches import Batch, batch_rows, materialize, model_device
 from mpsearch.bitmap import BitMap, LayerEntry, _provenance
@@ -523,8 +523,9 @@ def _log_gain(refinement: Refinement) -> None:
     if ratio is None:
         if refinement.uniform_measured is not None:  # no damage to compare against
             log.info("measured on the calibration data: loss increase %.4g, the best uniform "
-                     "map within the budget (INT%d) %.4g: the mixed map is %s", refinement.
-                     measured_after, refinement.uniform_bits, refinement.uniform_measured,
+                     "map within the budget (%s) %.4g: the mixed map is %s", refinement.
+                     measured_after, width_name(refinement.uniform_bits or 32),
+                     refinement.uniform_measured,
                      "better" if refinement.measured_after < refinement.uniform_measured
                      else "no better")
         return
@@ -532,9 +533,9 @@ def _log_gain(refinement: Refinement) -> None:
                f", its damage carried by about {refinement.uniform_samples:.0f} of the "
                f"{refinement.samples} samples")
     log.info("measured on the calibration data: loss increase %.4g, %s the best uniform map "
-             "within the budget (INT%d: %.4g%s)%s", refinement.measured_after,
+             "within the budget (%s: %.4g%s)%s", refinement.measured_after,
              f"{ratio:.2f}x below" if ratio > 1.0 else "no better than",
-             refinement.uniform_bits, refinement.uniform_measured, carried,
+             width_name(refinement.uniform_bits or 32), refinement.uniform_measured, carried,
              "; mixed precision gains little on this model and data" if ratio < 1.5 else "")
 
 

@@ -56,7 +56,12 @@ def test_usage_errors_exit_2_and_errors_exit_1(capsys, tmp_path):
     code, _, err = run(capsys, "export", "--bitmap", str(tmp_path / "none.json"), "--to", "hawq")
     assert code == 1 and "none.json" in err
     code, _, err = run(capsys, "export", "--bitmap", str(tmp_path / "none.json"))
-    assert code == 1 and "--to" in err
+    assert code == 2 and "--to" in err  # a usage error, as argparse's own
+    code, _, err = run(capsys, "search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib")
+    assert code == 2 and "mpsearch search: error: give a budget" in err
+    code, _, err = run(capsys, "search", "--model", "zoo:cnn", "--data", "zoo:mnist-calib",
+                       "--avg-bits", "4", "--threads", "0")
+    assert code == 2 and "--threads must be at least 1" in err
 
 
 def test_zoo_names_take_no_arguments_and_a_wrong_one_lists_the_zoo(capsys):
@@ -383,3 +388,23 @@ def test_user_errors_of_profile_and_export_are_one_line(capsys, tmp_path, monkey
     code, _, err = run(capsys, "search", *MODEL, *CALIB, "--avg-bits", "4", "--sensitivity",
                        "hutchinson", "--max-probes", "1", "-q")
     assert code == 2 and "--max-probes: expected an integer >= 2" in err
+
+
+def test_apply_takes_its_format_from_an_onnx_name(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """apply --out q.onnx without --format wrote a torch state_dict into q.onnx (exit 0)."""
+    onnx = pytest.importorskip("onnx")
+    bitmap = tmp_path / "u4.json"
+    from mpsearch.zoo.mnist import pretrained_mnist
+
+    BitMap.uniform(pretrained_mnist("cnn"), 4).save(bitmap)
+    out = tmp_path / "q.onnx"
+    code, _, err = run(capsys, "apply", "--model", "zoo:cnn", "--bitmap", str(bitmap),
+                       "--out", str(out), "-q")
+    assert code == 1 and "--format onnx (from --out .onnx) needs --data" in err
+    code, _, err = run(capsys, "apply", "--model", "zoo:cnn", "--data", "zoo:mnist-calib",
+                       "--bitmap", str(bitmap), "--out", str(out), "-q")
+    assert code == 0, err
+    onnx.checker.check_model(onnx.load(str(out)))
+    code, _, err = run(capsys, "apply", "--model", "zoo:cnn", "--bitmap", str(bitmap),
+                       "--format", "state_dict", "--out", str(out), "-q")
+    assert code == 1 and "--format state_dict writes a torch file, not ONNX" in err

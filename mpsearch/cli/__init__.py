@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpsearch.cli._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from mpsearch.cli._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
 
 COMMAND_MODULES = ("mpsearch.cli.search", "mpsearch.cli.profile", "mpsearch.cli.apply",
                    "mpsearch.cli.export")
@@ -50,10 +50,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpsearch.errors import InfeasibleBudget
 
     try:
+        threads = getattr(args, "torch_threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         out = getattr(args, "out", None)
         if out and args.command != "demo" and Path(out).is_dir():  # before the work
             raise IsADirectoryError(f"--out {out} is a folder; give a file path to write")
         code: int = args.run(args)
+    except UsageError as exc:
+        print(f"mpsearch {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except InfeasibleBudget as exc:
         print(f"mpsearch: infeasible budget: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,6 +15,11 @@ from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
+
+class UsageError(ValueError):
+    """Options that do not make a command (a missing budget, ``--to``): exit code 2, as
+    argparse's own usage errors."""
+
 # Real models and data that ship with mpsearch's extras, by short name.
 ZOO_MODELS = ("zoo:cnn", "zoo:dwsep", "zoo:minilm", "zoo:mobilenet_v2", "zoo:crnn", "zoo:craft",
               "zoo:onet")
@@ -196,6 +201,13 @@ def add_model_args(p: argparse.ArgumentParser, *, data: str | None = "calibratio
                        help=f"package.module:loader returning a list of {data} batches, or "
                             f"{'|'.join(ZOO_DATA)}")
         p.add_argument("--data-args", metavar="JSON", help="keyword arguments of the loader")
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's CPU threads for the command's own work."""
+    p.add_argument("--threads", dest="torch_threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is the steadiest on a "
+                        "machine other work shares)")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from mpsearch.cli._common import (
     EXIT_OK,
     add_common,
     add_model_args,
+    add_threads,
     collected_warnings,
     emit,
     load_data,
@@ -34,10 +35,17 @@ def run_apply(args: argparse.Namespace) -> int:
     import mpsearch
 
     out = Path(args.out)
+    inferred = args.format is None
+    if inferred:  # from the file's extension: .onnx → onnx, else state_dict
+        args.format = "onnx" if out.suffix.lower() == ".onnx" else "state_dict"
+    elif args.format == "state_dict" and out.suffix.lower() == ".onnx":
+        raise ValueError(f"--format state_dict writes a torch file, not ONNX: --out {out} "
+                         "(use --format onnx or onnx-qdq, or a .pt name)")
     payload: dict[str, Any] = {"format": args.format, "out": str(out)}
     warned: list[str] = []
     if args.format != "state_dict" and not args.data:
-        raise ValueError(f"--format {args.format} needs --data (a sample batch"
+        raise ValueError(f"--format {args.format}{' (from --out .onnx)' * inferred} needs "
+                         f"--data (a sample batch"
                          f"{' and calibration data' if args.format == 'onnx-qdq' else ''})")
     total = {"state_dict": 3, "onnx": 4, "onnx-qdq": 5}[args.format]
     with steps(args, total, "apply") as advance, collected_warnings(args, warned):
@@ -113,11 +121,13 @@ def add_parsers(sub: Any) -> None:
                                   "ONNX export, calibration for onnx-qdq")
     a.add_argument("--data-args", metavar="JSON", help="keyword arguments of the loader")
     a.add_argument("--bitmap", required=True, help="bit map JSON")
-    a.add_argument("--format", choices=APPLY_FORMATS, default="state_dict",
-                   help="what to write (default: state_dict)")
+    a.add_argument("--format", choices=APPLY_FORMATS, default=None,
+                   help="what to write (default: onnx for an --out ending in .onnx, "
+                        "state_dict otherwise)")
     a.add_argument("--calib-batches", type=int, default=8,
                    help="onnx-qdq: calibration batches ORT runs (default 8)")
     a.add_argument("--out", required=True, help="file to write (.pt or .onnx)")
+    add_threads(a)
     add_common(a)
     a.set_defaults(run=run_apply)
 
@@ -126,5 +136,6 @@ def add_parsers(sub: Any) -> None:
                                    "compare it with the float model on evaluation data.")
     add_model_args(v, data="evaluation")
     v.add_argument("--bitmap", required=True, help="bit map JSON")
+    add_threads(v)
     add_common(v)
     v.set_defaults(run=run_validate)

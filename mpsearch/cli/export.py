@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mpsearch.cli._common import EXIT_OK, add_common, collected_warnings, emit, load_model, steps
+from mpsearch.cli._common import (
+    EXIT_OK,
+    UsageError,
+    add_common,
+    collected_warnings,
+    emit,
+    load_model,
+    steps,
+)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +48,7 @@ def run_export(args: argparse.Namespace) -> int:
         emit(args, payload, "\n".join(f"{n:20} {s}" for n, s in payload.items()))
         return EXIT_OK
     if not args.bitmap or not args.to:
-        raise ValueError("export needs --bitmap and --to (or --list)")
+        raise UsageError("export needs --bitmap and --to (or --list)")
     options = _options(args)
     # JSON-ready forms for files: torchao's dict, ORT's kwargs with QuantType names
     if args.to == "torchao":

@@ -7,7 +7,16 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from mpsearch.cli._common import EXIT_OK, add_common, add_model_args, emit, load_data, load_model
+from mpsearch.cli._common import (
+    EXIT_OK,
+    UsageError,
+    add_common,
+    add_model_args,
+    add_threads,
+    emit,
+    load_data,
+    load_model,
+)
 
 
 def _pins(items: Sequence[str] | None) -> dict[str, int]:
@@ -53,7 +62,7 @@ def _budget(args: argparse.Namespace) -> Any:
                                             "latency_ratio")
               if getattr(args, k) is not None}
     if not limits:
-        raise ValueError("give a budget: --avg-bits, --size-bytes, --bops, --latency-us "
+        raise UsageError("give a budget: --avg-bits, --size-bytes, --bops, --latency-us "
                          "and/or --latency-ratio")
     return Budget(**limits)
 
@@ -84,7 +93,7 @@ def run_search(args: argparse.Namespace) -> int:
     payload = {"bitmap": str(path), "avg_bits": res.bitmap.avg_bits(),
                "bits": res.bitmap.bits(), "predicted": res.bitmap.predicted,
                "status": res.front.status, "timings_s": res.timings_s}
-    from mpsearch._report import markdown_table
+    from mpsearch._report import markdown_table, width_name
 
     refined = ""
     if (r := res.refinement) is not None:
@@ -108,8 +117,11 @@ def run_search(args: argparse.Namespace) -> int:
                 gain = f"{r.uniform_ratio:.2f}x the searched map's loss increase"
             else:
                 gain = "the searched map measured no loss increase"
-            refined += (f"\nagainst uniform INT{r.uniform_bits} within the budget, measured "
-                        f"on the calibration data: {r.uniform_measured:.4g} ({gain})")
+            width = width_name(r.uniform_bits or 32)
+            refined += (f"\nagainst uniform {width} within the budget, measured on the "
+                        f"calibration data: {r.uniform_measured:.4g} ({gain})"
+                        + ("; float itself fits this budget (on this device its quantized "
+                           "kernels are no faster)" if width == "float" else ""))
             if r.uniform_samples is not None:
                 refined += (f"; its damage is carried by about {r.uniform_samples:.0f} of the "
                             f"{r.samples} calibration samples")
@@ -196,8 +208,10 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "nsga2"],
                    help="allocation solver (default ilp)")
     s.add_argument("--refine", default="auto", choices=["auto", "on", "off"],
-                   help="measured refinement of the solved map (default auto: at most 64 passes "
-                        "over the calibration data, 120 s)")
+                   help="measured refinement of the solved map: auto (default) and on are "
+                        "the same (a work limit of 64 passes over the calibration data, or "
+                        "two per unit searched, or more for a cheap model, up to 1,024; a "
+                        "120 s cap); off: the solver's map as it is")
     s.add_argument("--a-bits", type=int, default=None, help="activation bits (default: float)")
     s.add_argument("--include", nargs="*", help="glob patterns of layers to search")
     s.add_argument("--exclude", nargs="*", help="glob patterns of layers to keep float")
@@ -217,6 +231,7 @@ def add_parsers(sub: Any) -> None:
                    help="Hutchinson: most Hessian-vector products (200)")
     s.add_argument("--out", default="bitmap.json",
                    help="bit map JSON to write (default: bitmap.json)")
+    add_threads(s)
     add_common(s)
     s.set_defaults(run=run_search)
 
@@ -229,5 +244,6 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0],
                    help="average weight bits to search at")
     d.add_argument("--out", default="results", help="output folder (default: results)")
+    add_threads(d)
     add_common(d)
     d.set_defaults(run=run_demo)
