@@ -44,13 +44,18 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     # statistics too, were a module left in train mode
     buffers = [(m, name, t, t.detach().clone()) for m in model.modules()
                for name, t in m._buffers.items() if isinstance(t, Tensor) and not t.is_meta]
+    # every buffer name on entry: one a forward registers on its first call is removed
+    # (a scripted module's buffers are no plain dict, and its forward registers none)
+    names_before = {id(m): set(m._buffers) for m in model.modules()
+                    if type(m._buffers) is dict}
     nested = [m for m in model.modules()
               if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
     for encoder in nested:
         encoder.use_nested_tensor = False
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    grads = {name: p.grad for name, p in model.named_parameters()}
+    # (.grad of a non-leaf, e.g. a scripted module's, only warns: it has none to keep)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.is_leaf}
     hooks = {
         name: {attr: dict(getattr(m, attr)) for attr in _HOOK_DICTS if hasattr(m, attr)}
         for name, m in model.named_modules()
@@ -67,8 +72,10 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
                     del current[key]
         for name, p in model.named_parameters():
             if name in flags and not is_lazy(p):  # a lazy module's has no flag to set
-                p.requires_grad_(flags[name])
-                p.grad = grads[name]
+                if p.is_leaf:
+                    p.requires_grad_(flags[name])
+                if name in grads:
+                    p.grad = grads[name]
         for encoder in nested:
             encoder.use_nested_tensor = True
         for owner, name, t, copied in buffers:
@@ -84,6 +91,11 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             elif not torch.equal(t, copied):
                 with torch.no_grad():
                     t.copy_(copied)
+        for m in model.modules():
+            before = names_before.get(id(m))
+            if before is not None:
+                for name in [k for k in m._buffers if k not in before]:
+                    del m._buffers[name]
         torch.set_rng_state(rng)
 
 

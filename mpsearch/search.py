@@ -458,8 +458,10 @@ def search(model: nn.Module, budget: Budget | float, *, data: Iterable[Batch],
                 if table.omega.size and not np.any(table.omega):
                     log.warning("the %s estimate rates every layer 0 at every width: the "
                                 "loss does not change with the weights (does loss_fn read "
-                                "the model's output?); any map is as good as another to it",
-                                table.estimator)
+                                "the model's output? does the forward run under "
+                                "torch.no_grad() or .detach() its output? gradients then "
+                                "see nothing: sensitivity='qerror' measures instead); any "
+                                "map is as good as another to it", table.estimator)
                 table = dataclasses.replace(
                     table, model_fingerprint=weights_id,
                     settings={**table.settings, "qconfig": dataclasses.asdict(qconfig)},

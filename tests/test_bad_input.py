@@ -673,3 +673,43 @@ def test_outputs_whose_tensor_is_not_first_at_the_top_level() -> None:
     assert set(res.bitmap) == {"a", "c"}
     with pytest.raises(TypeError, match="validate's output divergence needs such a tensor"):
         mpsearch.validate(nested, res.bitmap, data=data, progress=False)
+
+
+def test_search_leaves_no_buffer_a_forward_registers_and_reads_no_scripted_grad() -> None:
+    """A forward that registers a buffer on its first call kept it after search (the
+    model's state_dict grew), and a scripted submodule's parameters (not leaves) made
+    search read their .grad, which torch warns of (an error under -W error)."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 32), nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "stats"):
+                self.register_buffer("stats", x.mean(0).detach().clone())
+            return self.c(F.relu(self.a(x - self.stats)))
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 8) for _ in range(2)]
+    model = Lazy()
+    keys = list(model.state_dict())
+    mpsearch.search(model, 4.0, data=data, sensitivity="fisher", slices=None, **FAST)
+    assert list(model.state_dict()) == keys and not hasattr(model, "stats")
+
+    class Scripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.ReLU()))
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.stem(x))
+
+    scripted = Scripted().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not a leaf Tensor.*")
+        mpsearch.search(scripted, 4.0, data=data, sensitivity="fisher", slices=None, **FAST)
