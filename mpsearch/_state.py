@@ -44,10 +44,6 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     # statistics too, were a module left in train mode
     buffers = [(m, name, t, t.detach().clone()) for m in model.modules()
                for name, t in m._buffers.items() if isinstance(t, Tensor) and not t.is_meta]
-    # every buffer name on entry: one a forward registers on its first call is removed
-    # (a scripted module's buffers are no plain dict, and its forward registers none)
-    names_before = {id(m): set(m._buffers) for m in model.modules()
-                    if type(m._buffers) is dict}
     nested = [m for m in model.modules()
               if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
     for encoder in nested:
@@ -91,11 +87,6 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             elif not torch.equal(t, copied):
                 with torch.no_grad():
                     t.copy_(copied)
-        for m in model.modules():
-            before = names_before.get(id(m))
-            if before is not None:
-                for name in [k for k in m._buffers if k not in before]:
-                    del m._buffers[name]
         torch.set_rng_state(rng)
 
 

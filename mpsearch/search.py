@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,11 @@ def _own_order(table: object, estimator: Estimator, names: Sequence[str],
     except ValueError as exc:
         raise ValueError(f"the estimator {who!r} returned a table that does not cover the "
                          f"search: {exc}") from None
+
+
+def _literal(name: str) -> str:
+    """A glob that matches ``name`` alone (``[``, ``*``, ``?`` in a ModuleDict key)."""
+    return re.sub(r"([*?[])", r"[\1]", name)
 
 
 def _resolve_pins(pin: Mapping[str, int] | None, names: Sequence[str],
@@ -737,12 +743,13 @@ def _sliced_search(model: nn.Module, budget: Budget | float,
     # slices escape an exclude=), and a pin the layer it matched (pinned layers are whole).
     inner_include, inner_exclude, inner_pin = include, exclude, pin
     if include is not None or exclude is not None:
-        inner_include = ([n for n in modules if n not in plan.layers]
-                         + [f"{n}.{PART}.*" for n in plan.layers if n in modules])
+        inner_include = ([_literal(n) for n in modules if n not in plan.layers]
+                         + [f"{_literal(n)}.{PART}.*" for n in plan.layers if n in modules])
         inner_exclude = None
     if pin:
-        inner_pin = {n: b for p, b in pin.items() for n in modules
-                     if fnmatch.fnmatchcase(n, p)} or pin  # (none: the search says so)
+        _resolve_pins(pin, list(modules), candidates)  # each pattern names a layer
+        inner_pin = {_literal(n): b for p, b in pin.items() for n in modules
+                     if fnmatch.fnmatchcase(n, p)}
     if stored is not None:  # the sliced model's table, without the plan it already follows
         table = rest["sensitivity"]
         assert isinstance(table, SensitivityTable)

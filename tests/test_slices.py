@@ -1458,3 +1458,28 @@ def test_globs_name_the_original_layers_of_a_sliced_search(mnist_cnn, mnist_cali
         "classifier.0"}
     untied = mpsearch.search(mnist_cnn, 4.0, sensitivity="fisher", tie=[], **opts).bitmap
     assert untied.slices is not None
+
+
+def test_exact_names_of_a_sliced_search_escape_glob_characters(mnist_calib) -> None:  # type: ignore[no-untyped-def]
+    """The sliced search passed the original layers' names on as globs: a ModuleDict key
+    'blk[0]' matched nothing (exclude= left no layer, pin= named none), and a mistyped
+    pin beside a good one was dropped without a word."""
+
+    class Keys(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d = nn.ModuleDict({"blk[0]": nn.Linear(784, 32), "out": nn.Linear(32, 10)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.d["out"](torch.relu(self.d["blk[0]"](x.flatten(1))))
+
+    torch.manual_seed(0)
+    model = Keys().eval()
+    opts = {"data": mnist_calib[:1], "sensitivity": "fisher", "slices": 4, "refine": False,
+            "progress": False}
+    bits = mpsearch.search(model, 4.0, exclude=["d.out"], **opts).bitmap.bits()
+    assert bits["d.out"] == 32 and "d.blk[0].parts.0" in bits
+    res = mpsearch.search(model, 4.0, pin={"d.blk[[]0]": 2}, **opts)
+    assert res.bitmap.bits()["d.blk[0]"] == 2
+    with pytest.raises(ValueError, match="pin 'typo' matches no quantizable layer"):
+        mpsearch.search(model, 4.0, pin={"d.blk[[]0]": 2, "typo": 4}, **opts)
